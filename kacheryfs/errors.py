@@ -1,0 +1,125 @@
+"""The one list of kacheryfs errors, each with its errno, HTTP status and CLI exit code.
+
+Only the edges translate: the FUSE adapter reads `errno`, the server and client read
+`http_status`, the CLI reads `exit_code`. Everything below them raises these values.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class KacheryError(Exception):
+    """Base of every error kacheryfs raises on purpose."""
+
+    errno: int = _errno.EIO
+    http_status: int = 500
+    exit_code: int = 3
+
+
+class InvalidURL(KacheryError, ValueError):
+    """A string that is not a well-formed kachery URL."""
+
+    errno = _errno.ENOENT
+    http_status = 400
+    exit_code = 2
+
+
+class NotFound(KacheryError, LookupError):
+    """No store or channel has the requested content, or a sub-path does not exist."""
+
+    errno = _errno.ENOENT
+    http_status = 404
+    exit_code = 1
+
+
+class IsADirectory(KacheryError):
+    """A file was needed but the URL names a directory inside a snapshot."""
+
+    errno = _errno.EISDIR
+    http_status = 400
+    exit_code = 2
+
+
+class NotADirectory(KacheryError):
+    """A directory was needed but the URL names a file."""
+
+    errno = _errno.ENOTDIR
+    http_status = 400
+    exit_code = 2
+
+
+class InvalidManifest(KacheryError):
+    """A directory manifest that is not JSON or fails validation."""
+
+    errno = _errno.EIO
+    http_status = 422
+    exit_code = 4
+
+
+class HashMismatch(KacheryError):
+    """Bytes whose hash (or size) is not the one they were asked for."""
+
+    errno = _errno.EIO
+    http_status = 400
+    exit_code = 4
+
+
+class StoreError(KacheryError):
+    """The local store cannot be read or written (permissions, bad root)."""
+
+    errno = _errno.EIO
+    http_status = 500
+    exit_code = 5
+
+
+class StoreFull(StoreError):
+    """The disk under the store is full (ENOSPC)."""
+
+    errno = _errno.ENOSPC
+    http_status = 507
+    exit_code = 5
+
+
+class ChannelUnavailable(KacheryError):
+    """A remote channel could not be reached or failed within its time bound."""
+
+    errno = _errno.EIO
+    http_status = 502
+    exit_code = 6
+
+
+class AuthError(KacheryError):
+    """A channel refused our credentials (or a request carried none)."""
+
+    errno = _errno.EACCES
+    http_status = 401
+    exit_code = 7
+
+
+class Forbidden(AuthError):
+    """The operation is not allowed on this channel (e.g. upload to a read-only one)."""
+
+    http_status = 403
+
+
+class QuotaExceeded(KacheryError):
+    """A channel quota (size, count, bytes per day, simultaneous) was exceeded."""
+
+    errno = _errno.EDQUOT
+    http_status = 429
+    exit_code = 8
+
+
+class TooLarge(QuotaExceeded):
+    """The file is larger than any quota of the channel allows."""
+
+    http_status = 413
+
+
+class ConfigError(KacheryError):
+    """A configuration file, flag or environment variable is invalid."""
+
+    errno = _errno.EINVAL
+    http_status = 500
+    exit_code = 2

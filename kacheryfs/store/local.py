@@ -1,0 +1,294 @@
+"""The local content-addressed store: blobs under `<root>/<alg>/aa/bb/cc/<hash>`.
+
+The layout is the one every kachery generation kept, so an existing kachery storage dir
+works as it is. Writes go to a locked temp file in `<root>/tmp/`, are hashed while they are
+copied, fsynced and linked into place; an existing blob is success, a crash leaves only a
+temp file that the next `LocalStore` removes. Each blob is indexed under sha1 and md5.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import io
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from pathlib import Path
+from typing import BinaryIO
+
+from kacheryfs.errors import HashMismatch, NotFound, StoreError, StoreFull
+from kacheryfs.hashing import CHUNK, THREADED_MIN, Digests, Hasher, hash_file, write_all
+from kacheryfs.uri import ALGORITHMS, check_hash, is_hash
+
+TEMP_DIR = "tmp"
+TEMP_SUFFIX = ".part"
+
+
+def _io_error(err: OSError, what: str) -> StoreError:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFull(f"no space left while {what}: free some disk space or run `kacheryfs gc`")
+    return StoreError(f"{what} failed: {err.strerror or err} ({getattr(err, 'filename', '') or ''})")
+
+
+class BlobWriter:
+    """A temp file being filled with one blob, hashed as it is written.
+
+    `commit()` verifies it and links it into place; `abort()` (or leaving the `with`
+    block) removes it. Holds an exclusive flock on the temp file so `cleanup_temp` in
+    another process never deletes it while it is being written.
+    """
+
+    def __init__(self, store: LocalStore, fd: int, path: Path, size_hint: int | None = None) -> None:
+        self.store, self.fd, self.path = store, fd, path
+        self._hasher = Hasher(threaded=size_hint is None or size_hint >= THREADED_MIN)
+        self._digests: Digests | None = None
+        self.closed = False
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        return self._hasher.size
+
+    def write(self, chunk: bytes) -> None:
+        """Append `chunk` (immutable bytes: the digest threads read it later)."""
+        self._hasher.update(chunk)
+        try:
+            write_all(self.fd, chunk)
+        except OSError as err:
+            self.abort()
+            raise _io_error(err, f"writing {self.path}") from err
+
+    def write_from(self, src: BinaryIO, progress: Callable[[int], None] | None = None) -> None:
+        """Append everything `src` yields."""
+        while chunk := src.read(CHUNK):
+            self.write(chunk)
+            if progress is not None:
+                progress(len(chunk))
+
+    def commit(
+        self, *, expect_alg: str | None = None, expect_hash: str | None = None, expect_size: int | None = None
+    ) -> Digests:
+        """fsync, check the expectations, and link the blob in under both of its hashes."""
+        digests = self._finish()
+        try:
+            if expect_size is not None and digests.size != expect_size:
+                raise HashMismatch(f"expected {expect_size} bytes, got {digests.size}")
+            got = digests.get(expect_alg or "sha1")
+            if expect_hash is not None and got != expect_hash.lower():
+                raise HashMismatch(f"expected {expect_alg}:{expect_hash}, got {got}")
+            os.fchmod(self.fd, 0o444)
+            os.fsync(self.fd)
+            self.store._link_into_place(self.path, digests)
+        except OSError as err:
+            raise _io_error(err, f"committing {self.path}") from err
+        finally:
+            self.abort()
+        return digests
+
+    def _finish(self) -> Digests:
+        if self._digests is None:
+            self._digests = self._hasher.finish()
+        return self._digests
+
+    def abort(self) -> None:
+        """Close and remove the temp file (idempotent)."""
+        if not self.closed:
+            self.closed = True
+            self._finish()
+            with suppress(OSError):
+                os.unlink(self.path)
+            os.close(self.fd)
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+
+class LocalStore:
+    """Blobs on local disk, addressed by (alg, hex digest)."""
+
+    def __init__(self, root: str | Path, *, clean: bool = True) -> None:
+        self.root = Path(root).expanduser().absolute()
+        try:
+            (self.root / TEMP_DIR).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreError(
+                f"cannot create the storage dir {self.root}: {err.strerror}; "
+                "set KACHERY_STORAGE_DIR to a writable directory"
+            ) from err
+        if clean:
+            self.cleanup_temp()
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    # -- reading -------------------------------------------------------------------
+    def blob_path(self, alg: str, digest: str) -> Path:
+        digest = check_hash(alg, digest)
+        return self.root / alg / digest[0:2] / digest[2:4] / digest[4:6] / digest
+
+    def size(self, alg: str, digest: str) -> int | None:
+        """Size of the blob, or None when this store does not have it."""
+        try:
+            return os.stat(self.blob_path(alg, digest)).st_size
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise _io_error(err, f"reading {alg}:{digest}") from err
+
+    def has(self, alg: str, digest: str) -> bool:
+        return self.size(alg, digest) is not None
+
+    def open(self, alg: str, digest: str) -> BinaryIO:
+        """An open binary file for the blob; NotFound when absent."""
+        try:
+            return open(self.blob_path(alg, digest), "rb")
+        except FileNotFoundError as err:
+            raise NotFound(f"{alg}://{digest} is not in the local store {self.root}") from err
+        except OSError as err:
+            raise _io_error(err, f"opening {alg}:{digest}") from err
+
+    def iter_blobs(self, alg: str = "sha1") -> Iterator[tuple[str, Path]]:
+        """Every (digest, path) stored under `alg`."""
+        base = self.root / alg
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if is_hash(alg, name):
+                    yield name, Path(dirpath) / name
+
+    # -- writing -------------------------------------------------------------------
+    def writer(self, size_hint: int | None = None) -> BlobWriter:
+        """A fresh locked temp file in this store's filesystem."""
+        path = self.root / TEMP_DIR / f"kfs-{secrets.token_hex(8)}{TEMP_SUFFIX}"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise _io_error(err, f"creating a temp file in {self.root / TEMP_DIR}") from err
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return BlobWriter(self, fd, path, size_hint)
+
+    def put_stream(
+        self,
+        src: BinaryIO,
+        *,
+        expect_alg: str | None = None,
+        expect_hash: str | None = None,
+        expect_size: int | None = None,
+        size_hint: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Digests:
+        """Store everything `src` yields; HashMismatch (and nothing stored) if it is not what was expected."""
+        with self.writer(expect_size if size_hint is None else size_hint) as w:
+            w.write_from(src, progress)
+            return w.commit(expect_alg=expect_alg, expect_hash=expect_hash, expect_size=expect_size)
+
+    def put_bytes(self, data: bytes) -> Digests:
+        return self.put_stream(io.BytesIO(data), expect_size=len(data))
+
+    def put_file(
+        self, path: str | Path, *, hard_link: bool = False, progress: Callable[[int], None] | None = None
+    ) -> Digests:
+        """Store a local file (by hard link when asked and possible, else by copy)."""
+        path = Path(path)
+        try:
+            if hard_link:
+                digests = hash_file(path)
+                if self._try_hard_link(path, digests):
+                    return digests
+            with open(path, "rb", buffering=0) as src:
+                size = os.fstat(src.fileno()).st_size
+                return self.put_stream(src, size_hint=size, progress=progress)  # type: ignore[arg-type]
+        except FileNotFoundError as err:
+            raise NotFound(f"no such file: {path}") from err
+        except IsADirectoryError as err:
+            raise StoreError(f"{path} is a directory: use store_dir") from err
+        except PermissionError as err:
+            raise StoreError(f"cannot read {path}: permission denied") from err
+
+    def _try_hard_link(self, path: Path, digests: Digests) -> bool:
+        final = self.blob_path("sha1", digests.sha1)
+        if final.exists():
+            return True
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, final)
+        except FileExistsError:
+            return True
+        except OSError:
+            return False  # another filesystem or no link support: copy instead
+        self._index_md5(final, digests)
+        return True
+
+    def _link_into_place(self, temp: Path, digests: Digests) -> None:
+        final = self.blob_path("sha1", digests.sha1)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(temp, final)
+        except FileExistsError:
+            pass  # the blob is already stored: success
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            os.replace(temp, final)  # filesystems without hard links
+        _fsync_dir(final.parent)
+        self._index_md5(final, digests)
+
+    def _index_md5(self, final: Path, digests: Digests) -> None:
+        if digests.md5 is None:
+            return
+        md5_path = self.blob_path("md5", digests.md5)
+        if md5_path.exists():
+            return
+        md5_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(final, md5_path)
+        except FileExistsError:
+            pass
+        except OSError:
+            shutil.copyfile(final, md5_path)
+
+    # -- maintenance ---------------------------------------------------------------
+    def cleanup_temp(self) -> int:
+        """Remove temp files left by crashed writers (those no live writer holds locked)."""
+        removed = 0
+        tmp = self.root / TEMP_DIR
+        for entry in os.scandir(tmp):
+            if not entry.name.endswith(TEMP_SUFFIX):
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live writer holds it
+            else:
+                with suppress(OSError):
+                    os.unlink(entry.path)
+                    removed += 1
+            finally:
+                os.close(fd)
+        return removed
+
+    def remove(self, alg: str, digest: str) -> None:
+        """Delete a blob (both of its index entries when known)."""
+        path = self.blob_path(alg, digest)
+        with suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["ALGORITHMS", "BlobWriter", "LocalStore"]
