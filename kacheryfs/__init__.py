@@ -1,0 +1,62 @@
+"""kacheryfs: content-addressed storage reached through Python, a CLI, HTTP and a FUSE mount.
+
+import kacheryfs as ka
+url = ka.store_npy(array)          # 'sha1://…/file.npy'
+array = ka.load_npy(url)
+"""
+
+from kacheryfs.api import (
+    config,
+    get_config,
+    get_file_info,
+    load_bytes,
+    load_dir,
+    load_file,
+    load_npy,
+    load_object,
+    load_text,
+    read_dir,
+    set_config,
+    store_bytes,
+    store_dir,
+    store_file,
+    store_npy,
+    store_object,
+    store_text,
+)
+from kacheryfs.errors import (
+    ChannelUnavailable,
+    HashMismatch,
+    InvalidManifest,
+    InvalidURL,
+    KacheryError,
+    NotFound,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChannelUnavailable",
+    "HashMismatch",
+    "InvalidManifest",
+    "InvalidURL",
+    "KacheryError",
+    "NotFound",
+    "config",
+    "get_config",
+    "get_file_info",
+    "load_bytes",
+    "load_dir",
+    "load_file",
+    "load_npy",
+    "load_object",
+    "load_text",
+    "read_dir",
+    "set_config",
+    "store_bytes",
+    "store_dir",
+    "store_file",
+    "store_npy",
+    "store_object",
+    "store_text",
+]

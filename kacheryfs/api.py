@@ -1,0 +1,319 @@
+"""The Python API (`import kacheryfs as ka`): store and load by hash URL.
+
+This module assembles the parts (config → store, resolver, channels) for each call; the
+parts themselves know nothing of one another beyond their own layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from kacheryfs import manifest
+from kacheryfs.config import Config, load_config
+from kacheryfs.errors import ConfigError, InvalidURL, NotFound
+from kacheryfs.manifest import DirNode, FileEntry
+from kacheryfs.resolver import BlobRef, Resolver
+from kacheryfs.store import LocalStore
+from kacheryfs.uri import KacheryURL, file_url, format_url, parse_url
+
+_SETTINGS = ("fr", "to", "storage_dir", "use_hard_links", "channel_timeout", "config_file")
+_overrides: dict[str, Any] = {}
+_resolvers: dict[str, Resolver] = {}
+_lock = threading.Lock()
+Names = str | Sequence[str] | None
+
+
+# -- configuration -----------------------------------------------------------------
+def set_config(**settings: Any) -> None:
+    """Set defaults for later calls in this process: fr, to, storage_dir, use_hard_links, channel_timeout.
+
+    `fr` is a channel name or list of names read in order (`''` = local only); `to` is the
+    channel that `store_*` uploads to (`''` = none). Channels are defined in the config file.
+    """
+    unknown = set(settings) - set(_SETTINGS)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {sorted(unknown)}; known: {', '.join(_SETTINGS)}")
+    _overrides.update(settings)
+    _current_config(**settings)  # validate now, not at the next load
+
+
+def get_config() -> dict[str, Any]:
+    """The settings in force: a copy, safe to change."""
+    cfg = _current_config()
+    return {
+        "fr": list(cfg.fr), "to": cfg.to, "storage_dir": str(cfg.storage_dir), "use_hard_links": cfg.use_hard_links,
+        "channel_timeout": cfg.channel_timeout, "channels": sorted(cfg.channels),
+        "config_file": str(cfg.config_file) if cfg.config_file else None,
+    }  # fmt: skip
+
+
+@contextlib.contextmanager
+def config(**settings: Any) -> Iterator[None]:
+    """`with ka.config(fr='lab'):` — settings for the block, restored afterwards."""
+    saved = dict(_overrides)
+    try:
+        set_config(**settings)
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)
+
+
+def _current_config(**call: Any) -> Config:
+    merged = {**_overrides, **{k: v for k, v in call.items() if v is not None}}
+    config_file = merged.pop("config_file", None)
+    fr, to = merged.pop("fr", None), merged.pop("to", None)
+    cfg = load_config(config_file, **merged)
+    if fr is not None:
+        cfg = cfg.replace(fr=tuple(c.name for c in cfg.read_channels(fr)))
+    if to is not None:
+        cfg = cfg.replace(to=to or None)
+        cfg.write_channel()
+    return cfg
+
+
+def resolver(fr: Names = None, **settings: Any) -> Resolver:
+    """The resolver for the current settings (one per distinct configuration, reused)."""
+    cfg = _current_config(fr=fr, **settings)
+    key = repr(cfg)
+    with _lock:
+        if key not in _resolvers:
+            _resolvers[key] = Resolver.from_config(cfg)
+        return _resolvers[key]
+
+
+# -- storing -----------------------------------------------------------------------
+def store_file(path: str | os.PathLike[str], basename: str | None = None, *, to: str | None = None) -> str:
+    """Store a local file; return `sha1://<hash>/<basename>`. Uploads to `to` when set."""
+    cfg = _current_config(to=to)
+    store = LocalStore(cfg.storage_dir)
+    path = Path(path)
+    digests = store.put_file(path, hard_link=cfg.use_hard_links, progress=None)
+    _upload(cfg, store, "sha1", digests.sha1, digests.size)
+    return format_url(file_url("sha1", digests.sha1, basename or path.name))
+
+
+def store_bytes(data: bytes, basename: str = "file.dat", *, to: str | None = None) -> str:
+    """Store a byte string; return its `sha1://` URL."""
+    cfg = _current_config(to=to)
+    store = LocalStore(cfg.storage_dir)
+    digests = store.put_bytes(data)
+    _upload(cfg, store, "sha1", digests.sha1, digests.size)
+    return format_url(file_url("sha1", digests.sha1, basename))
+
+
+def store_text(text: str, basename: str = "file.txt", *, to: str | None = None) -> str:
+    """Store a string as UTF-8; return its `sha1://` URL."""
+    return store_bytes(text.encode("utf-8"), basename, to=to)
+
+
+def store_object(obj: Any, basename: str = "file.json", *, to: str | None = None) -> str:
+    """Store a JSON-serializable object (serialized as the original kachery did)."""
+    return store_bytes(json.dumps(obj).encode("utf-8"), basename, to=to)
+
+
+def store_npy(array: Any, basename: str = "file.npy", *, to: str | None = None) -> str:
+    """Store a numpy array in `.npy` format."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return store_bytes(buf.getvalue(), basename, to=to)
+
+
+def store_dir(path: str | os.PathLike[str], label: str | None = None, *, to: str | None = None) -> str:
+    """Store a directory tree and its manifest; return `sha1dir://<hash>.<label>`."""
+    cfg = _current_config(to=to)
+    store = LocalStore(cfg.storage_dir)
+    path = Path(path)
+
+    def store_one(file: Path) -> FileEntry:
+        digests = store.put_file(file, hard_link=cfg.use_hard_links)
+        _upload(cfg, store, "sha1", digests.sha1, digests.size)
+        return FileEntry(digests.size, digests.sha1)
+
+    root = manifest.build(path, store_one)
+    digests = store.put_bytes(manifest.serialize(root))
+    _upload(cfg, store, "sha1", digests.sha1, digests.size)
+    name = path.resolve().name if label is None else label
+    return format_url(KacheryURL("sha1", digests.sha1, True, name))
+
+
+def _upload(cfg: Config, store: LocalStore, alg: str, digest: str, size: int) -> None:
+    target = cfg.write_channel()
+    if target is None:
+        return
+    from kacheryfs.remote import HttpChannel
+
+    channel = HttpChannel(target.name, target.url, target.channel, target.password, timeout=cfg.channel_timeout)
+    with _progress(size, f"upload {digest[:10]}… to {target.name}") as progress:
+        channel.upload(alg, digest, store.blob_path(alg, digest), size, progress=progress)
+
+
+@contextlib.contextmanager
+def _progress(total: int, desc: str) -> Iterator[Callable[[int], None] | None]:
+    """A tqdm progress callback on a terminal for transfers over 4 MB; None otherwise."""
+    if total < 4_000_000 or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr) as bar:
+        yield bar.update
+
+
+# -- loading -----------------------------------------------------------------------
+def _local_path(url: str, fr: Names) -> Path:
+    res = resolver(fr)
+    ref = res.blob_ref(url)
+    return res.ensure(ref.alg, ref.digest, ref.size)
+
+
+def load_file(url: str, dest: str | os.PathLike[str] | None = None, *, fr: Names = None) -> str:
+    """Make the file a URL names available locally (fetching and verifying it if needed).
+
+    Returns the path in the local store, or `dest` after copying there. A plain local
+    path that exists is returned as it is. Raises NotFound when no store has it.
+    """
+    if "://" not in url and os.path.exists(url):
+        return url
+    path = _local_path(url, fr)
+    if dest is None:
+        return str(path)
+    shutil.copyfile(path, dest)
+    return str(dest)
+
+
+def load_bytes(url: str, start: int | None = None, end: int | None = None, *, fr: Names = None) -> bytes:
+    """Bytes [start, end) of the file a URL names (end exclusive).
+
+    When the blob is not local and a range is asked for, only that range is fetched: a
+    partial range cannot be verified against the whole file's hash. Without a range the
+    whole file is fetched and verified.
+    """
+    res = resolver(fr)
+    ref = res.blob_ref(url)
+    if start is None and end is None:
+        return res.ensure(ref.alg, ref.digest, ref.size).read_bytes()
+    size = ref.size if ref.size is not None else _find_size(res, ref)
+    lo, hi = check_range(start, end, size)
+    return res.read_range(ref.alg, ref.digest, lo, hi)
+
+
+def check_range(start: int | None, end: int | None, size: int) -> tuple[int, int]:
+    """Validate a byte range against a file size; ValueError with the reason otherwise."""
+    lo = 0 if start is None else start
+    hi = size if end is None else end
+    if lo < 0 or hi < 0:
+        raise ValueError(f"negative range [{start}, {end})")
+    if lo > size:
+        raise ValueError(f"start {lo} is past the end of the file ({size} bytes)")
+    if hi < lo:
+        raise ValueError(f"end {hi} is before start {lo}")
+    return lo, min(hi, size)
+
+
+def _find_size(res: Resolver, ref: BlobRef) -> int:
+    found = res.find(ref.alg, ref.digest)
+    if found is None:
+        raise NotFound(f"{ref.alg}://{ref.digest} was found in no store or channel")
+    return found[1]
+
+
+def load_text(url: str, *, fr: Names = None) -> str:
+    """The UTF-8 text of a file URL."""
+    return load_bytes(url, fr=fr).decode("utf-8")
+
+
+def load_object(url: str, *, fr: Names = None) -> Any:
+    """The JSON object stored at a URL."""
+    return json.loads(load_bytes(url, fr=fr))
+
+
+def load_npy(url: str, *, fr: Names = None) -> Any:
+    """The numpy array stored at a URL (`.npy` format, no pickles)."""
+    import numpy as np
+
+    return np.load(_local_path(url, fr), allow_pickle=False)
+
+
+def read_dir(url: str, recursive: bool = True, *, fr: Names = None) -> dict[str, Any]:
+    """The manifest of a `sha1dir://` URL (or a sub-directory) as a dict.
+
+    With `recursive=False` sub-directories are listed with empty contents, as the
+    original did.
+    """
+    node = resolver(fr).dir_node(url)
+    if recursive:
+        return node.to_json()
+    return {
+        "files": {n: e.to_json() for n, e in sorted(node.files.items())},
+        "dirs": {n: {} for n in sorted(node.dirs)},
+    }
+
+
+def load_dir(url: str, dest: str | os.PathLike[str], *, fr: Names = None) -> str:
+    """Download a whole snapshot (or sub-directory) into `dest`, which must not exist."""
+    dest = Path(dest)
+    if dest.exists():
+        raise FileExistsError(f"{dest} already exists: load_dir writes a new directory")
+    res = resolver(fr)
+    node = res.dir_node(url)
+    paths = {rel: res.ensure(e.alg, e.digest, e.size) for rel, e in node.walk()}
+    tmp = dest.with_name(dest.name + ".kachery-partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _materialize(node, tmp, paths, "")
+    os.replace(tmp, dest)
+    return str(dest)
+
+
+def _materialize(node: DirNode, target: Path, paths: dict[str, Path], prefix: str) -> None:
+    target.mkdir(parents=True)
+    for name in node.files:
+        shutil.copyfile(paths[prefix + name], target / name)
+    for name, sub in node.dirs.items():
+        _materialize(sub, target / name, paths, prefix + name + "/")
+
+
+def get_file_info(url: str, *, fr: Names = None) -> dict[str, Any]:
+    """Where a file is and what it is, without downloading it.
+
+    `{"path": <local path or None>, "size", "sha1", "md5", "found_in": "local"|<channel>}`
+    """
+    res = resolver(fr)
+    ref = res.blob_ref(url)
+    found = res.find(ref.alg, ref.digest)
+    if found is None:
+        raise NotFound(f"{url} was found in no store or channel")
+    where, size = found
+    info: dict[str, Any] = {"path": None, "size": size, "sha1": None, "md5": None, "found_in": where}
+    info[ref.alg] = ref.digest
+    if where == "local":
+        path = res.store.blob_path(ref.alg, ref.digest)
+        info["path"] = str(path)
+        info.update(_sibling_digests(res.store, path, ref))
+    return info
+
+
+def _sibling_digests(store: LocalStore, path: Path, ref: BlobRef) -> dict[str, str]:
+    """Both digests of a local blob (hashed again: the store keeps no reverse index)."""
+    from kacheryfs.hashing import hash_file
+
+    digests = hash_file(path)
+    if digests.get(ref.alg) != ref.digest:
+        raise InvalidURL(f"local blob {path} does not match its name; run `kacheryfs fsck --repair`")
+    return {"sha1": digests.sha1, "md5": digests.md5 or ""}
+
+
+def parse(url: str) -> KacheryURL:
+    """Parse a URL (InvalidURL with the reason when malformed)."""
+    return parse_url(url)

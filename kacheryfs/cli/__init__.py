@@ -1,0 +1,1 @@
+"""Command-line front ends: the seed's kachery-* commands and the `kacheryfs` tool."""

@@ -1,0 +1,180 @@
+"""The seed's commands: kachery-store, -load, -cat, -ls, -info, -load-dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from kacheryfs import api
+from kacheryfs.cli.common import add_fr, add_to, parser, run
+from kacheryfs.resolver import BlobRef
+from kacheryfs.uri import parse_url
+
+_CAT_CHUNK = 8 << 20
+
+
+def _store(argv: Sequence[str] | None) -> int:
+    p = parser(
+        "kachery-store",
+        "Store files or directories in the local store (and upload them with --to); print one URL per path.",
+        "  kachery-store data.csv                 # sha1://<hash>/data.csv\n"
+        "  kachery-store ds001 --label ds001      # sha1dir://<hash>.ds001\n"
+        "  kachery-store big.dat --to lab         # also upload to channel 'lab'",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="file or directory to store")
+    p.add_argument("--label", help="label of a directory URL (default: the directory's name)")
+    add_to(p)
+    args = p.parse_args(argv)
+    for path in args.paths:
+        if os.path.isdir(path):
+            url = api.store_dir(path, label=args.label, to=args.to)
+        else:
+            url = api.store_file(path, to=args.to)
+        print(url, flush=True)
+    return 0
+
+
+def _load(argv: Sequence[str] | None) -> int:
+    p = parser(
+        "kachery-load",
+        "Fetch (and verify) the file a URL names; print its local path. A sha1dir directory needs --dest.",
+        "  kachery-load sha1://<hash>/data.csv\n"
+        "  kachery-load sha1dir://<hash>.ds001/subdir1/file1.txt --fr lab\n"
+        "  kachery-load sha1dir://<hash>.ds001 --dest ./ds001",
+    )
+    p.add_argument("url")
+    p.add_argument("--dest", help="copy the file (or directory) here instead of printing the store path")
+    add_fr(p)
+    args = p.parse_args(argv)
+    url = parse_url(args.url)
+    if url.is_dir and not isinstance(api.resolver(args.fr).resolve(url), BlobRef):
+        if not args.dest:
+            raise ValueError(f"{args.url} is a directory: give --dest DIR to download it")
+        print(api.load_dir(args.url, args.dest, fr=args.fr))
+        return 0
+    print(api.load_file(args.url, args.dest, fr=args.fr))
+    return 0
+
+
+def _cat(argv: Sequence[str] | None) -> int:
+    p = parser(
+        "kachery-cat",
+        "Write the bytes of the file a URL names to stdout (streamed; --end is exclusive).",
+        "  kachery-cat sha1://<hash>/notes.txt\n  kachery-cat sha1://<hash>/big.dat --start 100 --end 200 | xxd",
+    )
+    p.add_argument("url")
+    p.add_argument("--start", type=int, help="first byte (default 0)")
+    p.add_argument("--end", type=int, help="byte after the last one (default: end of file)")
+    add_fr(p)
+    args = p.parse_args(argv)
+    res = api.resolver(args.fr)
+    ref = res.blob_ref(args.url)
+    out = sys.stdout.buffer
+    out.flush()
+    if args.start is None and args.end is None:
+        path = res.ensure(ref.alg, ref.digest, ref.size)
+        with open(path, "rb") as f:
+            _copy_to_stdout(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        return 0
+    size = ref.size if ref.size is not None else api._find_size(res, ref)
+    lo, hi = api.check_range(args.start, args.end, size)
+    if res.store.has(ref.alg, ref.digest):
+        with res.store.open(ref.alg, ref.digest) as f:
+            _copy_to_stdout(f.fileno(), lo, hi - lo)
+        return 0
+    for pos in range(lo, hi, _CAT_CHUNK):
+        out.write(res.read_range(ref.alg, ref.digest, pos, min(hi, pos + _CAT_CHUNK)))
+    out.flush()
+    return 0
+
+
+def _copy_to_stdout(fd: int, offset: int, count: int) -> None:
+    """Copy `count` bytes from `fd` at `offset` to stdout in the kernel when it can."""
+    out = sys.stdout.fileno()
+    try:
+        while count > 0:
+            sent = os.sendfile(out, fd, offset, min(count, 1 << 30))
+            if sent == 0:
+                break
+            offset += sent
+            count -= sent
+    except OSError as err:
+        if isinstance(err, BrokenPipeError):
+            raise
+        while count > 0 and (chunk := os.pread(fd, min(count, _CAT_CHUNK), offset)):
+            sys.stdout.buffer.write(chunk)
+            offset += len(chunk)
+            count -= len(chunk)
+        sys.stdout.buffer.flush()
+
+
+def _ls(argv: Sequence[str] | None) -> int:
+    p = parser(
+        "kachery-ls",
+        "List a sha1dir directory: sub-directories first (with a trailing /), then files, each sorted.",
+        "  kachery-ls sha1dir://<hash>.ds001\n  kachery-ls sha1dir://<hash>.ds001/subdir1 --long",
+    )
+    p.add_argument("url")
+    p.add_argument("--long", "-l", action="store_true", help="also print each file's size and sha1")
+    add_fr(p)
+    args = p.parse_args(argv)
+    node = api.resolver(args.fr).dir_node(args.url)
+    for name in sorted(node.dirs):
+        print(f"{name}/")
+    for name in sorted(node.files):
+        entry = node.files[name]
+        print(f"{name}\t{entry.size}\t{entry.digest}" if args.long else name)
+    return 0
+
+
+def _info(argv: Sequence[str] | None) -> int:
+    p = parser(
+        "kachery-info",
+        'Print JSON {"path", "size", "sha1", "md5", "found_in"} for a URL without downloading it.',
+        "  kachery-info sha1://<hash>/data.csv\n  kachery-info sha1dir://<hash>.ds001/subdir1/file1.txt --fr lab",
+    )
+    p.add_argument("url")
+    add_fr(p)
+    args = p.parse_args(argv)
+    print(json.dumps(api.get_file_info(args.url, fr=args.fr), indent=4))
+    return 0
+
+
+def _load_dir(argv: Sequence[str] | None) -> int:
+    p = parser(
+        "kachery-load-dir",
+        "Download a whole sha1dir snapshot into a new directory.",
+        "  kachery-load-dir sha1dir://<hash>.ds001 --dest ./ds001 --fr lab",
+    )
+    p.add_argument("url")
+    p.add_argument("--dest", required=True, help="directory to create")
+    add_fr(p)
+    args = p.parse_args(argv)
+    print(api.load_dir(args.url, args.dest, fr=args.fr))
+    return 0
+
+
+def store_main() -> int:
+    return run(_store)
+
+
+def load_main() -> int:
+    return run(_load)
+
+
+def cat_main() -> int:
+    return run(_cat)
+
+
+def ls_main() -> int:
+    return run(_ls)
+
+
+def info_main() -> int:
+    return run(_info)
+
+
+def load_dir_main() -> int:
+    return run(_load_dir)

@@ -1,0 +1,24 @@
+"""Serve DIR (a store layout plus DIR/kachery.json) to other machines over HTTP.
+
+examples:
+  kacheryfs serve /srv/kachery --host 0.0.0.0 --port 8080
+  kacheryfs serve ./lab-store              # 127.0.0.1, a free port (printed)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", type=Path, help="storage directory holding kachery.json")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="port (default: any free port, printed on start)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kacheryfs.server.app import run as serve
+
+    serve(args.directory, host=args.host, port=args.port)
+    return 0

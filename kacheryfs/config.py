@@ -1,0 +1,202 @@
+"""Configuration, read in one place: flags > environment > TOML file > defaults.
+
+The result is a typed `Config` that flows down; nothing below this module reads
+`os.environ`. `mount.example.toml` at the repository root shows every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from kacheryfs.errors import ConfigError
+
+APP_NAME = "kachery"
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """One named remote: a server URL, the channel on it, and its password (None = public)."""
+
+    name: str
+    url: str
+    channel: str
+    password: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything kacheryfs can be told; defaults are what a new user gets."""
+
+    storage_dir: Path
+    channels: Mapping[str, ChannelConfig] = field(default_factory=dict)
+    fr: tuple[str, ...] = ()
+    to: str | None = None
+    use_hard_links: bool = False
+    channel_timeout: float = 10.0  # seconds one channel may cost a read before the next is tried
+    fetch_timeout: float = 30.0  # seconds a mount open may wait for a fetch before EIO
+    mountpoint: Path | None = None
+    allow_other: bool = False
+    log_file: Path | None = None
+    log_level: str = "INFO"
+    entry_timeout: float = 86400.0
+    attr_timeout: float = 86400.0
+    negative_timeout: float = 5.0
+    readahead_kb: int = 1024
+    staging_dir: Path | None = None
+    staging_to: str | None = None
+    cache_max_size: int | None = None
+    min_free_space: int = 0
+    config_file: Path | None = None
+
+    def channel(self, name: str) -> ChannelConfig:
+        """The channel called `name`; ConfigError naming the known ones otherwise."""
+        try:
+            return self.channels[name]
+        except KeyError:
+            known = ", ".join(sorted(self.channels)) or "none"
+            where = self.config_file or default_config_path()
+            raise ConfigError(
+                f"channel {name!r} is not configured (known: {known}); add [channels.{name}] to {where}"
+            ) from None
+
+    def read_channels(self, fr: str | list[str] | tuple[str, ...] | None = None) -> list[ChannelConfig]:
+        """The channels to read from, in order (`fr` overrides the configured list; '' = none)."""
+        names = self.fr if fr is None else parse_names(fr)
+        return [self.channel(n) for n in names]
+
+    def write_channel(self, to: str | None = None) -> ChannelConfig | None:
+        name = self.to if to is None else (to or None)
+        return self.channel(name) if name else None
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def parse_names(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """`"a,b"` or `["a", "b"]` → `("a", "b")`."""
+    if isinstance(value, str):
+        return tuple(n.strip() for n in value.split(",") if n.strip())
+    return tuple(value)
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: int | str, key: str = "size") -> int:
+    """`"50 GiB"`, `"500MB"`, `1024` → bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise ConfigError(f'{key} = {value!r} is not a size (examples: 1048576, "500 MB", "50 GiB")')
+    number, unit = float(match.group(1)), (match.group(2) or "").upper()
+    base = 1024 if "I" in unit else 1000
+    factor = base ** "BKMGT".index(unit[0]) if unit and unit[0] != "B" else 1
+    return int(number * factor)
+
+
+def default_config_path() -> Path:
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
+
+
+def default_storage_dir() -> Path:
+    return Path(platformdirs.user_data_dir(APP_NAME))
+
+
+# TOML layout: key in file → (Config field, converter)
+_TOP = {"storage_dir": Path, "fr": parse_names, "to": str, "use_hard_links": bool, "channel_timeout": float}
+_SECTIONS: dict[str, dict[str, Any]] = {
+    "mount": {
+        "mountpoint": Path, "allow_other": bool, "log_file": Path, "log_level": str, "entry_timeout": float,
+        "attr_timeout": float, "negative_timeout": float, "fetch_timeout": float, "readahead_kb": int,
+    },
+    "staging": {"dir": ("staging_dir", Path), "to": ("staging_to", str)},
+    "cache": {"max_size": ("cache_max_size", parse_size), "min_free_space": ("min_free_space", parse_size)},
+}  # fmt: skip
+
+
+def _convert(key: str, conv: Any, value: Any) -> Any:
+    if conv is Path:
+        return Path(os.path.expanduser(str(value)))
+    if conv is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, not {value!r}")
+    try:
+        return conv(value, key) if conv is parse_size else conv(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid value for {key}: {value!r} ({err})") from err
+
+
+def _from_toml(data: dict[str, Any], env: Mapping[str, str], where: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _TOP:
+            out[key] = _convert(key, _TOP[key], value)
+        elif key in _SECTIONS and isinstance(value, dict):
+            for sub, subval in value.items():
+                spec = _SECTIONS[key].get(sub)
+                if spec is None:
+                    raise ConfigError(f"unknown key [{key}] {sub} in {where}; see mount.example.toml")
+                name, conv = spec if isinstance(spec, tuple) else (sub, spec)
+                out[name] = _convert(f"{key}.{sub}", conv, subval)
+        elif key == "channels" and isinstance(value, dict):
+            out["channels"] = {n: _channel(n, c, env, where) for n, c in value.items()}
+        else:
+            raise ConfigError(f"unknown key {key!r} in {where}; see mount.example.toml")
+    return out
+
+
+def _channel(name: str, spec: Any, env: Mapping[str, str], where: Path) -> ChannelConfig:
+    if not isinstance(spec, dict) or "url" not in spec:
+        raise ConfigError(f'[channels.{name}] in {where} needs at least url = "http://…"')
+    unknown = set(spec) - {"url", "channel", "password", "password_env"}
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in [channels.{name}] of {where}")
+    password = spec.get("password")
+    if "password_env" in spec:
+        var = spec["password_env"]
+        if var not in env:
+            raise ConfigError(f"[channels.{name}] takes its password from ${var}, which is not set")
+        password = env[var]
+    return ChannelConfig(name, str(spec["url"]).rstrip("/"), str(spec.get("channel", name)), password)
+
+
+def load_config(config_file: str | Path | None = None, env: Mapping[str, str] | None = None, **flags: Any) -> Config:
+    """Build the Config: `flags` (None values ignored) > `env` > the TOML file > defaults."""
+    env = os.environ if env is None else env
+    path = Path(config_file) if config_file else Path(env["KACHERY_CONFIG"]) if env.get("KACHERY_CONFIG") else None
+    values: dict[str, Any] = {}
+    candidate = path or default_config_path()
+    if candidate.exists():
+        try:
+            data = tomllib.loads(candidate.read_text())
+        except (tomllib.TOMLDecodeError, OSError) as err:
+            raise ConfigError(f"cannot read config file {candidate}: {err}") from err
+        values.update(_from_toml(data, env, candidate))
+        values["config_file"] = candidate
+    elif path is not None:
+        raise ConfigError(f"config file {path} does not exist")
+    if env.get("KACHERY_STORAGE_DIR"):
+        values["storage_dir"] = Path(env["KACHERY_STORAGE_DIR"])
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key not in Config.__dataclass_fields__:
+            raise ConfigError(f"unknown setting {key!r}")
+        values[key] = parse_names(value) if key == "fr" else value
+    values.setdefault("storage_dir", default_storage_dir())
+    values["storage_dir"] = Path(values["storage_dir"]).expanduser()
+    config = Config(**values)
+    for name in config.fr:
+        config.channel(name)
+    if config.to:
+        config.channel(config.to)
+    return config

@@ -1,0 +1,234 @@
+"""Find the bytes a URL names: local store first, then each channel in order, verified.
+
+The first copy whose hash verifies wins and is committed to the local store; a copy that
+fails is discarded with a warning and the next channel is tried. Concurrent requests for
+the same blob share one download. Manifests are parsed once and kept (they are immutable).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kacheryfs import manifest
+from kacheryfs.errors import AuthError, ChannelUnavailable, HashMismatch, KacheryError, NotFound
+from kacheryfs.manifest import DirNode, FileEntry
+from kacheryfs.store import LocalStore
+from kacheryfs.uri import KacheryURL, parse_url
+
+if TYPE_CHECKING:
+    from kacheryfs.config import Config
+    from kacheryfs.remote import Channel
+
+log = logging.getLogger(__name__)
+
+_MANIFEST_CACHE = 256
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """A blob a URL resolves to: algorithm, digest, size when known, and a display name."""
+
+    alg: str
+    digest: str
+    size: int | None = None
+    name: str = ""
+
+
+@dataclass
+class Stats:
+    """What the resolver has done, for `kacheryfs status`."""
+
+    hits: int = 0
+    misses: int = 0
+    fetches_in_progress: int = 0
+    errors: int = 0
+    bytes_by_channel: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    last_error: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "fetches_in_progress": self.fetches_in_progress,
+            "errors": self.errors,
+            "bytes_by_channel": dict(self.bytes_by_channel),
+            "last_error": self.last_error,
+        }
+
+
+class Resolver:
+    """Turns URLs into local blob paths, fetching and verifying what is missing."""
+
+    def __init__(self, store: LocalStore, channels: Sequence[Channel] = ()) -> None:
+        self.store = store
+        self.channels = list(channels)
+        self.stats = Stats()
+        self._lock = threading.Lock()
+        self._inflight: dict[tuple[str, str], Future[Path]] = {}
+        self._manifests: OrderedDict[tuple[str, str], DirNode] = OrderedDict()
+
+    @classmethod
+    def from_config(cls, config: Config, fr: str | Sequence[str] | None = None) -> Resolver:
+        """A resolver over the configured store and read channels (`fr` overrides the order)."""
+        channels: list[Channel] = []
+        for c in config.read_channels(fr):  # type: ignore[arg-type]
+            from kacheryfs.remote import HttpChannel  # only when there is a channel: requests is slow to import
+
+            channels.append(HttpChannel(c.name, c.url, c.channel, c.password, timeout=config.channel_timeout))
+        return cls(LocalStore(config.storage_dir), channels)
+
+    # -- URLs ----------------------------------------------------------------------
+    def blob_ref(self, url: KacheryURL | str) -> BlobRef:
+        """The blob a file URL names (a sha1dir sub-path is looked up in its manifest)."""
+        url = parse_url(url) if isinstance(url, str) else url
+        if not url.is_dir:
+            return BlobRef(url.alg, url.hash, self.store.size(url.alg, url.hash), url.basename)
+        entry = self.manifest(url.alg, url.hash).resolve_file(url.path)
+        return BlobRef(entry.alg, entry.digest, entry.size, url.basename)
+
+    def dir_node(self, url: KacheryURL | str) -> DirNode:
+        """The directory a `sha1dir://` URL names."""
+        url = parse_url(url) if isinstance(url, str) else url
+        if not url.is_dir:
+            raise NotFound(f"{url} is a file URL, not a directory URL")
+        return self.manifest(url.alg, url.hash).resolve_dir(url.path)
+
+    def resolve(self, url: KacheryURL | str) -> BlobRef | DirNode:
+        """What a URL names: a blob or a directory of a snapshot."""
+        url = parse_url(url) if isinstance(url, str) else url
+        if not url.is_dir:
+            return self.blob_ref(url)
+        found = self.manifest(url.alg, url.hash).resolve(url.path)
+        if isinstance(found, FileEntry):
+            return BlobRef(found.alg, found.digest, found.size, url.basename)
+        return found
+
+    def manifest(self, alg: str, digest: str) -> DirNode:
+        """The parsed, validated manifest stored under (alg, digest)."""
+        key = (alg, digest)
+        with self._lock:
+            if key in self._manifests:
+                self._manifests.move_to_end(key)
+                return self._manifests[key]
+        path = self.ensure(alg, digest)
+        node = manifest.parse(path.read_bytes())
+        with self._lock:
+            self._manifests[key] = node
+            while len(self._manifests) > _MANIFEST_CACHE:
+                self._manifests.popitem(last=False)
+        return node
+
+    # -- blobs ---------------------------------------------------------------------
+    def ensure(self, alg: str, digest: str, size: int | None = None) -> Path:
+        """The local path of a blob, fetched from the channels first if needed."""
+        path = self.store.blob_path(alg, digest)
+        if path.exists():
+            self.stats.hits += 1
+            return path
+        key = (alg, digest)
+        with self._lock:
+            future = self._inflight.get(key)
+            owner = future is None
+            if owner:
+                future = self._inflight[key] = Future()
+        assert future is not None
+        if not owner:
+            return future.result()
+        self.stats.misses += 1
+        self.stats.fetches_in_progress += 1
+        try:
+            result = self._fetch(alg, digest, size)
+            future.set_result(result)
+            return result
+        except BaseException as err:
+            future.set_exception(err)
+            # the waiters hold the future; this thread re-raises it
+            raise
+        finally:
+            self.stats.fetches_in_progress -= 1
+            with self._lock:
+                del self._inflight[key]
+
+    def _fetch(self, alg: str, digest: str, size: int | None) -> Path:
+        if not self.channels:
+            raise NotFound(f"{alg}://{digest} is not in the local store {self.store.root} and no channel is configured")
+        failures: list[str] = []
+        all_not_found = True
+        for channel in self.channels:
+            started = time.monotonic()
+            with self.store.writer(size) as writer:
+                try:
+                    channel.fetch(alg, digest, writer, expected_size=size)
+                    digests = writer.commit(expect_alg=alg, expect_hash=digest, expect_size=size)
+                except NotFound:
+                    failures.append(f"{channel.name}: not found")
+                    result = "not found"
+                except HashMismatch as err:
+                    all_not_found = False
+                    failures.append(f"{channel.name}: served wrong bytes ({err})")
+                    log.warning(
+                        "channel %s served wrong bytes for %s://%s: %s; discarded", channel.name, alg, digest, err
+                    )
+                    result = "hash mismatch"
+                except (ChannelUnavailable, AuthError) as err:
+                    all_not_found = False
+                    failures.append(f"{channel.name}: {err}")
+                    result = f"error: {err}"
+                else:
+                    self.stats.bytes_by_channel[channel.name] += digests.size
+                    _log_fetch(alg, digest, channel.name, digests.size, started, "ok")
+                    return self.store.blob_path(alg, digest)
+            _log_fetch(alg, digest, channel.name, writer.size, started, result)
+        reason = "; ".join(failures)
+        self.stats.errors += 0 if all_not_found else 1
+        if all_not_found:
+            raise NotFound(f"{alg}://{digest} was found in no store or channel ({reason})")
+        self.stats.last_error = reason
+        raise ChannelUnavailable(f"could not fetch {alg}://{digest}: {reason}")
+
+    def read_range(self, alg: str, digest: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a blob; from the local store if present, else from a channel.
+
+        A range fetched from a channel cannot be verified against the whole-file hash.
+        """
+        if self.store.has(alg, digest):
+            with self.store.open(alg, digest) as f:
+                f.seek(start)
+                return f.read(max(0, end - start))
+        errors: list[KacheryError] = []
+        for channel in self.channels:
+            try:
+                return channel.read_range(alg, digest, start, end)
+            except (NotFound, ChannelUnavailable, AuthError) as err:
+                errors.append(err)
+        if all(isinstance(e, NotFound) for e in errors):
+            raise NotFound(f"{alg}://{digest} was found in no store or channel")
+        raise ChannelUnavailable("; ".join(str(e) for e in errors))
+
+    def find(self, alg: str, digest: str) -> tuple[str, int] | None:
+        """(where, size) of a blob without downloading it: 'local' or a channel name."""
+        size = self.store.size(alg, digest)
+        if size is not None:
+            return "local", size
+        for channel in self.channels:
+            try:
+                size = channel.check(alg, digest)
+            except (ChannelUnavailable, AuthError) as err:
+                log.warning("channel %s: %s", channel.name, err)
+                continue
+            if size is not None:
+                return channel.name, size
+        return None
+
+
+def _log_fetch(alg: str, digest: str, channel: str, nbytes: int, started: float, result: str) -> None:
+    ms = (time.monotonic() - started) * 1000
+    log.info("fetch %s://%s channel=%s bytes=%d ms=%.0f result=%s", alg, digest, channel, nbytes, ms, result)
