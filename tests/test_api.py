@@ -1,0 +1,163 @@
+"""The Python API, working on the local store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+import kacheryfs as ka
+from kacheryfs.errors import ConfigError, InvalidManifest, IsADirectory, NotFound
+
+
+def _tree(root):
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "a.txt").write_text("alpha")
+    (root / "sub" / "b.txt").write_text("beta")
+    (root / "sub" / "deeper" / "c.bin").write_bytes(bytes(range(256)))
+    return root
+
+
+def test_text_round_trip():
+    url = ka.store_text("hello")
+    assert url == f"sha1://{hashlib.sha1(b'hello').hexdigest()}/file.txt"
+    assert ka.load_text(url) == "hello"
+
+
+def test_object_round_trip_uses_the_original_serialization():
+    obj = {"b": 1, "a": [1, 2]}
+    url = ka.store_object(obj)
+    assert ka.load_object(url) == obj
+    assert url.split("/")[2] == hashlib.sha1(json.dumps(obj).encode()).hexdigest()
+
+
+def test_npy_round_trip():
+    array = np.arange(144, dtype=np.float32).reshape(12, 12)
+    url = ka.store_npy(array)
+    assert url.endswith("/file.npy")
+    np.testing.assert_array_equal(ka.load_npy(url), array)
+
+
+def test_store_file_keeps_the_basename(tmp_path):
+    (tmp_path / "data.csv").write_text("x,y\n")
+    url = ka.store_file(tmp_path / "data.csv")
+    assert url.endswith("/data.csv")
+    assert ka.store_file(tmp_path / "data.csv", basename="other.csv").endswith("/other.csv")
+    assert open(ka.load_file(url)).read() == "x,y\n"
+
+
+def test_load_file_to_dest(tmp_path):
+    url = ka.store_text("copy me")
+    dest = tmp_path / "out.txt"
+    assert ka.load_file(url, dest=dest) == str(dest)
+    assert dest.read_text() == "copy me"
+
+
+def test_load_bytes_range_is_end_exclusive():
+    url = ka.store_text("0123456789")
+    assert ka.load_bytes(url, 2, 5) == b"234"
+    assert ka.load_bytes(url, start=7) == b"789"
+    assert ka.load_bytes(url, end=3) == b"012"
+    with pytest.raises(ValueError):
+        ka.load_bytes(url, 11, 12)
+    with pytest.raises(ValueError):
+        ka.load_bytes(url, -1, 2)
+
+
+def test_store_dir_and_load_through_subpaths(tmp_path):
+    url = ka.store_dir(_tree(tmp_path / "ds001"))
+    assert url.startswith("sha1dir://") and url.endswith(".ds001")
+    assert ka.load_text(url + "/sub/b.txt") == "beta"
+    assert ka.load_bytes(url + "/sub/deeper/c.bin") == bytes(range(256))
+
+
+def test_same_tree_gives_the_same_url_anywhere(tmp_path):
+    one = ka.store_dir(_tree(tmp_path / "x" / "ds"))
+    two = ka.store_dir(_tree(tmp_path / "y" / "ds"))
+    assert one == two
+
+
+def test_store_dir_label(tmp_path):
+    assert ka.store_dir(_tree(tmp_path / "d"), label="my.label").endswith(".my.label")
+
+
+def test_read_dir_recursive_and_not(tmp_path):
+    url = ka.store_dir(_tree(tmp_path / "d"))
+    full = ka.read_dir(url)
+    assert full["files"]["a.txt"]["size"] == 5
+    assert "b.txt" in full["dirs"]["sub"]["files"]
+    shallow = ka.read_dir(url, recursive=False)
+    assert shallow["dirs"] == {"sub": {}}
+    assert ka.read_dir(url + "/sub")["files"]["b.txt"]["size"] == 4
+
+
+def test_load_dir_recreates_the_tree(tmp_path):
+    src = _tree(tmp_path / "d")
+    url = ka.store_dir(src)
+    out = ka.load_dir(url, tmp_path / "out")
+    for rel in ("a.txt", "sub/b.txt", "sub/deeper/c.bin"):
+        assert (tmp_path / "out" / rel).read_bytes() == (src / rel).read_bytes()
+    assert out == str(tmp_path / "out")
+    with pytest.raises(FileExistsError):
+        ka.load_dir(url, tmp_path / "out")
+
+
+def test_get_file_info(tmp_path):
+    url = ka.store_text("info")
+    info = ka.get_file_info(url)
+    assert info["size"] == 4 and info["found_in"] == "local"
+    assert info["sha1"] == hashlib.sha1(b"info").hexdigest()
+    assert info["md5"] == hashlib.md5(b"info").hexdigest()
+    assert open(info["path"], "rb").read() == b"info"
+
+
+def test_md5_url_resolves_locally_for_content_stored_here():
+    ka.store_text("by md5")
+    assert ka.load_text(f"md5://{hashlib.md5(b'by md5').hexdigest()}/x.txt") == "by md5"
+
+
+def test_unknown_hash_raises_not_found():
+    with pytest.raises(NotFound):
+        ka.load_text("sha1://" + "0" * 40 + "/x")
+
+
+def test_unknown_subpath_raises_not_found(tmp_path):
+    url = ka.store_dir(_tree(tmp_path / "d"))
+    with pytest.raises(NotFound):
+        ka.load_text(url + "/nope.txt")
+
+
+def test_directory_where_a_file_is_needed(tmp_path):
+    url = ka.store_dir(_tree(tmp_path / "d"))
+    with pytest.raises(IsADirectory):
+        ka.load_text(url + "/sub")
+
+
+def test_manifest_blob_that_is_not_json(tmp_path):
+    text_url = ka.store_text("not a manifest")
+    with pytest.raises(InvalidManifest):
+        ka.read_dir(text_url.replace("sha1://", "sha1dir://").rsplit("/", 1)[0])
+
+
+def test_malformed_url_raises_invalid_url():
+    with pytest.raises(ka.InvalidURL):
+        ka.load_text("sha1://nothex")
+
+
+def test_set_config_and_context_manager(tmp_path):
+    before = ka.get_config()
+    with ka.config(storage_dir=str(tmp_path / "other")):
+        assert ka.get_config()["storage_dir"] == str(tmp_path / "other")
+        url = ka.store_text("elsewhere")
+    assert ka.get_config() == before
+    with pytest.raises(NotFound):
+        ka.load_text(url)
+
+
+def test_unknown_channel_is_a_clear_error():
+    with pytest.raises(ConfigError, match="not configured"):
+        ka.load_text("sha1://" + "0" * 40, fr="nowhere")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        ka.set_config(colour="blue")

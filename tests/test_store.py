@@ -1,0 +1,162 @@
+"""The local store: layout, atomic writes, crash leftovers, disk full."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from kacheryfs.errors import HashMismatch, NotFound, StoreError, StoreFull
+from kacheryfs.store import LocalStore
+
+
+def test_layout_is_the_original_kachery_layout(tmp_path):
+    store = LocalStore(tmp_path / "s")
+    d = store.put_bytes(b"hello")
+    h = hashlib.sha1(b"hello").hexdigest()
+    assert d.sha1 == h and d.size == 5
+    assert (tmp_path / "s" / "sha1" / h[0:2] / h[2:4] / h[4:6] / h).read_bytes() == b"hello"
+
+
+def test_blob_is_indexed_under_md5_too(tmp_path):
+    store = LocalStore(tmp_path)
+    d = store.put_bytes(b"hello")
+    assert d.md5 == hashlib.md5(b"hello").hexdigest()
+    assert store.blob_path("md5", d.md5).read_bytes() == b"hello"
+
+
+def test_blobs_are_read_only_on_disk(tmp_path):
+    store = LocalStore(tmp_path)
+    d = store.put_bytes(b"x" * 100)
+    assert stat.S_IMODE(store.blob_path("sha1", d.sha1).stat().st_mode) & 0o222 == 0
+
+
+def test_existing_blob_is_success_and_keeps_its_inode(tmp_path):
+    store = LocalStore(tmp_path)
+    d = store.put_bytes(b"same")
+    inode = store.blob_path("sha1", d.sha1).stat().st_ino
+    assert store.put_bytes(b"same") == d
+    assert store.blob_path("sha1", d.sha1).stat().st_ino == inode
+
+
+def test_large_file_is_hashed_while_copied(tmp_path):
+    data = os.urandom(9 << 20)
+    src = tmp_path / "big"
+    src.write_bytes(data)
+    d = LocalStore(tmp_path / "s").put_file(src)
+    assert (d.sha1, d.md5, d.size) == (hashlib.sha1(data).hexdigest(), hashlib.md5(data).hexdigest(), len(data))
+
+
+def test_hard_link_mode_shares_the_inode(tmp_path):
+    src = tmp_path / "f"
+    src.write_bytes(b"linked")
+    store = LocalStore(tmp_path / "s")
+    d = store.put_file(src, hard_link=True)
+    assert store.blob_path("sha1", d.sha1).stat().st_ino == src.stat().st_ino
+
+
+def test_an_existing_kachery_storage_dir_is_read_as_it_is(tmp_path):
+    h = hashlib.sha1(b"old data").hexdigest()
+    blob = tmp_path / "sha1" / h[0:2] / h[2:4] / h[4:6] / h
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"old data")
+    store = LocalStore(tmp_path)
+    assert store.size("sha1", h) == 8
+    with store.open("sha1", h) as f:
+        assert f.read() == b"old data"
+
+
+def test_wrong_bytes_are_not_committed(tmp_path):
+    store = LocalStore(tmp_path)
+    with pytest.raises(HashMismatch):
+        with store.writer() as w:
+            w.write(b"bad")
+            w.commit(expect_alg="sha1", expect_hash=hashlib.sha1(b"good").hexdigest())
+    assert not store.has("sha1", hashlib.sha1(b"good").hexdigest())
+    assert not store.has("sha1", hashlib.sha1(b"bad").hexdigest())
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_missing_blob_is_not_found(tmp_path):
+    with pytest.raises(NotFound):
+        LocalStore(tmp_path).open("sha1", "0" * 40)
+
+
+def test_missing_source_file_is_not_found(tmp_path):
+    with pytest.raises(NotFound):
+        LocalStore(tmp_path / "s").put_file(tmp_path / "nope")
+
+
+def test_unusable_store_root_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StoreError, match="KACHERY_STORAGE_DIR"):
+        LocalStore(tmp_path / "file" / "store")
+
+
+def test_sigkill_mid_copy_leaves_no_blob_and_the_next_start_cleans_up(tmp_path):
+    src = tmp_path / "src"
+    # a slow source: a fifo the writer reads from, fed slowly so the kill lands mid-copy
+    os.mkfifo(src)
+    root = tmp_path / "s"
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            from kacheryfs.store import LocalStore
+            LocalStore({str(root)!r}).put_file({str(src)!r})
+        """)],
+    )  # fmt: skip
+    with open(src, "wb") as feed:
+        feed.write(os.urandom(5 << 20))
+        feed.flush()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any((root / "tmp").glob("*.part")):
+            time.sleep(0.05)
+        time.sleep(0.3)
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    leftovers = list((root / "tmp").glob("*.part"))
+    assert leftovers, "the killed writer should have left its temp file"
+    assert not (root / "sha1").exists() or not any(p.is_file() for p in (root / "sha1").rglob("*"))
+    LocalStore(root)  # the next start
+    assert list((root / "tmp").glob("*.part")) == []
+
+
+def test_cleanup_spares_a_live_writers_temp_file(tmp_path):
+    store = LocalStore(tmp_path)
+    with store.writer() as w:
+        w.write(b"in progress")
+        assert LocalStore(tmp_path).cleanup_temp() == 0
+        assert w.path.exists()
+        w.commit()
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 2 MiB tmpfs (needs root)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root: cannot mount a tmpfs")
+        pytest.skip("mounting a tmpfs needs root")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_is_store_full_and_leaves_no_partial_blob(tmp_path, tiny_fs):
+    src = tmp_path / "big"
+    src.write_bytes(os.urandom(4 << 20))
+    store = LocalStore(tiny_fs / "s")
+    with pytest.raises(StoreFull, match="no space"):
+        store.put_file(src)
+    assert list((tiny_fs / "s" / "tmp").iterdir()) == []
+    assert not (tiny_fs / "s" / "sha1").exists()
