@@ -1,0 +1,9 @@
+"""The kacheryfs storage server: password-protected channels over HTTP on a LocalStore.
+
+`run(directory, host, port)` serves until stopped; `make_app(directory)` gives the aiohttp
+application for embedding. `kacheryfs serve DIR` and `python -m kacheryfs.server DIR` call `run`.
+"""
+
+from kacheryfs.server.app import make_app, run
+
+__all__ = ["make_app", "run"]

@@ -1,0 +1,190 @@
+"""Where an HTTP request becomes a store call: the aiohttp storage server.
+
+Thin by design: channels and quotas live in their own modules, blobs in a LocalStore
+rooted at the served directory (so nginx can serve the same files read-only). Errors are
+kacheryfs errors translated here, and only here, into an HTTP status and `{"error": ...}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+
+from kacheryfs import auth
+from kacheryfs.errors import AuthError, ConfigError, KacheryError, NotFound
+from kacheryfs.hashing import CHUNK
+from kacheryfs.server.channels import ServerChannel, load_channels
+from kacheryfs.server.quotas import QuotaLedger
+from kacheryfs.store import LocalStore
+from kacheryfs.uri import check_hash
+
+log = logging.getLogger(__name__)
+COUNTERS_PATH = Path(".kacheryfs") / "quota-counters.json"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class StorageServer:
+    """The request handlers, over one store, its channels and their quota ledger."""
+
+    def __init__(self, directory: Path) -> None:
+        if not directory.is_dir():
+            raise ConfigError(f"{directory} is not a directory: give the server's storage directory")
+        self.channels = load_channels(directory)
+        self.store = LocalStore(directory)
+        self.ledger = QuotaLedger(directory / COUNTERS_PATH)
+
+    async def probe(self, request: web.Request) -> web.Response:
+        return web.json_response({"success": True})
+
+    async def check(self, request: web.Request) -> web.Response:
+        alg, digest = _blob_id(request)
+        self._authorize(request, "check", alg, digest)
+        size = self.store.size(alg, digest)
+        if size is None:
+            return web.json_response({"success": True, "found": False})
+        return web.json_response({"success": True, "found": True, "size": size})
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        alg, digest = _blob_id(request)
+        channel = self._authorize(request, "download", alg, digest)
+        size = self.store.size(alg, digest)
+        if size is None:
+            raise NotFound(f"{alg}://{digest} is not on this server")
+        quota = channel.quota("download", size)
+        response = _BlobResponse(self.store.blob_path(alg, digest), chunk_size=CHUNK)
+        if request.method == "HEAD":
+            return response  # sends no bytes, so it counts against no quota
+        with self.ledger.transfer(channel.name, "download", quota, _requested_bytes(request, size)):
+            # Sent inside the handler so a dropped connection refunds the quota.
+            await response.prepare(request)
+            await response.write_eof()
+        return response
+
+    async def upload(self, request: web.Request) -> web.Response:
+        alg, digest = _blob_id(request)
+        channel = self._authorize(request, "upload", alg, digest)
+        size = request.content_length
+        if size is None:
+            raise web.HTTPLengthRequired(reason="Content-Length is required: send the whole file as the body")
+        quota = channel.quota("upload", size)
+        with self.ledger.transfer(channel.name, "upload", quota, size):
+            await self._receive(request, alg, digest, size)
+        return web.json_response({"success": True})
+
+    async def _receive(self, request: web.Request, alg: str, digest: str, size: int) -> None:
+        # Disk writes and digests run off the event loop; at most one chunk is held in memory.
+        with await asyncio.to_thread(self.store.writer, size) as writer:
+            remaining = size
+            while remaining:
+                chunk = await request.content.readexactly(min(CHUNK, remaining))
+                await asyncio.to_thread(writer.write, chunk)
+                remaining -= len(chunk)
+            await asyncio.to_thread(writer.commit, expect_alg=alg, expect_hash=digest, expect_size=size)
+
+    def _authorize(self, request: web.Request, op: str, alg: str, digest: str) -> ServerChannel:
+        query = request.query
+        name = query.get("channel", "")
+        channel = self.channels.get(name)
+        if channel is not None and channel.public and op != "upload":
+            return channel
+        expires, signature = query.get("expires", ""), query.get("signature", "")
+        if channel is None or not auth.verify(channel.key, op, alg, digest, name, expires, signature):
+            # One answer for every failure, so it tells a prober nothing about channel names.
+            raise AuthError(f"not authorized to {op} on channel {name!r}: check the channel name, password and clock")
+        return channel
+
+
+class _BlobResponse(web.FileResponse):
+    """A FileResponse that may be sent inside the handler: aiohttp calls `prepare` again after it returns."""
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        return None if self.prepared else await super().prepare(request)
+
+
+def _blob_id(request: web.Request) -> tuple[str, str]:
+    alg = request.match_info["alg"]
+    return alg, check_hash(alg, request.match_info["hash"])
+
+
+def _requested_bytes(request: web.Request, size: int) -> int:
+    """Bytes a GET will send: the Range if it is one aiohttp honours, else the whole file."""
+    try:
+        wanted = request.http_range
+    except ValueError:
+        return 0  # FileResponse answers 416 and sends nothing
+    start, stop = wanted.start, wanted.stop
+    if start is None:
+        return size
+    if start < 0:  # suffix range: the last -start bytes
+        return min(-start, size)
+    return max(0, min(size if stop is None else stop, size) - start)
+
+
+@web.middleware
+async def _errors_and_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn errors into JSON answers and log one line per request (never the query: it holds signatures)."""
+    started = time.monotonic()
+    status: int | str = "aborted"
+    nbytes = 0
+    try:
+        try:
+            response = await handler(request)
+        except KacheryError as err:
+            response = web.json_response({"error": str(err)}, status=err.http_status)
+        except web.HTTPException as err:
+            response = web.json_response({"error": err.reason}, status=err.status)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            raise  # the client went away: nobody to answer
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            response = web.json_response({"error": "internal server error (see the server log)"}, status=500)
+        status = response.status
+        # Body bytes moved: received for POST, sent for GET; HEAD moves none.
+        nbytes = {"POST": request.content_length, "GET": response.content_length}.get(request.method) or 0
+        return response
+    finally:
+        ms = (time.monotonic() - started) * 1000
+        log.info("%s %s %s %d %.0fms", request.method, request.path, status, nbytes, ms)
+
+
+def make_app(directory: Path) -> web.Application:
+    """The aiohttp application serving `directory` (ConfigError if its kachery.json is bad)."""
+    server = StorageServer(Path(directory))
+    app = web.Application(middlewares=[_errors_and_log])
+    blob = "/{alg}/{hash}"
+    app.router.add_get("/probe", server.probe)
+    app.router.add_get("/check" + blob, server.check)
+    app.router.add_get("/get" + blob, server.download)  # also answers HEAD
+    app.router.add_post("/set" + blob, server.upload)
+    return app
+
+
+def run(directory: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+    """Serve `directory` until SIGINT or SIGTERM; print the bound address to stderr."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    asyncio.run(_serve(make_app(Path(directory)), host, port))
+
+
+async def _serve(app: web.Application, host: str, port: int) -> None:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        bound_port = runner.addresses[0][1]
+        shown_host = f"[{host}]" if ":" in host else host
+        print(f"kacheryfs serve: listening on http://{shown_host}:{bound_port}", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
