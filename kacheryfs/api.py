@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from kacheryfs import manifest
+from kacheryfs import prefetch as prefetch_mod
 from kacheryfs.config import Config, load_config
-from kacheryfs.errors import ConfigError, InvalidURL, NotFound
+from kacheryfs.errors import ChannelUnavailable, ConfigError, InvalidURL, NotFound
 from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.resolver import BlobRef, Resolver
 from kacheryfs.store import LocalStore
@@ -95,7 +96,7 @@ def resolver(fr: Names = None, **settings: Any) -> Resolver:
 def store_file(path: str | os.PathLike[str], basename: str | None = None, *, to: str | None = None) -> str:
     """Store a local file; return `sha1://<hash>/<basename>`. Uploads to `to` when set."""
     cfg = _current_config(to=to)
-    store = LocalStore(cfg.storage_dir)
+    store = LocalStore.from_config(cfg)
     path = Path(path)
     digests = store.put_file(path, hard_link=cfg.use_hard_links, progress=None)
     _upload(cfg, store, "sha1", digests.sha1, digests.size)
@@ -105,7 +106,7 @@ def store_file(path: str | os.PathLike[str], basename: str | None = None, *, to:
 def store_bytes(data: bytes, basename: str = "file.dat", *, to: str | None = None) -> str:
     """Store a byte string; return its `sha1://` URL."""
     cfg = _current_config(to=to)
-    store = LocalStore(cfg.storage_dir)
+    store = LocalStore.from_config(cfg)
     digests = store.put_bytes(data)
     _upload(cfg, store, "sha1", digests.sha1, digests.size)
     return format_url(file_url("sha1", digests.sha1, basename))
@@ -133,7 +134,7 @@ def store_npy(array: Any, basename: str = "file.npy", *, to: str | None = None) 
 def store_dir(path: str | os.PathLike[str], label: str | None = None, *, to: str | None = None) -> str:
     """Store a directory tree and its manifest; return `sha1dir://<hash>.<label>`."""
     cfg = _current_config(to=to)
-    store = LocalStore(cfg.storage_dir)
+    store = LocalStore.from_config(cfg)
     path = Path(path)
 
     def store_one(file: Path) -> FileEntry:
@@ -261,27 +262,69 @@ def read_dir(url: str, recursive: bool = True, *, fr: Names = None) -> dict[str,
     }
 
 
-def load_dir(url: str, dest: str | os.PathLike[str], *, fr: Names = None) -> str:
-    """Download a whole snapshot (or sub-directory) into `dest`, which must not exist."""
+def load_dir(url: str, dest: str | os.PathLike[str], *, fr: Names = None, jobs: int = 8) -> str:
+    """Download a whole snapshot (or sub-directory) into `dest`, which must not exist.
+
+    Files are fetched `jobs` at a time, verified, and kept in the local store too.
+    """
     dest = Path(dest)
     if dest.exists():
         raise FileExistsError(f"{dest} already exists: load_dir writes a new directory")
     res = resolver(fr)
     node = res.dir_node(url)
-    paths = {rel: res.ensure(e.alg, e.digest, e.size) for rel, e in node.walk()}
+    _fetch_with_progress(res, prefetch_mod.blobs_of(res, [url]), jobs)
     tmp = dest.with_name(dest.name + ".kachery-partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    _materialize(node, tmp, paths, "")
+    _materialize(node, tmp, res)
     os.replace(tmp, dest)
     return str(dest)
 
 
-def _materialize(node: DirNode, target: Path, paths: dict[str, Path], prefix: str) -> None:
+def prefetch(*urls: str, fr: Names = None, jobs: int = 8) -> prefetch_mod.PrefetchResult:
+    """Fetch files or whole snapshots into the local store, `jobs` at a time, verified.
+
+    Blobs already present are skipped, so calling it again resumes an interrupted prefetch.
+    """
+    res = resolver(fr)
+    return _fetch_with_progress(res, prefetch_mod.blobs_of(res, urls), jobs)
+
+
+def _fetch_with_progress(res: Resolver, refs: list[BlobRef], jobs: int) -> prefetch_mod.PrefetchResult:
+    total_bytes = sum(r.size or 0 for r in refs)
+    with _progress_bar(len(refs), total_bytes) as progress:
+        result, _paths = prefetch_mod.fetch_all(res, refs, jobs, progress)
+    if result.failed:
+        shown = "\n  ".join(result.failed[:20])
+        raise ChannelUnavailable(f"{len(result.failed)} of {len(refs)} blob(s) could not be fetched:\n  {shown}")
+    return result
+
+
+@contextlib.contextmanager
+def _progress_bar(files: int, total_bytes: int) -> Iterator[Callable[[int, int], None] | None]:
+    """Files, bytes, rate and ETA on a terminal; nothing when stderr is not a tty."""
+    if not sys.stderr.isatty() or files < 2:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, file=sys.stderr, desc=f"0/{files} files") as bar:
+        done = 0
+
+        def update(nfiles: int, nbytes: int) -> None:
+            nonlocal done
+            done += nfiles
+            bar.set_description(f"{done}/{files} files", refresh=False)
+            bar.update(nbytes)
+
+        yield update
+
+
+def _materialize(node: DirNode, target: Path, res: Resolver) -> None:
     target.mkdir(parents=True)
-    for name in node.files:
-        shutil.copyfile(paths[prefix + name], target / name)
+    for name, entry in node.files.items():
+        shutil.copyfile(res.store.blob_path(entry.alg, entry.digest), target / name)
     for name, sub in node.dirs.items():
-        _materialize(sub, target / name, paths, prefix + name + "/")
+        _materialize(sub, target / name, res)
 
 
 def get_file_info(url: str, *, fr: Names = None) -> dict[str, Any]:

@@ -117,6 +117,14 @@ class TooLarge(QuotaExceeded):
     http_status = 413
 
 
+class MountError(KacheryError):
+    """A mount cannot be made or removed (mountpoint missing or busy, FUSE not installed)."""
+
+    errno = _errno.EIO
+    http_status = 500
+    exit_code = 3
+
+
 class ConfigError(KacheryError):
     """A configuration file, flag or environment variable is invalid."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kacheryfs import manifest
-from kacheryfs.errors import AuthError, ChannelUnavailable, HashMismatch, KacheryError, NotFound
+from kacheryfs.errors import AuthError, ChannelUnavailable, HashMismatch, KacheryError, NotFound, StoreFull
 from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.store import LocalStore
 from kacheryfs.uri import KacheryURL, parse_url
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _MANIFEST_CACHE = 256
+_ENOSPC_FREE = 64 << 20  # bytes to free when a fetch hits a full disk of unknown need
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class Resolver:
             from kacheryfs.remote import HttpChannel  # only when there is a channel: requests is slow to import
 
             channels.append(HttpChannel(c.name, c.url, c.channel, c.password, timeout=config.channel_timeout))
-        return cls(LocalStore(config.storage_dir), channels)
+        return cls(LocalStore.from_config(config), channels)
 
     # -- URLs ----------------------------------------------------------------------
     def blob_ref(self, url: KacheryURL | str) -> BlobRef:
@@ -145,7 +146,14 @@ class Resolver:
         self.stats.misses += 1
         self.stats.fetches_in_progress += 1
         try:
-            result = self._fetch(alg, digest, size)
+            try:
+                result = self._fetch(alg, digest, size)
+            except StoreFull:
+                # the disk filled up below the cache bounds: make room once and try again
+                freed, _ = self.store.cache.evict(free_at_least=max(size or 0, _ENOSPC_FREE))
+                if not freed:
+                    raise
+                result = self._fetch(alg, digest, size)
             future.set_result(result)
             return result
         except BaseException as err:

@@ -13,7 +13,9 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+from kacheryfs.config import Config, load_config
 from kacheryfs.errors import KacheryError
 
 EXIT_CODES_HELP = (
@@ -61,3 +63,23 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
         return 0
     except KeyboardInterrupt:
         return 130
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """--config and --storage-dir, as every operator command takes them."""
+    p.add_argument("--config", type=Path, help="config file (default: $KACHERY_CONFIG or the user config)")
+    p.add_argument("--storage-dir", type=Path, help="local store (default: $KACHERY_STORAGE_DIR or config)")
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    """The Config for a command: its flags over the environment and the config file."""
+    return load_config(args.config, storage_dir=args.storage_dir, fr=getattr(args, "fr", None))
+
+
+def human(nbytes: float) -> str:
+    """1536 → '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes} B"

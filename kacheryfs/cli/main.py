@@ -15,6 +15,9 @@ from kacheryfs.cli.common import EXIT_CODES_HELP, run
 # name → (module under kacheryfs.cli, one-line help)
 SUBCOMMANDS = {
     "serve": ("serve_cmd", "serve a storage directory over HTTP to other machines"),
+    "mount": ("mount_cmd", "mount hash URLs as read-only files (sha1/, md5/, sha1dir/)"),
+    "umount": ("umount_cmd", "unmount a kacheryfs mount (also a stale one)"),
+    "status": ("status_cmd", "show what a mount's daemon is doing: cache, hits, fetches, errors"),
 }
 
 

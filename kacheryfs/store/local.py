@@ -18,11 +18,15 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from kacheryfs.errors import HashMismatch, NotFound, StoreError, StoreFull
 from kacheryfs.hashing import CHUNK, THREADED_MIN, Digests, Hasher, hash_file, write_all
+from kacheryfs.store.cache import Cache, CacheLimits
 from kacheryfs.uri import ALGORITHMS, check_hash, is_hash
+
+if TYPE_CHECKING:
+    from kacheryfs.config import Config
 
 TEMP_DIR = "tmp"
 TEMP_SUFFIX = ".part"
@@ -141,8 +145,9 @@ class BlobWriter:
 class LocalStore:
     """Blobs on local disk, addressed by (alg, hex digest)."""
 
-    def __init__(self, root: str | Path, *, clean: bool = True) -> None:
+    def __init__(self, root: str | Path, *, limits: CacheLimits | None = None, clean: bool = True) -> None:
         self.root = Path(root).expanduser().absolute()
+        self.cache = Cache(self.root, limits)
         try:
             (self.root / TEMP_DIR).mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -152,6 +157,11 @@ class LocalStore:
             ) from err
         if clean:
             self.cleanup_temp()
+
+    @classmethod
+    def from_config(cls, config: Config) -> LocalStore:
+        """The store the configuration names, with its cache bounds."""
+        return cls(config.storage_dir, limits=CacheLimits(config.cache_max_size, config.min_free_space))
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -173,14 +183,22 @@ class LocalStore:
     def has(self, alg: str, digest: str) -> bool:
         return self.size(alg, digest) is not None
 
-    def open(self, alg: str, digest: str) -> BinaryIO:
-        """An open binary file for the blob; NotFound when absent."""
+    def open_fd(self, alg: str, digest: str) -> int:
+        """A read-only fd on the blob, holding a shared flock so it is not evicted while open."""
+        path = self.blob_path(alg, digest)
         try:
-            return open(self.blob_path(alg, digest), "rb")
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError as err:
             raise NotFound(f"{alg}://{digest} is not in the local store {self.root}") from err
         except OSError as err:
             raise _io_error(err, f"opening {alg}:{digest}") from err
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        self.cache.note_access(path)
+        return fd
+
+    def open(self, alg: str, digest: str) -> BinaryIO:
+        """An open binary file for the blob (see `open_fd`); NotFound when absent."""
+        return os.fdopen(self.open_fd(alg, digest), "rb")
 
     def iter_blobs(self, alg: str = "sha1") -> Iterator[tuple[str, Path]]:
         """Every (digest, path) stored under `alg`."""
@@ -255,6 +273,8 @@ class LocalStore:
 
     def _link_into_place(self, temp: Path, digests: Digests) -> None:
         final = self.blob_path("sha1", digests.sha1)
+        if not final.exists():
+            self.cache.make_room(digests.size)
         final.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(temp, final)
@@ -304,12 +324,6 @@ class LocalStore:
             finally:
                 os.close(fd)
         return removed
-
-    def remove(self, alg: str, digest: str) -> None:
-        """Delete a blob (both of its index entries when known)."""
-        path = self.blob_path(alg, digest)
-        with suppress(FileNotFoundError):
-            os.unlink(path)
 
 
 _KERNEL_COPY = 16 * CHUNK

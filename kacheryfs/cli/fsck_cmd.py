@@ -1,0 +1,50 @@
+"""Re-hash every blob of the local store and report corrupt or misplaced ones.
+
+With --repair they move to <store>/quarantine/ so the next read fetches a good copy;
+leftover temp files of crashed writers are removed either way.
+
+examples:
+  kacheryfs fsck
+  kacheryfs fsck --repair --jobs 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kacheryfs.cli.common import add_config_args, config_from, human
+from kacheryfs.store import LocalStore
+from kacheryfs.store.fsck import fsck
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repair", action="store_true", help="move bad blobs to the quarantine folder")
+    p.add_argument("--jobs", "-j", type=int, help="hashing threads (default: number of CPUs)")
+    add_config_args(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    store = LocalStore(config_from(args).storage_dir)
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(unit="B", unit_scale=True, file=sys.stderr, desc="fsck")
+    try:
+        report = fsck(store, repair=args.repair, jobs=args.jobs, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    for path in report.corrupt:
+        print(f"corrupt: {path}")
+    for path in report.misplaced:
+        print(f"misplaced: {path}")
+    for path in report.quarantined:
+        print(f"quarantined: {path}")
+    print(
+        f"checked {report.checked} blobs ({human(report.checked_bytes)}): {len(report.corrupt)} corrupt, "
+        f"{len(report.misplaced)} misplaced; {report.temp_removed} temp files removed",
+        file=sys.stderr,
+    )
+    return 0 if report.ok or args.repair else 4

@@ -1,0 +1,32 @@
+"""Pin (or unpin) blobs so the cache never evicts them; a sha1dir URL pins its whole snapshot.
+
+examples:
+  kacheryfs pin sha1dir://<hash>.ds001          # the manifest and every file in it
+  kacheryfs pin sha1://<hash>/weights.npy
+  kacheryfs unpin sha1dir://<hash>.ds001
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from kacheryfs.cli.common import add_config_args, config_from
+from kacheryfs.store import LocalStore
+from kacheryfs.uri import parse_url
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("urls", nargs="+", metavar="URL")
+    add_config_args(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    store = LocalStore.from_config(config_from(args))
+    urls = [parse_url(u) for u in args.urls]  # all checked before any is changed
+    for url in urls:
+        if args.command == "unpin":
+            if not store.cache.unpin(url.alg, url.hash):
+                print(f"kacheryfs unpin: {url} was not pinned")
+        else:
+            store.cache.pin(url.alg, url.hash, is_dir=url.is_dir)
+    return 0

@@ -1,0 +1,57 @@
+"""Show what a kacheryfs mount's daemon is doing: cache, hits and misses, fetches, bytes per channel, errors.
+
+examples:
+  kacheryfs status ~/kachery
+  kacheryfs status ~/kachery --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from kacheryfs.config import load_config
+from kacheryfs.mount import daemon
+from kacheryfs.mount.paths import default_mountpoint
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("mountpoint", nargs="?", type=Path, help="the mount (default: [mount] mountpoint)")
+    p.add_argument("--config", type=Path, help="config file naming the default mountpoint")
+    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    mountpoint = (args.mountpoint or default_mountpoint(load_config(args.config))).expanduser().absolute()
+    status = daemon.daemon_status(mountpoint)
+    print(json.dumps(status, indent=2) if args.json else _format(mountpoint, status))
+    return 0
+
+
+def _format(mountpoint: Path, s: dict[str, Any]) -> str:
+    lines = [
+        f"mount           {mountpoint} (daemon pid {s['pid']}, up {s['uptime_s']:.0f} s)",
+        f"local store     {s['storage_dir']}: {s['cache_blobs']} blobs, {_size(s['cache_bytes'])}",
+        f"channels        {', '.join(s['channels']) or 'none (local store only)'}",
+        f"open files      {s['open_files']}",
+        f"hits / misses   {s['hits']} / {s['misses']}",
+        f"fetching now    {s['fetches_in_progress']}",
+        f"fetch errors    {s['errors']}",
+    ]
+    for channel, nbytes in sorted(s["bytes_by_channel"].items()):
+        lines.append(f"fetched from    {channel}: {_size(nbytes)}")
+    if s["recent_errors"]:
+        lines.append("recent errors:")
+        lines += [f"  {e}" for e in s["recent_errors"]]
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"

@@ -1,0 +1,58 @@
+"""Map hash URLs to paths under a kacheryfs mount (`mount_path`) and paths back to URLs (`url_of`).
+
+The default mountpoint is the config's `[mount] mountpoint`; without one, `/mnt/kachery`
+for root and `~/kachery` for everyone else (a home directory survives logout, unlike the
+runtime dir).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from kacheryfs.config import Config, load_config
+from kacheryfs.errors import InvalidURL, NotFound
+from kacheryfs.uri import KacheryURL, parse_url
+from kacheryfs.vfs import SNAPSHOT_VIEW, XATTR_PREFIX
+
+URL_XATTR = XATTR_PREFIX + "url"
+
+
+def default_mountpoint(config: Config | None = None) -> Path:
+    """Where `kacheryfs mount` mounts when given no mountpoint."""
+    config = load_config() if config is None else config
+    if config.mountpoint is not None:
+        return config.mountpoint.expanduser()
+    return Path("/mnt/kachery") if os.geteuid() == 0 else Path.home() / "kachery"
+
+
+def mount_path(url: str | KacheryURL, mountpoint: str | os.PathLike[str] | None = None) -> Path:
+    """The path of `url` under the mount, keeping the file's extension.
+
+    `sha1://H/data.csv` → `<mnt>/sha1/H.csv`; `sha1dir://H.ds001/a/b.txt` →
+    `<mnt>/sha1dir/H.ds001/a/b.txt`. Everything after the first dot of the name is kept, so
+    `x.tar.gz` stays `.tar.gz`.
+    """
+    url = parse_url(url) if isinstance(url, str) else url
+    mnt = Path(mountpoint) if mountpoint is not None else default_mountpoint()
+    if url.is_dir:
+        if url.alg != "sha1":
+            raise InvalidURL(f"{url}: the mount has directory views for sha1dir:// URLs only")
+        head = url.hash if url.label is None else f"{url.hash}.{url.label}"
+        return mnt / SNAPSHOT_VIEW / head / url.path if url.path else mnt / SNAPSHOT_VIEW / head
+    base = url.name.rsplit("/", 1)[-1]
+    dot = base.find(".")
+    return mnt / url.alg / (url.hash + (base[dot:] if dot >= 0 else ""))
+
+
+def url_of(path: str | os.PathLike[str]) -> str:
+    """The hash URL of a file or directory under a kacheryfs mount (its `user.kachery.url`)."""
+    try:
+        return os.getxattr(path, URL_XATTR).decode()
+    except FileNotFoundError as err:
+        raise NotFound(f"no such file or directory: {path}") from err
+    except OSError as err:
+        if err.errno in (errno.ENODATA, errno.ENOTSUP):
+            raise NotFound(f"{path} has no kachery URL: it is not a file or directory under a kacheryfs mount") from err
+        raise

@@ -1,0 +1,242 @@
+"""Keep the local store within its bounds: LRU eviction, pins, and cheap recency tracking.
+
+Eviction runs at insert time (before a blob is linked in), so the store never overshoots
+`max_size`. What is never evicted: a blob some process holds open (readers take a shared
+flock; eviction needs an exclusive one), a pinned blob or anything inside a pinned
+snapshot (`<root>/pins/`), and a blob pinned by staging until it is uploaded.
+Recency is the blob's atime, set in batches by `note_access`, never once per read.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from kacheryfs import manifest
+from kacheryfs.errors import InvalidManifest, StoreFull
+from kacheryfs.uri import ALGORITHMS, check_hash, is_hash
+
+log = logging.getLogger(__name__)
+
+PINS_DIR = "pins"
+_FLUSH_EVERY = 5.0  # seconds between batched atime updates
+_RESCAN_AFTER = 30.0  # seconds before the usage total is re-read from disk (other processes insert too)
+
+
+@dataclass(frozen=True)
+class CacheLimits:
+    """Bounds of the store; None / 0 means unbounded."""
+
+    max_size: int | None = None
+    min_free_space: int = 0
+
+    @property
+    def bounded(self) -> bool:
+        return self.max_size is not None or self.min_free_space > 0
+
+
+@dataclass
+class Blob:
+    """One stored blob (one inode, possibly under several names)."""
+
+    paths: list[Path]
+    size: int
+    atime: float
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What `kacheryfs du` reports."""
+
+    total_bytes: int
+    blobs: int
+    pinned_bytes: int
+    pinned_blobs: int
+
+
+class Cache:
+    """Eviction, pins and recency for the store rooted at `root`."""
+
+    def __init__(self, root: Path, limits: CacheLimits | None = None) -> None:
+        self.root = root
+        self.limits = limits or CacheLimits()
+        self.pins_dir = root / PINS_DIR
+        self._lock = threading.Lock()
+        self._touched: set[Path] = set()
+        self._last_flush = time.monotonic()
+        self._usage: int | None = None
+        self._usage_at = 0.0
+
+    # -- recency -------------------------------------------------------------------
+    def note_access(self, path: Path) -> None:
+        """Remember that a blob was used; atimes are written in batches."""
+        with self._lock:
+            self._touched.add(path)
+            due = time.monotonic() - self._last_flush > _FLUSH_EVERY
+        if due:
+            self.flush_access()
+
+    def flush_access(self) -> None:
+        """Write the remembered accesses as atimes now."""
+        with self._lock:
+            touched, self._touched = self._touched, set()
+            self._last_flush = time.monotonic()
+        now = time.time_ns()
+        for path in touched:
+            with suppress(OSError):
+                os.utime(path, ns=(now, os.stat(path).st_mtime_ns))
+
+    # -- pins ----------------------------------------------------------------------
+    def pin(self, alg: str, digest: str, *, is_dir: bool = False, reason: str = "user") -> None:
+        """Keep a blob (or, for a snapshot manifest, its whole tree) from eviction."""
+        self.pins_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{alg}-{check_hash(alg, digest)}{'.dir' if is_dir else ''}.{reason}"
+        _atomic_write(self.pins_dir / name, json.dumps({"alg": alg, "hash": digest, "dir": is_dir}).encode())
+
+    def unpin(self, alg: str, digest: str, *, reason: str = "user") -> bool:
+        """Remove a pin; True if there was one."""
+        removed = False
+        for suffix in (f".{reason}", f".dir.{reason}"):
+            with suppress(FileNotFoundError):
+                os.unlink(self.pins_dir / f"{alg}-{check_hash(alg, digest)}{suffix}")
+                removed = True
+        return removed
+
+    def pins(self) -> Iterator[tuple[str, str, bool, str]]:
+        """Every pin as (alg, digest, is_dir, reason)."""
+        if not self.pins_dir.is_dir():
+            return
+        for entry in os.scandir(self.pins_dir):
+            alg, _, rest = entry.name.partition("-")
+            digest, _, tail = rest.partition(".")
+            if alg in ALGORITHMS and is_hash(alg, digest):
+                is_dir = tail.startswith("dir.")
+                yield alg, digest, is_dir, tail.removeprefix("dir.")
+
+    def pinned_paths(self) -> set[Path]:
+        """Every blob path that must not be evicted because of a pin."""
+        out: set[Path] = set()
+        for alg, digest, is_dir, _reason in self.pins():
+            path = self.blob_path(alg, digest)
+            out.add(path)
+            if not is_dir or not path.exists():
+                continue
+            try:
+                node = manifest.parse(path.read_bytes())
+            except (InvalidManifest, OSError) as err:
+                log.warning("pinned snapshot %s:%s cannot be read (%s); only its manifest is kept", alg, digest, err)
+                continue
+            for _rel, entry in node.walk():
+                out.add(self.blob_path(entry.alg, entry.digest))
+        return out
+
+    def blob_path(self, alg: str, digest: str) -> Path:
+        return self.root / alg / digest[0:2] / digest[2:4] / digest[4:6] / digest
+
+    # -- usage and eviction ----------------------------------------------------------
+    def scan(self) -> dict[tuple[int, int], Blob]:
+        """Every blob by inode (a blob indexed under sha1 and md5 is one inode)."""
+        blobs: dict[tuple[int, int], Blob] = {}
+        for alg in ALGORITHMS:
+            for dirpath, _dirs, files in os.walk(self.root / alg):
+                for name in files:
+                    if not is_hash(alg, name):
+                        continue
+                    path = Path(dirpath) / name
+                    try:
+                        st = os.stat(path)
+                    except FileNotFoundError:
+                        continue
+                    key = (st.st_dev, st.st_ino)
+                    if key in blobs:
+                        blobs[key].paths.append(path)
+                    else:
+                        blobs[key] = Blob([path], st.st_size, st.st_atime)
+        return blobs
+
+    def usage(self) -> Usage:
+        blobs = self.scan()
+        pinned = self.pinned_paths()
+        pinned_blobs = [b for b in blobs.values() if any(p in pinned for p in b.paths)]
+        return Usage(
+            sum(b.size for b in blobs.values()), len(blobs), sum(b.size for b in pinned_blobs), len(pinned_blobs)
+        )
+
+    def make_room(self, incoming: int) -> None:
+        """Evict least-recently-used blobs so `incoming` more bytes fit within the limits."""
+        if not self.limits.bounded:
+            return
+        with self._lock:
+            fresh = self._usage is not None and time.monotonic() - self._usage_at < _RESCAN_AFTER
+            if fresh and self._fits(self._usage or 0, incoming):
+                self._usage = (self._usage or 0) + incoming
+                return
+        freed, evicted = self.evict(incoming)
+        if evicted:
+            log.info("evicted %d blobs (%d bytes) to make room for %d bytes", evicted, freed, incoming)
+
+    def evict(self, incoming: int = 0, free_at_least: int = 0) -> tuple[int, int]:
+        """Evict down to the limits, leaving room for `incoming` bytes and freeing at least
+        `free_at_least` (used when the disk filled up below the limits); (bytes freed, blobs evicted)."""
+        self.flush_access()
+        blobs = self.scan()
+        usage = sum(b.size for b in blobs.values())
+        pinned = self.pinned_paths()
+        freed = evicted = 0
+        for blob in sorted(blobs.values(), key=lambda b: b.atime):
+            if freed >= free_at_least and self._fits(usage - freed, incoming):
+                break
+            if any(p in pinned for p in blob.paths) or not _remove_unless_open(blob.paths):
+                continue
+            freed += blob.size
+            evicted += 1
+        with self._lock:
+            self._usage, self._usage_at = usage - freed + incoming, time.monotonic()
+        if not self._fits(usage - freed, incoming) and incoming:
+            raise StoreFull(
+                f"the store cannot make room for {incoming} bytes: everything left is pinned or open "
+                f"(cache.max_size={self.limits.max_size}, cache.min_free_space={self.limits.min_free_space})"
+            )
+        return freed, evicted
+
+    def _fits(self, usage: int, incoming: int) -> bool:
+        if self.limits.max_size is not None and usage + incoming > self.limits.max_size:
+            return False
+        if self.limits.min_free_space:
+            st = os.statvfs(self.root)
+            if st.f_bavail * st.f_frsize - incoming < self.limits.min_free_space:
+                return False
+        return True
+
+
+def _remove_unless_open(paths: list[Path]) -> bool:
+    """Unlink every name of a blob unless a reader holds it (shared flock); True if removed."""
+    try:
+        fd = os.open(paths[0], os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # open in the mount (or another reader): never evicted
+        for path in paths:
+            with suppress(FileNotFoundError):
+                os.unlink(path)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,255 @@
+"""The filesystem view of hash URLs: what exists at each mount path, what it is, how to open it.
+
+This is the one place that decides the mount's layout (DESIGN.md section 5):
+
+    /sha1/<hash>[.<ext>]                   one blob (the suffix is ignored)
+    /md5/<hash>[.<ext>]
+    /sha1dir/<hash>[.<label>]/<sub/path>   a directory snapshot
+
+It knows nothing of FUSE: it answers with `FileInfo` values, file descriptors and xattr
+bytes, and raises `kacheryfs.errors`; the adapter in `kacheryfs.mount.fuse_ops` translates.
+Anything that may touch the network runs in a worker thread and is waited for with a
+deadline (`fetch_timeout`), so a slow channel costs a caller EIO, never a hang.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import TypeVar
+
+from kacheryfs.errors import ChannelUnavailable, InvalidURL, IsADirectory, NotFound
+from kacheryfs.manifest import DirNode, FileEntry
+from kacheryfs.resolver import Resolver
+from kacheryfs.uri import HEX_LENGTH, KacheryURL, file_url, is_hash
+
+T = TypeVar("T")
+
+BLOB_VIEWS = ("sha1", "md5")  # /<alg>/<hash>[.<ext>]
+SNAPSHOT_VIEW = "sha1dir"  # /sha1dir/<hash>[.<label>]/<sub/path>
+# The top-level names. Staging (a writable view) will join them here.
+TOP_LEVEL = (*BLOB_VIEWS, SNAPSHOT_VIEW)
+
+XATTR_PREFIX = "user.kachery."
+STATUS_XATTR = XATTR_PREFIX + "status"  # on the mount root: the daemon's counters as JSON
+_RECENT_ERRORS = 20
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What one path is: a directory, or a file whose bytes are the blob (alg, digest).
+
+    `size` is the file's size; for a directory in a snapshot, the total size of the files
+    below it. `url` is None for the root and the lookup-only view directories.
+    """
+
+    is_dir: bool
+    size: int = 0
+    url: KacheryURL | None = None
+    alg: str = ""
+    digest: str = ""
+    sha1: str | None = None
+    md5: str | None = None
+
+    def xattrs(self) -> dict[str, bytes]:
+        """The `user.kachery.*` attributes of this path (none for paths without a URL)."""
+        if self.url is None:
+            return {}
+        out = {XATTR_PREFIX + "url": str(self.url).encode(), XATTR_PREFIX + "size": str(self.size).encode()}
+        if self.sha1:
+            out[XATTR_PREFIX + "sha1"] = self.sha1.encode()
+        if self.md5:
+            out[XATTR_PREFIX + "md5"] = self.md5.encode()
+        return out
+
+
+_ROOT = FileInfo(is_dir=True)
+
+
+def _file_info(
+    alg: str, digest: str, size: int, name: str, sha1: str | None = None, md5: str | None = None
+) -> FileInfo:
+    return FileInfo(
+        is_dir=False,
+        size=size,
+        url=file_url(alg, digest, name),
+        alg=alg,
+        digest=digest,
+        sha1=sha1 if sha1 else (digest if alg == "sha1" else None),
+        md5=md5 if md5 else (digest if alg == "md5" else None),
+    )
+
+
+def _entry_info(entry: FileEntry, name: str) -> FileInfo:
+    return _file_info(entry.alg, entry.digest, entry.size, name, entry.sha1, entry.md5)
+
+
+def _dir_info(url: KacheryURL, node: DirNode) -> FileInfo:
+    # The snapshot root's sha1 is its manifest's; a subdirectory has no manifest of its own.
+    return FileInfo(is_dir=True, size=node.total_size(), url=url, sha1=None if url.path else url.hash)
+
+
+def split_path(path: str) -> list[str]:
+    """'/sha1dir/H.x/a/b' → ['sha1dir', 'H.x', 'a', 'b']."""
+    return [p for p in path.split("/") if p]
+
+
+def parse_blob_name(alg: str, name: str) -> str:
+    """The digest in a blob view's file name `<hash>[.<ext>]`; InvalidURL when malformed."""
+    digest, suffix = name[: HEX_LENGTH[alg]], name[HEX_LENGTH[alg] :]
+    if not is_hash(alg, digest) or (suffix and not suffix.startswith(".")):
+        raise InvalidURL(f"{name!r} is not <{alg} hash>[.<ext>]")
+    return digest.lower()
+
+
+def parse_snapshot_name(name: str, subpath: str = "") -> KacheryURL:
+    """The URL of `<hash>[.<label>]` (plus a sub-path) under the snapshot view."""
+    digest, dot, label = name.partition(".")
+    if not is_hash("sha1", digest):
+        raise InvalidURL(f"{name!r} is not <sha1 hash>[.<label>]")
+    return KacheryURL("sha1", digest.lower(), True, label if dot else None, subpath)
+
+
+class FileSystemView:
+    """The read-only hash views over one Resolver (local store plus channels)."""
+
+    def __init__(self, resolver: Resolver, *, fetch_timeout: float = 30.0, max_fetches: int = 32) -> None:
+        self.resolver = resolver
+        self.fetch_timeout = fetch_timeout
+        # Workers that run store and channel calls, so callers can stop waiting at a deadline.
+        self._pool = ThreadPoolExecutor(max_workers=max_fetches, thread_name_prefix="kacheryfs-fetch")
+        self._started = time.time()
+        self._open_fds: set[int] = set()  # set.add/discard are atomic: no lock on the read path
+        self.recent_errors: collections.deque[str] = collections.deque(maxlen=_RECENT_ERRORS)
+
+    def close(self) -> None:
+        """Stop accepting work; fetches under way finish (each is bounded by the channel timeout)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- what is at a path -----------------------------------------------------------
+    def stat(self, path: str) -> FileInfo:
+        """The FileInfo at `path`; NotFound (or InvalidURL for a malformed name) otherwise."""
+        parts = split_path(path)
+        if len(parts) <= 1:
+            if not parts or parts[0] in TOP_LEVEL:
+                return _ROOT
+            raise NotFound(f"no {parts[0]!r} at the top of the mount (there are {', '.join(TOP_LEVEL)})")
+        view, name, rest = parts[0], parts[1], parts[2:]
+        if view in BLOB_VIEWS:
+            if rest:
+                raise NotFound(f"{path}: a blob is a file, it has no entries")
+            return self._blob(view, name)
+        if view == SNAPSHOT_VIEW:
+            url = parse_snapshot_name(name, "/".join(rest))
+            found = self._manifest(url).resolve(url.path)
+            if isinstance(found, FileEntry):
+                return _entry_info(found, rest[-1])
+            return _dir_info(url, found)
+        raise NotFound(f"no {view!r} at the top of the mount (there are {', '.join(TOP_LEVEL)})")
+
+    def readdir(self, path: str) -> list[tuple[str, FileInfo]]:
+        """The entries of a directory with their FileInfo (the view directories list nothing)."""
+        parts = split_path(path)
+        if not parts:
+            return [(name, _ROOT) for name in TOP_LEVEL]
+        if len(parts) == 1 and parts[0] in TOP_LEVEL:
+            return []  # lookup-only, so `find` and `updatedb` never crawl a store
+        info = self.stat(path)
+        if not info.is_dir or info.url is None:
+            raise NotFound(f"{path} is not a directory")
+        node = self._manifest(info.url).resolve_dir(info.url.path)
+        entries = [(name, _entry_info(entry, name)) for name, entry in node.files.items()]
+        entries += [(name, _dir_info(info.url.child(name), sub)) for name, sub in node.dirs.items()]
+        return entries
+
+    def open(self, path: str) -> int:
+        """A read-only descriptor on the blob behind `path`, fetched and verified first if needed."""
+        info = self.stat(path)
+        if info.is_dir:
+            raise IsADirectory(f"{path} is a directory")
+        blob = self._local_or_fetched(info.alg, info.digest, info.size, str(info.url))
+        fd = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
+        self._open_fds.add(fd)
+        return fd
+
+    def release(self, fd: int) -> None:
+        self._open_fds.discard(fd)
+        os.close(fd)
+
+    def getxattr(self, path: str, name: str) -> bytes:
+        """One `user.kachery.*` attribute; NotFound when this path does not have it."""
+        if name == STATUS_XATTR and not split_path(path):
+            return json.dumps(self.status()).encode()
+        try:
+            return self.stat(path).xattrs()[name]
+        except KeyError:
+            raise NotFound(f"{path} has no attribute {name}") from None
+
+    def listxattr(self, path: str) -> list[str]:
+        names = list(self.stat(path).xattrs())
+        return names + [STATUS_XATTR] if not split_path(path) else names
+
+    def record_error(self, message: str) -> None:
+        """Keep the reason of a failed operation for `kacheryfs status`."""
+        self.recent_errors.append(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}")
+
+    def status(self) -> dict[str, object]:
+        """What the daemon is doing, for `kacheryfs status`."""
+        store = self.resolver.store
+        blobs, size = 0, 0
+        for _digest, blob in store.iter_blobs("sha1"):
+            blobs += 1
+            size += blob.stat().st_size
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self._started, 1),
+            "storage_dir": str(store.root),
+            "cache_blobs": blobs,
+            "cache_bytes": size,
+            "channels": [c.name for c in self.resolver.channels],
+            "open_files": len(self._open_fds),
+            "fetch_timeout_s": self.fetch_timeout,
+            **self.resolver.stats.as_dict(),
+            "recent_errors": list(self.recent_errors),
+        }
+
+    # -- store and channel access, bounded ---------------------------------------------
+    def _blob(self, alg: str, name: str) -> FileInfo:
+        digest = parse_blob_name(alg, name)
+        size = self.resolver.store.size(alg, digest)
+        if size is None:
+            # Only the size is needed now; the bytes are fetched on open.
+            found = self._bounded(f"{alg}://{digest}", self.resolver.find, alg, digest)
+            if found is None:
+                raise NotFound(f"{alg}://{digest} is in no store or channel")
+            size = found[1]
+        return _file_info(alg, digest, size, name)
+
+    def _manifest(self, url: KacheryURL) -> DirNode:
+        if self.resolver.store.has(url.alg, url.hash):
+            return self.resolver.manifest(url.alg, url.hash)  # local (and parsed once): no deadline needed
+        return self._bounded(str(url), self.resolver.manifest, url.alg, url.hash)
+
+    def _local_or_fetched(self, alg: str, digest: str, size: int, what: str) -> str:
+        if self.resolver.store.has(alg, digest):
+            return str(self.resolver.ensure(alg, digest, size))
+        return str(self._bounded(what, self.resolver.ensure, alg, digest, size))
+
+    def _bounded(self, what: str, fn: Callable[..., T], *args: object) -> T:
+        future = self._pool.submit(fn, *args)
+        try:
+            return future.result(timeout=self.fetch_timeout)
+        except FutureTimeout:
+            raise ChannelUnavailable(
+                f"{what}: no answer from the channels within {self.fetch_timeout:g} s (fetch_timeout); "
+                "a fetch under way goes on in the background"
+            ) from None
+
+
+__all__ = ["BLOB_VIEWS", "SNAPSHOT_VIEW", "STATUS_XATTR", "TOP_LEVEL", "FileInfo", "FileSystemView"]

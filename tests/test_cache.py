@@ -1,0 +1,171 @@
+"""The bounded cache: LRU eviction at insert time, pins, open blobs, fsck."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+import kacheryfs as ka
+from kacheryfs.errors import StoreFull
+from kacheryfs.store import CacheLimits, LocalStore
+from kacheryfs.store.fsck import fsck
+
+MiB = 1 << 20
+
+
+def _put(store: LocalStore, n: int, size: int = MiB):
+    return [store.put_bytes(bytes([i]) * size) for i in range(n)]
+
+
+def _age(store: LocalStore, digests, start: float = 1_000_000.0):
+    """Give blobs increasing atimes in list order (oldest first)."""
+    for i, d in enumerate(digests):
+        path = store.blob_path("sha1", d.sha1)
+        os.utime(path, (start + i, path.stat().st_mtime))
+
+
+def test_insert_evicts_least_recently_used_and_never_overshoots(tmp_path):
+    store = LocalStore(tmp_path, limits=CacheLimits(max_size=3 * MiB))
+    first = _put(store, 3)
+    _age(store, first)
+    store.cache._usage = None  # the atimes changed behind its back
+    new = store.put_bytes(b"\xff" * MiB)
+    assert not store.has("sha1", first[0].sha1)
+    assert all(store.has("sha1", d.sha1) for d in first[1:] + [new])
+    assert store.cache.usage().total_bytes <= 3 * MiB
+
+
+def test_recency_from_reads_protects_a_recently_used_blob(tmp_path):
+    store = LocalStore(tmp_path, limits=CacheLimits(max_size=3 * MiB))
+    blobs = _put(store, 3)
+    _age(store, blobs)
+    with store.open("sha1", blobs[0].sha1):
+        pass
+    store.cache.flush_access()
+    store.cache._usage = None
+    store.put_bytes(b"\xfe" * MiB)
+    assert store.has("sha1", blobs[0].sha1)
+    assert not store.has("sha1", blobs[1].sha1)
+
+
+def test_open_blobs_are_never_evicted(tmp_path):
+    store = LocalStore(tmp_path, limits=CacheLimits(max_size=2 * MiB))
+    blobs = _put(store, 2)
+    _age(store, blobs)
+    with store.open("sha1", blobs[0].sha1) as held:
+        store.cache._usage = None
+        store.put_bytes(b"\xfd" * MiB)
+        assert store.has("sha1", blobs[0].sha1)
+        assert held.read(1) == b"\x00"
+    assert not store.has("sha1", blobs[1].sha1)
+
+
+def test_pinned_blobs_survive_gc(tmp_path):
+    blobs = [LocalStore(tmp_path).put_bytes(b"a" * 10)]
+    store = LocalStore(tmp_path, limits=CacheLimits(max_size=1))
+    store.cache.pin("sha1", blobs[0].sha1)
+    store.cache.evict()
+    assert store.has("sha1", blobs[0].sha1)
+    assert store.cache.unpin("sha1", blobs[0].sha1)
+    store.cache.evict()
+    assert not store.has("sha1", blobs[0].sha1)
+
+
+def test_pinning_a_snapshot_pins_every_file_in_it(tmp_path, storage_dir):
+    (tmp_path / "ds" / "sub").mkdir(parents=True)
+    (tmp_path / "ds" / "a").write_text("a")
+    (tmp_path / "ds" / "sub" / "b").write_text("b")
+    url = ka.store_dir(tmp_path / "ds")
+    loose = ka.store_text("loose")
+    parsed = ka.api.parse(url)
+    store = LocalStore(storage_dir, limits=CacheLimits(max_size=1))
+    store.cache.pin("sha1", parsed.hash, is_dir=True)
+    store.cache.evict()
+    assert ka.load_text(url + "/sub/b") == "b"
+    assert ka.load_text(url + "/a") == "a"
+    with pytest.raises(ka.NotFound):
+        ka.load_text(loose)
+
+
+def test_an_insert_that_cannot_fit_is_store_full(tmp_path):
+    store = LocalStore(tmp_path, limits=CacheLimits(max_size=MiB))
+    d = store.put_bytes(b"p" * MiB)
+    store.cache.pin("sha1", d.sha1)
+    with pytest.raises(StoreFull, match="pinned or open"):
+        store.put_bytes(b"q" * 10)
+
+
+def test_usage_counts_a_blob_once_despite_its_md5_name(tmp_path):
+    store = LocalStore(tmp_path)
+    _put(store, 2, size=1000)
+    usage = store.cache.usage()
+    assert (usage.total_bytes, usage.blobs) == (2000, 2)
+
+
+def test_fsck_finds_a_flipped_byte_and_repair_quarantines_it(tmp_path):
+    store = LocalStore(tmp_path)
+    good, bad = _put(store, 2, size=4096)
+    path = store.blob_path("sha1", bad.sha1)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x99")
+    report = fsck(store)
+    assert report.checked == 2 and not report.ok
+    assert path in report.corrupt and store.blob_path("md5", bad.md5) in report.corrupt
+    report = fsck(store, repair=True)
+    assert not store.has("sha1", bad.sha1) and not store.has("md5", bad.md5)
+    assert store.has("sha1", good.sha1)
+    assert len(report.quarantined) == 2
+    assert fsck(store).ok
+
+
+def test_fsck_reports_a_misplaced_blob(tmp_path):
+    store = LocalStore(tmp_path)
+    (d,) = _put(store, 1, size=10)
+    wrong = tmp_path / "sha1" / "00" / "00" / "00" / d.sha1
+    wrong.parent.mkdir(parents=True)
+    os.link(store.blob_path("sha1", d.sha1), wrong)
+    assert wrong in fsck(store).misplaced
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["kacheryfs", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_cli_pin_gc_du(tmp_path, storage_dir):
+    keep = ka.store_text("keep me" * 1000)
+    drop = ka.store_text("drop me" * 1000)
+    assert run("pin", keep).returncode == 0
+    du = json.loads(run("du", "--json").stdout)
+    assert du["blobs"] == 2 and du["pinned_blobs"] == 1
+    result = run("gc", "--max-size", "1")
+    assert result.returncode == 0 and "evicted 1 blobs" in result.stdout
+    assert ka.load_text(keep).startswith("keep me")
+    with pytest.raises(ka.NotFound):
+        ka.load_text(drop)
+    assert run("unpin", keep).returncode == 0
+    assert json.loads(run("du", "--json").stdout)["pinned_blobs"] == 0
+
+
+def test_cli_fsck_exit_codes(storage_dir):
+    url = ka.store_text("x" * 5000)
+    assert run("fsck").returncode == 0
+    path = ka.get_file_info(url)["path"]
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.write(b"y")
+    result = run("fsck")
+    assert result.returncode == 4 and "corrupt" in result.stdout
+    assert run("fsck", "--repair").returncode == 0
+    assert run("fsck").returncode == 0
+    with pytest.raises(ka.NotFound):
+        ka.load_text(url)
+
+
+def test_gc_without_a_bound_explains_itself():
+    result = run("gc")
+    assert result.returncode == 2 and "max-size" in result.stdout

@@ -1,0 +1,286 @@
+"""Real mounts read by real tools: ls, find, du, stat, cat, cp, tar, rsync, getfattr, dd, numpy, mmap.
+
+Each mount runs `kacheryfs mount` in a subprocess; tests that need the daemon to themselves
+(signals, kill -9, errors at mount time) make their own.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import mmap
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fixtures_mount import Mount, is_mounted, kacheryfs, mounted_at, require_fuse, wait_until
+
+from kacheryfs.mount.paths import url_of
+from kacheryfs.store import LocalStore
+
+pytest_plugins = ["fixtures_mount"]  # the `mounted` and `sample` fixtures
+
+
+def sh(*args: str | Path, cwd: Path | None = None) -> str:
+    done = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=60, cwd=cwd)
+    assert done.returncode == 0, f"{args[0]} failed: {done.stderr}"
+    return done.stdout
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def snap(sample: tuple[Mount, Path, str]) -> Path:
+    mount, _tree, url = sample
+    return mount.path(url)
+
+
+@pytest.fixture
+def tree(sample: tuple[Mount, Path, str]) -> Path:
+    return sample[1]
+
+
+# -- real tools --------------------------------------------------------------------
+def test_ls_lR_shows_every_entry_with_its_size(snap: Path, tree: Path) -> None:
+    listing = sh("ls", "-lR", snap)
+    for path in tree.rglob("*"):
+        if path.is_file():
+            assert f" {path.stat().st_size} " in listing and path.name in listing
+
+
+def test_find_lists_the_snapshot_but_never_crawls_the_store(snap: Path, tree: Path, sample) -> None:
+    found = {line[len(str(snap)) + 1 :] for line in sh("find", snap).splitlines() if line != str(snap)}
+    assert found == {str(p.relative_to(tree)) for p in tree.rglob("*")}
+    top = sh("find", sample[0].mountpoint).split()
+    assert sorted(top) == sorted(str(sample[0].mountpoint / n) for n in ("", "sha1", "md5", "sha1dir"))
+
+
+def test_du_apparent_size_matches_the_original(snap: Path, tree: Path) -> None:
+    files = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
+    dirs = 1 + sum(1 for p in tree.rglob("*") if p.is_dir())
+    assert int(sh("du", "-sb", snap).split()[0]) == files + 4096 * dirs
+
+
+def test_stat_shows_read_only_modes_fixed_times_and_blocks(snap: Path) -> None:
+    out = sh("stat", "-c", "%a %s %b %B %o %Y %F", snap / "sub" / "big.bin").split(" ", 6)
+    size = (1 << 20) + 1
+    assert out[:6] == ["444", str(size), str((size + 511) // 512), "512", str(1 << 20), "1546300800"]
+    assert sh("stat", "-c", "%a %F", snap / "sub").strip() == "555 directory"
+
+
+def test_cat_reads_every_file(snap: Path, tree: Path) -> None:
+    for path in tree.rglob("*"):
+        if path.is_file():
+            rel = path.relative_to(tree)
+            done = subprocess.run(["cat", str(snap / rel)], capture_output=True, timeout=60)
+            assert done.returncode == 0 and done.stdout == path.read_bytes(), rel
+
+
+def test_cp_r_of_a_whole_snapshot_is_identical(snap: Path, tree: Path, tmp_path: Path) -> None:
+    sh("cp", "-r", snap, tmp_path / "copy")
+    assert tree_digests(tmp_path / "copy") == tree_digests(tree)
+
+
+def test_tar_archives_the_snapshot(snap: Path, tree: Path, tmp_path: Path) -> None:
+    sh("tar", "cf", tmp_path / "s.tar", "-C", snap, ".")
+    (tmp_path / "x").mkdir()
+    sh("tar", "xf", tmp_path / "s.tar", "-C", tmp_path / "x")
+    assert tree_digests(tmp_path / "x") == tree_digests(tree)
+
+
+def test_rsync_a_copies_the_snapshot(snap: Path, tree: Path, tmp_path: Path) -> None:
+    sh("rsync", "-a", f"{snap}/", tmp_path / "r")
+    assert tree_digests(tmp_path / "r") == tree_digests(tree)
+    assert "big.bin" not in sh("rsync", "-ai", f"{snap}/", tmp_path / "r")  # fixed times: nothing to redo
+
+
+def test_getfattr_dumps_url_sha1_and_size(snap: Path, tree: Path, sample) -> None:
+    out = sh("getfattr", "-d", snap / "a.txt")
+    digest = hashlib.sha1((tree / "a.txt").read_bytes()).hexdigest()
+    assert f'user.kachery.url="sha1://{digest}/a.txt"' in out
+    assert f'user.kachery.sha1="{digest}"' in out and 'user.kachery.size="14"' in out
+    assert f'user.kachery.url="{sample[2]}/sub/deep"' in sh("getfattr", "-d", snap / "sub" / "deep")
+
+
+def test_dd_reads_a_range(snap: Path, tree: Path) -> None:
+    done = subprocess.run(
+        ["dd", f"if={snap / 'sub' / 'big.bin'}", "bs=4096", "skip=3", "count=5", "status=none"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.stdout == (tree / "sub" / "big.bin").read_bytes()[3 * 4096 : 8 * 4096]
+
+
+def test_numpy_loads_a_mounted_npy(snap: Path) -> None:
+    path = snap / "sub" / "deep" / "arr.npy"
+    code = f"import numpy; a = numpy.load({str(path)!r}); print(a.shape, a.sum())"
+    assert sh(sys.executable, "-c", code).strip() == "(10, 100) 499500.0"
+
+
+def test_mmap_of_a_mounted_file(snap: Path, tree: Path) -> None:
+    with open(snap / "sub" / "big.bin", "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        assert m[-100:] == (tree / "sub" / "big.bin").read_bytes()[-100:]
+
+
+# -- layout, URLs, errors ------------------------------------------------------------
+def test_blob_view_serves_a_file_under_its_extension(sample) -> None:
+    mount = sample[0]
+    digests = LocalStore(mount.storage).put_bytes(b"x,y\n1,2\n")
+    url = f"sha1://{digests.sha1}/data.csv"
+    path = mount.path(url)
+    assert path == mount.mountpoint / "sha1" / f"{digests.sha1}.csv"
+    assert path.read_bytes() == b"x,y\n1,2\n"
+    assert url_of(path) == f"sha1://{digests.sha1}/{digests.sha1}.csv"
+    assert (mount.mountpoint / "md5" / f"{digests.md5}.txt").read_bytes() == b"x,y\n1,2\n"
+
+
+def test_url_of_a_snapshot_file_and_directory(snap: Path, sample) -> None:
+    assert url_of(snap) == sample[2]
+    assert url_of(snap / "sub" / "deep" / "ünï cödé.txt").endswith("/ünï cödé.txt")
+
+
+def test_view_directories_list_nothing(sample) -> None:
+    mnt = sample[0].mountpoint
+    assert sorted(os.listdir(mnt)) == ["md5", "sha1", "sha1dir"]
+    assert os.listdir(mnt / "sha1") == [] and os.listdir(mnt / "sha1dir") == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["sha1/zzz", "sha1/" + "a" * 39, "sha1/" + "a" * 40 + "x", "md5/" + "g" * 32, "sha1dir/nothash", "nowhere"],
+)
+def test_malformed_names_do_not_exist(sample, name: str) -> None:
+    with pytest.raises(FileNotFoundError):
+        os.stat(sample[0].mountpoint / name)
+
+
+def test_unknown_hash_and_sub_path_do_not_exist_and_are_logged(sample, snap: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        os.stat(sample[0].mountpoint / "sha1" / ("0" * 40))
+    with pytest.raises(FileNotFoundError):
+        os.stat(snap / "sub" / "no-such-file")
+    assert "no-such-file" in sample[0].log_text()
+
+
+def test_an_invalid_manifest_is_eio_logged_and_the_daemon_lives(sample) -> None:
+    mount = sample[0]
+    bad = LocalStore(mount.storage).put_bytes(b'{"files": {"../x": {"size": 1, "sha1": "nope"}}}')
+    with pytest.raises(OSError) as err:
+        os.listdir(mount.mountpoint / "sha1dir" / bad.sha1)
+    assert err.value.errno == errno.EIO
+    assert "invalid name" in mount.log_text()
+    assert mount.status()["recent_errors"]
+    assert sorted(os.listdir(mount.mountpoint)) == ["md5", "sha1", "sha1dir"]
+
+
+def test_unknown_attributes_are_enodata(snap: Path) -> None:
+    with pytest.raises(OSError) as err:
+        os.getxattr(snap / "a.txt", "user.other")
+    assert err.value.errno == errno.ENODATA
+    assert sorted(os.listxattr(snap / "a.txt")) == ["user.kachery.sha1", "user.kachery.size", "user.kachery.url"]
+
+
+def test_writes_are_refused(snap: Path) -> None:
+    with pytest.raises(OSError) as err:
+        open(snap / "a.txt", "r+b")
+    assert err.value.errno in (errno.EROFS, errno.EACCES)
+
+
+def test_status_reports_cache_and_counters(sample) -> None:
+    mount = sample[0]
+    text = mount.cli("status", str(mount.mountpoint)).stdout
+    assert "local store" in text and "hits / misses" in text
+    status = json.loads(mount.cli("status", str(mount.mountpoint), "--json").stdout)
+    assert status["cache_blobs"] >= 6 and status["hits"] >= 1
+
+
+# -- mounting and unmounting -------------------------------------------------------------
+def test_mount_refuses_a_missing_mountpoint(tmp_path: Path) -> None:
+    require_fuse()
+    done = kacheryfs("mount", str(tmp_path / "nope"), check=False)
+    assert done.returncode != 0 and "does not exist" in done.stderr
+
+
+def test_mount_refuses_a_non_empty_mountpoint(tmp_path: Path) -> None:
+    require_fuse()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "f").write_text("x")
+    done = kacheryfs("mount", str(tmp_path / "m"), check=False)
+    assert done.returncode != 0 and "not empty" in done.stderr
+
+
+def test_mount_refuses_an_existing_mount(mounted: Mount) -> None:
+    done = mounted.cli("mount", str(mounted.mountpoint), check=False)
+    assert done.returncode != 0 and "already mounted" in done.stderr
+
+
+def test_umount_of_something_not_mounted_fails_with_the_reason(tmp_path: Path) -> None:
+    done = kacheryfs("umount", str(tmp_path), check=False)
+    assert done.returncode != 0 and "not mounted" in done.stderr
+
+
+def test_umount_unmounts_and_the_daemon_exits(mounted: Mount) -> None:
+    pid = mounted.status()["pid"]
+    mounted.unmount()
+    assert not is_mounted(mounted.mountpoint)
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_unmounts_cleanly(mounted: Mount, sig: signal.Signals) -> None:
+    os.kill(int(mounted.status()["pid"]), sig)  # type: ignore[call-overload]
+    wait_until(lambda: not is_mounted(mounted.mountpoint), what="the unmount")
+    assert "stopped by a signal" in mounted.log_text()
+
+
+def test_kill_9_leaves_a_stale_mount_that_umount_clears(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    with mounted_at(tmp_path, storage) as mount:
+        os.kill(int(mount.status()["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+        wait_until(lambda: _stale(mount.mountpoint), what="the mount to go stale")
+        refused = mount.cli("mount", str(mount.mountpoint), check=False)
+        assert refused.returncode != 0 and "stale" in refused.stderr
+        mount.unmount()
+        assert not is_mounted(mount.mountpoint)
+    with mounted_at(tmp_path, storage) as again:
+        assert sorted(os.listdir(again.mountpoint)) == ["md5", "sha1", "sha1dir"]
+
+
+def _stale(mountpoint: Path) -> bool:
+    try:
+        os.statvfs(mountpoint)
+    except OSError as err:
+        return err.errno == errno.ENOTCONN
+    return False
+
+
+def test_foreground_mount_stops_on_ctrl_c(tmp_path: Path) -> None:
+    require_fuse()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kacheryfs", "mount", str(mnt), "--foreground"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: is_mounted(mnt), what="the foreground mount")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+        assert not is_mounted(mnt)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-uz", str(mnt)], check=False, timeout=30)
