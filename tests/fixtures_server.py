@@ -106,6 +106,17 @@ def server_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
+def full_disk_dir() -> Iterator[Path]:
+    """A server dir on a 1 MiB tmpfs (needs root), with the default channels."""
+    directory = readable_tempdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(directory)], check=True)
+    write_config(directory, DEFAULT_CHANNELS)
+    yield directory
+    subprocess.run(["umount", str(directory)], check=True)
+    directory.rmdir()
+
+
+@pytest.fixture
 def server(server_dir: Path) -> Iterator[ServerProcess]:
     process = ServerProcess(server_dir)
     yield process

@@ -10,12 +10,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from fixtures_server import DEFAULT_CHANNELS, PASSWORD, REPO, ServerProcess, quota, readable_tempdir, write_config
+from fixtures_server import PASSWORD, REPO, ServerProcess, quota, write_config
 
 from kacheryfs import auth
 from kacheryfs.errors import ConfigError, Forbidden, QuotaExceeded, TooLarge
@@ -379,17 +378,7 @@ def test_protocol_doc_worked_example_is_right() -> None:
 # -- faults --------------------------------------------------------------------------
 
 
-@pytest.fixture
-def full_disk_dir() -> Iterator[Path]:
-    directory = readable_tempdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(directory)], check=True)
-    yield directory
-    subprocess.run(["umount", str(directory)], check=True)
-    directory.rmdir()
-
-
 def test_disk_full_is_507_and_leaves_no_partial_blob(full_disk_dir: Path) -> None:
-    write_config(full_disk_dir, DEFAULT_CHANNELS)
     server = ServerProcess(full_disk_dir)
     try:
         big = os.urandom(2 << 20)

@@ -28,6 +28,7 @@ from kacheryfs.uri import check_hash
 
 log = logging.getLogger(__name__)
 COUNTERS_PATH = Path(".kacheryfs") / "quota-counters.json"
+SHUTDOWN_TIMEOUT = 3.0  # seconds
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -146,9 +147,14 @@ async def _errors_and_log(request: web.Request, handler: Handler) -> web.StreamR
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
             response = web.json_response({"error": "internal server error (see the server log)"}, status=500)
+        if not request.content.at_eof():
+            # A body refused unread (401, 403, 413, 429): close once it is answered rather than
+            # keep the connection, whose unread bytes would otherwise hold up shutdown.
+            response.force_close()
         status = response.status
-        # Body bytes moved: received for POST, sent for GET; HEAD moves none.
-        nbytes = {"POST": request.content_length, "GET": response.content_length}.get(request.method) or 0
+        # Body bytes moved: received for a stored POST, sent for GET; HEAD moves none.
+        moved = {"POST": request.content_length if status == 200 else 0, "GET": response.content_length}
+        nbytes = moved.get(request.method) or 0
         return response
     finally:
         ms = (time.monotonic() - started) * 1000
@@ -174,7 +180,8 @@ def run(directory: Path, host: str = "127.0.0.1", port: int = 0) -> None:
 
 
 async def _serve(app: web.Application, host: str, port: int) -> None:
-    runner = web.AppRunner(app, access_log=None)
+    # Transfers are verified and clients resume, so shutdown may cut them: wait briefly, not 60 s.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

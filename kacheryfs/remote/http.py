@@ -1,0 +1,246 @@
+"""Where a channel call becomes an HTTP request: the client of `kacheryfs serve` and of static mirrors.
+
+Every request is signed with `kacheryfs.auth`. Failures to connect or answer are retried
+with exponential backoff and jitter inside a time bound, so a dead or silent channel costs
+at most about `timeout` seconds; an interrupted download resumes with a Range request.
+Messages name the channel URL but never the query, which holds the signature.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+import requests
+
+from kacheryfs import auth
+from kacheryfs.errors import (
+    AuthError,
+    ChannelUnavailable,
+    Forbidden,
+    HashMismatch,
+    KacheryError,
+    NotFound,
+    QuotaExceeded,
+    StoreFull,
+    TooLarge,
+)
+from kacheryfs.hashing import CHUNK
+from kacheryfs.remote.channel import Progress
+from kacheryfs.store import BlobWriter
+from kacheryfs.uri import check_hash
+
+_OPERATIONS = {"check": "check", "get": "download", "set": "upload"}
+_STATUS_ERRORS: dict[int, type[KacheryError]] = {
+    400: HashMismatch,
+    401: AuthError,
+    403: Forbidden,
+    404: NotFound,
+    413: TooLarge,
+    429: QuotaExceeded,
+    507: StoreFull,
+}
+_BACKOFF = 0.2  # seconds before the first retry; doubled for each next one
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+)")
+_QUERY = re.compile(r"\?[^\s'\"()]*")
+_IDENTITY = {"Accept-Encoding": "identity"}  # byte ranges must be of the stored bytes
+
+
+class HttpChannel:
+    """A channel on a kacheryfs server (or, for reads, any static server with its layout).
+
+    `timeout` bounds the time spent without progress: connecting, waiting for an answer
+    and retrying. A transfer that keeps delivering bytes is not cut off. Not thread-safe:
+    give each thread its own instance.
+    """
+
+    def __init__(
+        self, name: str, url: str, channel: str, password: str | None, timeout: float = 10.0, retries: int = 3
+    ) -> None:
+        self.name = name
+        self.url = url.rstrip("/")
+        self.channel = channel
+        self.timeout = timeout
+        self.retries = retries
+        self._password = password
+        self._session = requests.Session()
+
+    def __repr__(self) -> str:
+        return f"HttpChannel({self.name!r}, {self.url!r}, channel={self.channel!r})"
+
+    def check(self, alg: str, digest: str) -> int | None:
+        digest = check_hash(alg, digest)
+        with self._request("GET", "check", alg, digest) as response:
+            if response.status_code == 404:
+                raise ChannelUnavailable(f"{self._where('check')} has no /check endpoint (a static read-only channel?)")
+            self._raise_for(response)
+            try:
+                answer = response.json()
+                return int(answer["size"]) if answer["found"] else None
+            except (ValueError, KeyError, TypeError) as err:
+                raise ChannelUnavailable(f"{self._where('check')} gave an answer that is not kacheryfs JSON") from err
+
+    def fetch(
+        self,
+        alg: str,
+        digest: str,
+        writer: BlobWriter,
+        expected_size: int | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        digest = check_hash(alg, digest)
+        failures = 0
+        deadline = time.monotonic() + self.timeout  # moved on by every chunk received
+        while True:
+            start = writer.size
+            headers = dict(_IDENTITY, Range=f"bytes={start}-") if start else _IDENTITY
+            with self._request("GET", "get", alg, digest, headers=headers, stream=True, deadline=deadline) as response:
+                self._raise_for(response)
+                skip = self._check_body(response, alg, digest, start, expected_size)
+                try:
+                    for chunk in response.iter_content(CHUNK):
+                        deadline = time.monotonic() + self.timeout
+                        if skip:  # the server ignored our Range: drop what we already have
+                            chunk, skip = chunk[skip:], max(0, skip - len(chunk))
+                        if chunk:
+                            writer.write(chunk)
+                            if progress is not None:
+                                progress(len(chunk))
+                    return
+                except requests.RequestException as err:
+                    # Resume from writer.size; give up after `retries` attempts that brought nothing.
+                    failures = failures + 1 if writer.size == start else 0
+                    if failures > self.retries:
+                        raise ChannelUnavailable(f"{self._where('get')} kept failing: {_reason(err)}") from err
+
+    def read_range(self, alg: str, digest: str, start: int, end: int) -> bytes:
+        digest = check_hash(alg, digest)
+        if end <= start:
+            return b""
+        headers = dict(_IDENTITY, Range=f"bytes={start}-{end - 1}")
+        with self._request("GET", "get", alg, digest, headers=headers) as response:
+            if response.status_code == 416:  # start is past the end of the blob
+                return b""
+            self._raise_for(response)
+            return response.content if response.status_code == 206 else response.content[start:end]
+
+    def upload(self, alg: str, digest: str, path: Path, size: int, progress: Progress | None = None) -> bool:
+        digest = check_hash(alg, digest)
+        present = self.check(alg, digest)
+        if present == size:
+            return False
+        if present is not None:
+            raise HashMismatch(f"{self._where('check')} has {alg}://{digest} with {present} bytes, not {size}")
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != size:
+                raise HashMismatch(f"{path} has changed: it is no longer {size} bytes long")
+            with self._request("POST", "set", alg, digest, body=lambda: _FileBody(f, size, progress)) as response:
+                self._raise_for(response)
+        return True
+
+    def _request(
+        self,
+        method: str,
+        endpoint: str,
+        alg: str,
+        digest: str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: Callable[[], _FileBody] | None = None,
+        stream: bool = False,
+        deadline: float | None = None,
+    ) -> requests.Response:
+        """Send one signed request, retrying failures to connect or answer until the deadline."""
+        url = f"{self.url}/{endpoint}/{alg}/{digest}"
+        deadline = time.monotonic() + self.timeout if deadline is None else deadline
+        reason = f"no progress for {self.timeout:g} s"
+        for attempt in range(self.retries + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            query = auth.signed_query(self.channel, self._password, _OPERATIONS[endpoint], alg, digest)
+            try:
+                response = self._session.request(
+                    method,
+                    url,
+                    params=query,
+                    headers=headers,
+                    data=None if body is None else body(),
+                    stream=stream,
+                    timeout=(remaining, remaining),
+                )
+            except requests.RequestException as err:
+                reason = _reason(err)
+            else:
+                if response.status_code < 500 or response.status_code == 507:
+                    return response
+                reason = f"HTTP {response.status_code} {_error_text(response)}"
+                response.close()
+            delay = _BACKOFF * 2**attempt * random.uniform(0.5, 1.5)
+            if time.monotonic() + delay >= deadline:
+                break
+            time.sleep(delay)
+        raise ChannelUnavailable(f"channel {self.name!r} ({url}) is unavailable: {reason}")
+
+    def _check_body(
+        self, response: requests.Response, alg: str, digest: str, start: int, expected_size: int | None
+    ) -> int:
+        """Bytes to skip at the start of this body; HashMismatch when its total size is not the expected one."""
+        if response.status_code == 206:
+            match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
+            if not match or int(match.group(1)) != start:
+                raise ChannelUnavailable(f"{self._where('get')} answered a Range request with the wrong bytes")
+            skip, total = 0, int(match.group(2))
+        else:
+            skip, total = start, int(response.headers.get("Content-Length", -1))
+        if expected_size is not None and total >= 0 and total != expected_size:
+            raise HashMismatch(f"{self._where('get')} has {total} bytes for {alg}://{digest}, expected {expected_size}")
+        return skip
+
+    def _raise_for(self, response: requests.Response) -> None:
+        if response.status_code < 300:
+            return
+        error = _STATUS_ERRORS.get(response.status_code, ChannelUnavailable)
+        url = response.url.split("?", 1)[0]
+        raise error(f"channel {self.name!r} ({url}): {_error_text(response)} (HTTP {response.status_code})")
+
+    def _where(self, endpoint: str) -> str:
+        return f"channel {self.name!r} ({self.url}/{endpoint})"
+
+
+class _FileBody:
+    """An upload body read from the start of `file`, with a length (so it is not sent chunked) and progress."""
+
+    def __init__(self, file: BinaryIO, size: int, progress: Progress | None) -> None:
+        file.seek(0)  # a retry sends the file again from its start
+        self._file, self._size, self._progress = file, size, progress
+
+    def __len__(self) -> int:
+        return self._size
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self._file.read(n)
+        if chunk and self._progress is not None:
+            self._progress(len(chunk))
+        return chunk
+
+
+def _error_text(response: requests.Response) -> str:
+    try:
+        return str(response.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return response.reason or "no reason given"
+
+
+def _reason(err: requests.RequestException) -> str:
+    """What went wrong, without the request's query (it holds the signature)."""
+    if isinstance(err, requests.ConnectTimeout):
+        return "connection timed out"
+    if isinstance(err, requests.ReadTimeout):
+        return "no answer in time"
+    return f"{type(err).__name__}: {_QUERY.sub('', str(err))}"
