@@ -173,8 +173,8 @@ class FileSystemView:
         info = self.stat(path)
         if info.is_dir:
             raise IsADirectory(f"{path} is a directory")
-        blob = self._local_or_fetched(info.alg, info.digest, info.size, str(info.url))
-        fd = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
+        self._ensure_local(info.alg, info.digest, info.size, str(info.url))
+        fd = self.resolver.store.open_fd(info.alg, info.digest)  # its shared lock keeps the blob from eviction
         self._open_fds.add(fd)
         return fd
 
@@ -202,16 +202,14 @@ class FileSystemView:
     def status(self) -> dict[str, object]:
         """What the daemon is doing, for `kacheryfs status`."""
         store = self.resolver.store
-        blobs, size = 0, 0
-        for _digest, blob in store.iter_blobs("sha1"):
-            blobs += 1
-            size += blob.stat().st_size
+        usage = store.cache.usage()
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self._started, 1),
             "storage_dir": str(store.root),
-            "cache_blobs": blobs,
-            "cache_bytes": size,
+            "cache_blobs": usage.blobs,
+            "cache_bytes": usage.total_bytes,
+            "cache_max_bytes": store.cache.limits.max_size,
             "channels": [c.name for c in self.resolver.channels],
             "open_files": len(self._open_fds),
             "fetch_timeout_s": self.fetch_timeout,
@@ -236,10 +234,11 @@ class FileSystemView:
             return self.resolver.manifest(url.alg, url.hash)  # local (and parsed once): no deadline needed
         return self._bounded(str(url), self.resolver.manifest, url.alg, url.hash)
 
-    def _local_or_fetched(self, alg: str, digest: str, size: int, what: str) -> str:
+    def _ensure_local(self, alg: str, digest: str, size: int, what: str) -> None:
         if self.resolver.store.has(alg, digest):
-            return str(self.resolver.ensure(alg, digest, size))
-        return str(self._bounded(what, self.resolver.ensure, alg, digest, size))
+            self.resolver.ensure(alg, digest, size)  # counts the hit; no network, no deadline needed
+        else:
+            self._bounded(what, self.resolver.ensure, alg, digest, size)
 
     def _bounded(self, what: str, fn: Callable[..., T], *args: object) -> T:
         future = self._pool.submit(fn, *args)

@@ -1,0 +1,256 @@
+"""The filesystem view and the FUSE operations class, called directly: no mount, no kernel."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import mfusepy
+import pytest
+
+from kacheryfs import manifest
+from kacheryfs.errors import ChannelUnavailable, InvalidURL, IsADirectory, NotADirectory, NotFound
+from kacheryfs.manifest import DirNode, FileEntry
+from kacheryfs.mount.fuse_ops import BLOCK_SIZE, FIXED_TIME_NS, KacheryOperations
+from kacheryfs.resolver import Resolver
+from kacheryfs.store import BlobWriter, LocalStore
+from kacheryfs.vfs import STATUS_XATTR, FileSystemView
+
+BIG = b"0123456789" * 100_000
+
+
+class FakeChannel:
+    """A channel holding `blobs` (sha1 → bytes) that can be slow or lie; it counts its calls."""
+
+    def __init__(self, blobs: dict[str, bytes], *, delay: float = 0.0, serve: bytes | None = None) -> None:
+        self.name = "fake"
+        self.blobs, self.delay, self.serve = blobs, delay, serve
+        self.checks = self.fetches = 0
+
+    def check(self, alg: str, digest: str) -> int | None:
+        self.checks += 1
+        return len(self.blobs[digest]) if digest in self.blobs else None
+
+    def fetch(self, alg: str, digest: str, writer: BlobWriter, expected_size: int | None = None, progress=None) -> None:
+        self.fetches += 1
+        time.sleep(self.delay)
+        if digest not in self.blobs:
+            raise NotFound(f"fake has no {digest}")
+        writer.write(self.serve if self.serve is not None else self.blobs[digest])
+
+
+def sha1(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalStore:
+    return LocalStore(tmp_path / "store")
+
+
+@pytest.fixture
+def snapshot(store: LocalStore) -> str:
+    """The sha1 of a stored manifest: a.txt, sub/big.bin (BIG, stored), sub/remote.dat (not stored)."""
+    a = store.put_bytes(b"hello\n")
+    big = store.put_bytes(BIG)
+    root = DirNode(files={"a.txt": FileEntry(a.size, a.sha1)})
+    root.dirs["sub"] = DirNode(
+        files={"big.bin": FileEntry(big.size, big.sha1), "remote.dat": FileEntry(6, sha1(b"remote"))}
+    )
+    return store.put_bytes(manifest.serialize(root)).sha1
+
+
+@pytest.fixture
+def view(store: LocalStore) -> FileSystemView:
+    return FileSystemView(Resolver(store), fetch_timeout=2.0)
+
+
+@pytest.fixture
+def ops(view: FileSystemView) -> KacheryOperations:
+    return KacheryOperations(view)
+
+
+# -- the view ------------------------------------------------------------------------
+def test_the_root_lists_the_views_and_the_views_list_nothing(view: FileSystemView) -> None:
+    assert [name for name, _ in view.readdir("/")] == ["sha1", "md5", "sha1dir"]
+    assert view.readdir("/sha1") == [] and view.readdir("/sha1dir") == []
+    assert view.stat("/md5").is_dir
+
+
+def test_a_stored_blob_is_a_file_of_its_size_whatever_its_extension(view: FileSystemView, store: LocalStore) -> None:
+    d = store.put_bytes(b"abc")
+    for name in (d.sha1, d.sha1 + ".csv", d.sha1.upper() + ".tar.gz"):
+        info = view.stat(f"/sha1/{name}")
+        assert not info.is_dir and info.size == 3 and info.digest == d.sha1
+    assert view.stat(f"/md5/{d.md5}.txt").size == 3
+
+
+@pytest.mark.parametrize("path", ["/sha1/xyz", "/sha1/" + "a" * 40 + "b", "/md5/" + "a" * 40, "/sha1dir/nothex"])
+def test_malformed_names_are_invalid_without_any_channel_call(store: LocalStore, path: str) -> None:
+    channel = FakeChannel({})
+    with pytest.raises(InvalidURL):
+        FileSystemView(Resolver(store, [channel])).stat(path)
+    assert channel.checks == channel.fetches == 0
+
+
+def test_an_unknown_hash_or_name_is_not_found(view: FileSystemView) -> None:
+    for path in ("/sha1/" + "0" * 40, "/elsewhere", "/sha1/" + "0" * 40 + "/x"):
+        with pytest.raises(NotFound):
+            view.stat(path)
+
+
+def test_snapshot_paths_resolve_through_the_manifest(view: FileSystemView, snapshot: str) -> None:
+    top = view.stat(f"/sha1dir/{snapshot}.ds")
+    assert top.is_dir and str(top.url) == f"sha1dir://{snapshot}.ds" and top.sha1 == snapshot
+    assert top.size == 6 + len(BIG) + 6
+    big = view.stat(f"/sha1dir/{snapshot}.ds/sub/big.bin")
+    assert big.size == len(BIG) and str(big.url) == f"sha1://{sha1(BIG)}/big.bin"
+    sub = view.stat(f"/sha1dir/{snapshot}/sub")
+    assert str(sub.url) == f"sha1dir://{snapshot}/sub" and sub.sha1 is None
+    entries = {name: info.size for name, info in view.readdir(f"/sha1dir/{snapshot}.ds/sub")}
+    assert entries == {"big.bin": len(BIG), "remote.dat": 6}
+
+
+def test_unknown_sub_paths_are_not_found_and_files_have_no_entries(view: FileSystemView, snapshot: str) -> None:
+    with pytest.raises(NotFound):
+        view.stat(f"/sha1dir/{snapshot}/nope")
+    with pytest.raises(NotADirectory):
+        view.stat(f"/sha1dir/{snapshot}/a.txt/x")
+
+
+def test_open_gives_a_descriptor_on_the_blob(view: FileSystemView, snapshot: str) -> None:
+    fd = view.open(f"/sha1dir/{snapshot}/sub/big.bin")
+    try:
+        assert os.pread(fd, 10, 5) == BIG[5:15]
+        assert view.status()["open_files"] == 1
+    finally:
+        view.release(fd)
+    assert view.status()["open_files"] == 0
+    with pytest.raises(IsADirectory):
+        view.open(f"/sha1dir/{snapshot}/sub")
+
+
+def test_xattrs_of_files_directories_and_the_root(view: FileSystemView, snapshot: str) -> None:
+    path = f"/sha1dir/{snapshot}.ds/a.txt"
+    assert sorted(view.listxattr(path)) == ["user.kachery.sha1", "user.kachery.size", "user.kachery.url"]
+    assert view.getxattr(path, "user.kachery.size") == b"6"
+    assert view.getxattr(f"/sha1dir/{snapshot}.ds/sub", "user.kachery.url") == f"sha1dir://{snapshot}.ds/sub".encode()
+    assert view.listxattr("/") == [STATUS_XATTR]
+    assert json.loads(view.getxattr("/", STATUS_XATTR))["pid"] == os.getpid()
+    with pytest.raises(NotFound):
+        view.getxattr(path, "user.other")
+
+
+def test_a_missing_blob_is_fetched_on_open_not_on_lookup(store: LocalStore) -> None:
+    channel = FakeChannel({sha1(b"remote"): b"remote"})
+    view = FileSystemView(Resolver(store, [channel]))
+    path = f"/sha1/{sha1(b'remote')}"
+    assert view.stat(path).size == 6 and channel.fetches == 0
+    fd = view.open(path)
+    view.release(fd)
+    assert channel.fetches == 1 and store.has("sha1", sha1(b"remote"))
+
+
+def test_concurrent_opens_share_one_download(store: LocalStore) -> None:
+    channel = FakeChannel({sha1(b"remote"): b"remote"}, delay=0.3)
+    view = FileSystemView(Resolver(store, [channel]))
+    fds: list[int] = []
+    threads = [threading.Thread(target=lambda: fds.append(view.open(f"/sha1/{sha1(b'remote')}"))) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert len(fds) == 16 and channel.fetches == 1
+    for fd in fds:
+        view.release(fd)
+
+
+def test_a_slow_channel_costs_eio_after_fetch_timeout(store: LocalStore) -> None:
+    channel = FakeChannel({sha1(b"remote"): b"remote"}, delay=3)
+    view = FileSystemView(Resolver(store, [channel]), fetch_timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(ChannelUnavailable, match="fetch_timeout"):
+        view.open(f"/sha1/{sha1(b'remote')}")
+    assert time.monotonic() - started < 2
+
+
+def test_wrong_bytes_from_a_channel_are_refused_and_not_stored(store: LocalStore) -> None:
+    channel = FakeChannel({sha1(b"remote"): b"remote"}, serve=b"evil!!")
+    view = FileSystemView(Resolver(store, [channel]))
+    with pytest.raises(ChannelUnavailable, match="wrong bytes"):
+        view.open(f"/sha1/{sha1(b'remote')}")
+    assert not store.has("sha1", sha1(b"remote"))
+
+
+# -- the FUSE operations, called as libfuse would ------------------------------------------
+def fuse_errno(call, *args) -> int:
+    with pytest.raises(mfusepy.FuseOSError) as err:
+        call(*args)
+    return err.value.errno
+
+
+def test_getattr_reports_read_only_modes_fixed_times_and_blocks(ops: KacheryOperations, snapshot: str) -> None:
+    st = ops.getattr(f"/sha1dir/{snapshot}/sub/big.bin")
+    assert st["st_mode"] == stat.S_IFREG | 0o444 and st["st_size"] == len(BIG)
+    assert st["st_blocks"] == (len(BIG) + 511) // 512 and st["st_blksize"] == BLOCK_SIZE
+    assert st["st_mtime"] == FIXED_TIME_NS
+    assert ops.getattr("/")["st_mode"] == stat.S_IFDIR | 0o555
+
+
+def test_readdir_sends_attributes_with_each_entry(ops: KacheryOperations, snapshot: str) -> None:
+    entries = ops.readdir(f"/sha1dir/{snapshot}", 0)
+    assert entries[:2] == [".", ".."]
+    sizes = {name: attrs["st_size"] for name, attrs, _ in entries[2:]}
+    assert sizes == {"a.txt": 6, "sub": 4096}
+
+
+def test_errors_become_their_errno(ops: KacheryOperations, snapshot: str) -> None:
+    assert fuse_errno(ops.getattr, "/sha1/zzz") == errno.ENOENT
+    assert fuse_errno(ops.getattr, f"/sha1dir/{snapshot}/nope") == errno.ENOENT
+    assert fuse_errno(ops.getxattr, f"/sha1dir/{snapshot}/a.txt", "user.nope") == errno.ENODATA
+    assert fuse_errno(ops.open, f"/sha1dir/{snapshot}/a.txt", SimpleNamespace(flags=os.O_RDWR)) == errno.EROFS
+
+
+def test_an_invalid_manifest_is_eio(ops: KacheryOperations, store: LocalStore) -> None:
+    bad = store.put_bytes(b'{"files": {"": {"size": -1}}}')
+    assert fuse_errno(ops.readdir, f"/sha1dir/{bad.sha1}", 0) == errno.EIO
+    assert ops.view.recent_errors
+
+
+def test_an_unexpected_exception_is_logged_and_becomes_eio(
+    ops: KacheryOperations, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(path: str) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(ops.view, "stat", broken)
+    with caplog.at_level(logging.ERROR):
+        assert fuse_errno(ops.getattr, "/sha1") == errno.EIO
+    assert "Traceback" in caplog.text or any(r.exc_info for r in caplog.records)
+
+
+def test_open_read_release_serve_the_blob_bytes(ops: KacheryOperations, snapshot: str) -> None:
+    fi = SimpleNamespace(flags=os.O_RDONLY, fh=0, keep_cache=0)
+    ops.open(f"/sha1dir/{snapshot}/sub/big.bin", fi)
+    try:
+        assert fi.keep_cache == 1
+        assert ops.read("/x", 4096, 100, fi) == BIG[100:4196]
+    finally:
+        ops.release("/x", fi)
+
+
+def test_init_sets_kernel_cache_timeouts_and_read_size(view: FileSystemView) -> None:
+    called: list[bool] = []
+    ops = KacheryOperations(view, entry_timeout=7, attr_timeout=8, negative_timeout=2, on_init=lambda: called.append(1))
+    conn, config = SimpleNamespace(max_read=0), SimpleNamespace()
+    ops.init_with_config(conn, config)
+    assert (config.entry_timeout, config.attr_timeout, config.negative_timeout) == (7, 8, 2)
+    assert conn.max_read == 1 << 20 and called
