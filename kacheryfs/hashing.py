@@ -35,8 +35,8 @@ class Digests:
 class _DigestThread:
     """One hashlib object fed from a bounded queue by a worker thread."""
 
-    def __init__(self, name: str) -> None:
-        self._hash = hashlib.new(name)
+    def __init__(self, name: str, initial: hashlib._Hash | None = None) -> None:
+        self._hash = initial if initial is not None else hashlib.new(name)
         self._queue: queue.Queue[bytes | None] = queue.Queue(_DEPTH)
         self._thread = threading.Thread(target=self._run, name=f"kachery-{name}", daemon=True)
         self._thread.start()
@@ -58,21 +58,23 @@ class _DigestThread:
 class Hasher:
     """Feed chunks with `update`, then `finish()` for the Digests.
 
-    With `threaded=True` the digests run on worker threads; `update` then must be given
-    immutable `bytes` (the workers read them later).
+    Digests start on the caller's thread and move to worker threads once THREADED_MIN
+    bytes have passed (`threaded=True`), so small files cost no threads. Once threaded,
+    `update` must be given immutable `bytes` (the workers read them later).
     """
 
     def __init__(self, md5: bool = True, threaded: bool = True) -> None:
         self.size = 0
-        self._threaded = threaded
-        if threaded:
-            self._sha1: _DigestThread | hashlib._Hash = _DigestThread("sha1")
-            self._md5: _DigestThread | hashlib._Hash | None = _DigestThread("md5") if md5 else None
-        else:
-            self._sha1 = hashlib.sha1()
-            self._md5 = hashlib.md5() if md5 else None
+        self._may_thread = threaded
+        self._sha1: _DigestThread | hashlib._Hash = hashlib.sha1()
+        self._md5: _DigestThread | hashlib._Hash | None = hashlib.md5() if md5 else None
 
     def update(self, chunk: bytes) -> None:
+        if self._may_thread and self.size >= THREADED_MIN:
+            self._may_thread = False
+            self._sha1 = _DigestThread("sha1", self._sha1)  # type: ignore[arg-type]
+            if self._md5 is not None:
+                self._md5 = _DigestThread("md5", self._md5)  # type: ignore[arg-type]
         self.size += len(chunk)
         self._sha1.update(chunk)
         if self._md5 is not None:
@@ -87,11 +89,10 @@ def copy_and_hash(
     dst_fd: int | None = None,
     *,
     md5: bool = True,
-    size_hint: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Digests:
     """Read `src` to its end, writing every byte to `dst_fd` (if given); return the digests."""
-    hasher = Hasher(md5=md5, threaded=size_hint is None or size_hint >= THREADED_MIN)
+    hasher = Hasher(md5=md5)
     try:
         while chunk := src.read(CHUNK):
             hasher.update(chunk)
@@ -115,7 +116,7 @@ def hash_chunks(chunks: Iterable[bytes], *, md5: bool = True) -> Digests:
 def hash_file(path: str | Path, *, md5: bool = True) -> Digests:
     """Digests of the file at `path`."""
     with open(path, "rb", buffering=0) as f:
-        return copy_and_hash(f, None, md5=md5, size_hint=os.fstat(f.fileno()).st_size)  # type: ignore[arg-type]
+        return copy_and_hash(f, None, md5=md5)  # type: ignore[arg-type]
 
 
 def hash_bytes(data: bytes, *, md5: bool = True) -> Digests:

@@ -172,7 +172,7 @@ class Resolver:
         all_not_found = True
         for channel in self.channels:
             started = time.monotonic()
-            with self.store.writer(size) as writer:
+            with self.store.writer() as writer:
                 try:
                     channel.fetch(alg, digest, writer, expected_size=size)
                     digests = writer.commit(expect_alg=alg, expect_hash=digest, expect_size=size)

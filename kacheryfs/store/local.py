@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from kacheryfs.errors import HashMismatch, NotFound, StoreError, StoreFull
-from kacheryfs.hashing import CHUNK, THREADED_MIN, Digests, Hasher, hash_file, write_all
+from kacheryfs.hashing import CHUNK, Digests, Hasher, hash_file, write_all
 from kacheryfs.store.cache import Cache, CacheLimits
 from kacheryfs.uri import ALGORITHMS, check_hash, is_hash
 
@@ -46,9 +46,9 @@ class BlobWriter:
     another process never deletes it while it is being written.
     """
 
-    def __init__(self, store: LocalStore, fd: int, path: Path, size_hint: int | None = None) -> None:
+    def __init__(self, store: LocalStore, fd: int, path: Path) -> None:
         self.store, self.fd, self.path = store, fd, path
-        self._hasher = Hasher(threaded=size_hint is None or size_hint >= THREADED_MIN)
+        self._hasher = Hasher()
         self._digests: Digests | None = None
         self.closed = False
 
@@ -209,7 +209,7 @@ class LocalStore:
                     yield name, Path(dirpath) / name
 
     # -- writing -------------------------------------------------------------------
-    def writer(self, size_hint: int | None = None) -> BlobWriter:
+    def writer(self) -> BlobWriter:
         """A fresh locked temp file in this store's filesystem."""
         path = self.root / TEMP_DIR / f"kfs-{secrets.token_hex(8)}{TEMP_SUFFIX}"
         try:
@@ -217,7 +217,7 @@ class LocalStore:
         except OSError as err:
             raise _io_error(err, f"creating a temp file in {self.root / TEMP_DIR}") from err
         fcntl.flock(fd, fcntl.LOCK_EX)
-        return BlobWriter(self, fd, path, size_hint)
+        return BlobWriter(self, fd, path)
 
     def put_stream(
         self,
@@ -226,11 +226,10 @@ class LocalStore:
         expect_alg: str | None = None,
         expect_hash: str | None = None,
         expect_size: int | None = None,
-        size_hint: int | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> Digests:
         """Store everything `src` yields; HashMismatch (and nothing stored) if it is not what was expected."""
-        with self.writer(expect_size if size_hint is None else size_hint) as w:
+        with self.writer() as w:
             w.write_from(src, progress)
             return w.commit(expect_alg=expect_alg, expect_hash=expect_hash, expect_size=expect_size)
 
@@ -247,7 +246,7 @@ class LocalStore:
                 digests = hash_file(path)
                 if self._try_hard_link(path, digests):
                     return digests
-            with open(path, "rb", buffering=0) as src, self.writer(os.fstat(src.fileno()).st_size) as w:
+            with open(path, "rb", buffering=0) as src, self.writer() as w:
                 w.copy_file(src.fileno(), progress)
                 return w.commit()
         except FileNotFoundError as err:
@@ -257,10 +256,23 @@ class LocalStore:
         except PermissionError as err:
             raise StoreError(f"cannot read {path}: permission denied") from err
 
+    def link_existing(self, path: str | Path, digests: Digests) -> None:
+        """Add a file whose digests are known as a blob, sharing its bytes (hard link) when possible.
+
+        The caller guarantees the bytes will not change under the blob (staging breaks the
+        sharing before it writes again).
+        """
+        if self._try_hard_link(Path(path), digests):
+            return
+        with open(path, "rb", buffering=0) as src, self.writer() as w:
+            w.copy_file(src.fileno())
+            w.commit(expect_alg="sha1", expect_hash=digests.sha1, expect_size=digests.size)
+
     def _try_hard_link(self, path: Path, digests: Digests) -> bool:
         final = self.blob_path("sha1", digests.sha1)
         if final.exists():
             return True
+        self.cache.make_room(digests.size)
         final.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(path, final)
