@@ -18,6 +18,12 @@ SUBCOMMANDS = {
     "mount": ("mount_cmd", "mount hash URLs as read-only files (sha1/, md5/, sha1dir/)"),
     "umount": ("umount_cmd", "unmount a kacheryfs mount (also a stale one)"),
     "status": ("status_cmd", "show what a mount's daemon is doing: cache, hits, fetches, errors"),
+    "prefetch": ("prefetch_cmd", "fetch files or whole snapshots into the local store, in parallel"),
+    "pin": ("pin_cmd", "keep blobs (or whole snapshots) from eviction"),
+    "unpin": ("pin_cmd", "undo pin"),
+    "gc": ("gc_cmd", "evict least-recently-used blobs down to the cache bounds now"),
+    "du": ("du_cmd", "show the size of the local store and how much is pinned"),
+    "fsck": ("fsck_cmd", "re-hash every blob; quarantine corrupt ones with --repair"),
 }
 
 
