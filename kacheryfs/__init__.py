@@ -15,6 +15,7 @@ from kacheryfs.api import (
     load_npy,
     load_object,
     load_text,
+    prefetch,
     read_dir,
     set_config,
     store_bytes,
@@ -32,6 +33,7 @@ from kacheryfs.errors import (
     KacheryError,
     NotFound,
 )
+from kacheryfs.mount.paths import mount_path, url_of
 
 __version__ = "0.1.0"
 
@@ -51,6 +53,8 @@ __all__ = [
     "load_npy",
     "load_object",
     "load_text",
+    "mount_path",
+    "prefetch",
     "read_dir",
     "set_config",
     "store_bytes",
@@ -59,4 +63,5 @@ __all__ = [
     "store_npy",
     "store_object",
     "store_text",
+    "url_of",
 ]
