@@ -17,9 +17,10 @@ from __future__ import annotations
 import collections
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TypeVar
@@ -119,18 +120,12 @@ def parse_snapshot_name(name: str, subpath: str = "") -> KacheryURL:
 class FileSystemView:
     """The read-only hash views over one Resolver (local store plus channels)."""
 
-    def __init__(self, resolver: Resolver, *, fetch_timeout: float = 30.0, max_fetches: int = 32) -> None:
+    def __init__(self, resolver: Resolver, *, fetch_timeout: float = 30.0) -> None:
         self.resolver = resolver
         self.fetch_timeout = fetch_timeout
-        # Workers that run store and channel calls, so callers can stop waiting at a deadline.
-        self._pool = ThreadPoolExecutor(max_workers=max_fetches, thread_name_prefix="kacheryfs-fetch")
         self._started = time.time()
         self._open_fds: set[int] = set()  # set.add/discard are atomic: no lock on the read path
         self.recent_errors: collections.deque[str] = collections.deque(maxlen=_RECENT_ERRORS)
-
-    def close(self) -> None:
-        """Stop accepting work; fetches under way finish (each is bounded by the channel timeout)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- what is at a path -----------------------------------------------------------
     def stat(self, path: str) -> FileInfo:
@@ -241,7 +236,21 @@ class FileSystemView:
             self._bounded(what, self.resolver.ensure, alg, digest, size)
 
     def _bounded(self, what: str, fn: Callable[..., T], *args: object) -> T:
-        future = self._pool.submit(fn, *args)
+        """`fn(*args)` in its own thread, waited for at most fetch_timeout.
+
+        A daemon thread, not a pool: a fetch stuck on a silent channel must not keep the
+        process alive after the unmount (its temp file is removed by the next store).
+        Concurrency is bounded by FUSE's own thread count.
+        """
+        future: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn(*args))
+            except BaseException as err:  # handed to the waiting caller
+                future.set_exception(err)
+
+        threading.Thread(target=run, name="kacheryfs-fetch", daemon=True).start()
         try:
             return future.result(timeout=self.fetch_timeout)
         except FutureTimeout:

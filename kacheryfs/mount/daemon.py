@@ -186,8 +186,6 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
             return
         hint = " (allow_other needs user_allow_other in /etc/fuse.conf)" if config.allow_other else ""
         raise MountError(f"libfuse could not mount {mountpoint} (code {err}){hint}; see the messages above") from err
-    finally:
-        view.close()
     log.info("unmounted %s", mountpoint)
 
 

@@ -1,0 +1,168 @@
+"""A mount reading through channels: lazy fetch from a real server, one download for many readers,
+wrong bytes refused, a channel that is down or silent costing EIO within the bound."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import http.server
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from fixtures_mount import Mount, mounted_at, store_tree, wait_until, write_sample_tree
+from fixtures_server import PASSWORD, ServerProcess
+
+from kacheryfs.store import LocalStore
+
+pytest_plugins = ["fixtures_server"]  # server_dir, server, silent_server
+
+
+def channel_config(url: str, *, fetch_timeout: float = 10.0, channel_timeout: float = 5.0) -> str:
+    return f"""
+fr = ["lab"]
+channel_timeout = {channel_timeout}
+
+[mount]
+fetch_timeout = {fetch_timeout}
+
+[channels.lab]
+url = "{url}"
+channel = "lab"
+password = "{PASSWORD}"
+"""
+
+
+def downloads(server: ServerProcess, digest: str) -> int:
+    """GET /get requests for `digest` in the server's request log."""
+    return sum(1 for line in list(server.log) if f"GET /get/sha1/{digest} " in line)
+
+
+@pytest.fixture
+def remote_mount(tmp_path: Path, server: ServerProcess) -> Iterator[Mount]:
+    """An empty local store mounted with the server's `lab` channel to read from."""
+    with mounted_at(tmp_path, tmp_path / "storage", channel_config(server.url)) as mount:
+        yield mount
+
+
+def test_a_blob_is_fetched_on_first_open_not_on_lookup(remote_mount: Mount, server: ServerProcess) -> None:
+    data = os.urandom(3_000_000)
+    digest = LocalStore(server.directory).put_bytes(data).sha1
+    path = remote_mount.path(f"sha1://{digest}/rec.bin")
+    assert path.stat().st_size == len(data) and downloads(server, digest) == 0
+    assert path.read_bytes() == data
+    assert LocalStore(remote_mount.storage).has("sha1", digest)
+    assert remote_mount.status()["bytes_by_channel"] == {"lab": len(data)}
+
+
+def test_a_snapshot_is_read_lazily_from_the_channel(remote_mount: Mount, server: ServerProcess, tmp_path: Path) -> None:
+    tree = write_sample_tree(tmp_path / "ds")
+    url = store_tree(LocalStore(server.directory), tree)
+    for path in tree.rglob("*"):
+        if path.is_file():
+            assert (remote_mount.path(url) / path.relative_to(tree)).read_bytes() == path.read_bytes()
+
+
+def test_32_parallel_readers_of_a_missing_blob_make_one_download(remote_mount: Mount, server: ServerProcess) -> None:
+    data = os.urandom(16 << 20)
+    digest = LocalStore(server.directory).put_bytes(data).sha1
+    path = remote_mount.path(f"sha1://{digest}")
+    path.stat()  # the lookup (a /check) first, so all readers race for the download itself
+
+    def read(_: int) -> str:
+        with open(path, "rb") as f:
+            return hashlib.sha1(f.read()).hexdigest()
+
+    with ThreadPoolExecutor(32) as pool:
+        assert set(pool.map(read, range(32))) == {digest}
+    wait_until(lambda: downloads(server, digest) >= 1, what="the server's request log")
+    time.sleep(0.2)  # let any further request line arrive
+    assert downloads(server, digest) == 1
+
+
+class _LyingHandler(http.server.BaseHTTPRequestHandler):
+    """A channel that says it has every blob and serves the wrong bytes of the right size."""
+
+    size = 1000
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path.startswith("/check/"):
+            body = json.dumps({"success": True, "found": True, "size": self.size}).encode()
+        else:
+            body = b"x" * self.size
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def lying_server() -> Iterator[str]:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _LyingHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_wrong_bytes_from_a_channel_are_eio_and_nothing_is_cached(tmp_path: Path, lying_server: str) -> None:
+    digest = hashlib.sha1(os.urandom(1000)).hexdigest()
+    with mounted_at(tmp_path, tmp_path / "storage", channel_config(lying_server)) as mount:
+        path = mount.path(f"sha1://{digest}")
+        assert path.stat().st_size == 1000
+        with pytest.raises(OSError) as err:
+            path.read_bytes()
+        assert err.value.errno == errno.EIO
+        assert not LocalStore(mount.storage).has("sha1", digest)
+        assert "wrong bytes" in mount.log_text() and digest in mount.log_text()
+        assert not list((mount.storage / "tmp").glob("*.part"))
+
+
+@pytest.fixture
+def snapshot_without_blobs(tmp_path: Path) -> tuple[Path, str, Path]:
+    """(storage, sha1dir URL, tree): the manifest and a.txt stored locally, the other files not."""
+    tree = write_sample_tree(tmp_path / "ds")
+    full = LocalStore(tmp_path / "full")
+    url = store_tree(full, tree)
+    storage = tmp_path / "storage"
+    local = LocalStore(storage)
+    local.put_bytes(full.blob_path("sha1", url[len("sha1dir://") :].split(".")[0]).read_bytes())
+    local.put_bytes((tree / "a.txt").read_bytes())
+    return storage, url, tree
+
+
+def test_a_channel_that_is_down_costs_eio_only_for_what_is_not_cached(
+    tmp_path: Path, server: ServerProcess, snapshot_without_blobs: tuple[Path, str, Path]
+) -> None:
+    storage, url, tree = snapshot_without_blobs
+    server.kill()
+    with mounted_at(tmp_path, storage, channel_config(server.url, fetch_timeout=5)) as mount:
+        snap = mount.path(url)
+        assert (snap / "a.txt").read_bytes() == (tree / "a.txt").read_bytes()
+        started = time.monotonic()
+        with pytest.raises(OSError) as err:
+            (snap / "sub" / "big.bin").read_bytes()
+        assert err.value.errno == errno.EIO and time.monotonic() - started < 5 + 2
+        assert "unavailable" in mount.log_text()
+
+
+def test_a_silent_channel_costs_eio_after_fetch_timeout(
+    tmp_path: Path, silent_server: str, snapshot_without_blobs: tuple[Path, str, Path]
+) -> None:
+    storage, url, tree = snapshot_without_blobs
+    config = channel_config(silent_server, fetch_timeout=1.0, channel_timeout=30.0)
+    with mounted_at(tmp_path, storage, config) as mount:
+        started = time.monotonic()
+        with pytest.raises(OSError) as err:
+            (mount.path(url) / "sub" / "big.bin").read_bytes()
+        assert err.value.errno == errno.EIO and time.monotonic() - started < 3
+        assert (mount.path(url) / "a.txt").read_bytes() == (tree / "a.txt").read_bytes()  # still serving
+        assert "fetch_timeout" in mount.log_text()
