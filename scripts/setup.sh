@@ -22,3 +22,10 @@ if ! "$PY" -c 'import kacheryfs, mfusepy, aiohttp, requests, pytest, hypothesis'
   echo "setup: installing the kacheryfs Python package and its dependencies" >&2
   "$PY" -m pip install -q --disable-pip-version-check -e ".[test]"
 fi
+
+# mount(8) runs fstab helpers with PATH=/usr/local/bin:/bin:/usr/bin: make `kacheryfs` findable there.
+scripts=$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+if [ "$(id -u)" -eq 0 ] && [ -x "$scripts/kacheryfs" ] && [ "$scripts" != /usr/local/bin ] \
+   && [ ! -e /usr/local/bin/kacheryfs ]; then
+  ln -s "$scripts/kacheryfs" /usr/local/bin/kacheryfs
+fi

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from collections.abc import Sequence
 
 from kacheryfs.cli.common import EXIT_CODES_HELP, run
@@ -27,7 +28,45 @@ SUBCOMMANDS = {
 }
 
 
+# Options mount(8) may pass that mean nothing to kacheryfs (it is always nodev, nosuid-safe).
+_GENERIC_MOUNT_OPTIONS = {
+    "rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto", "user", "nouser", "users",
+    "_netdev", "nofail", "defaults", "async", "sync", "atime", "noatime", "relatime", "strictatime",
+}  # fmt: skip
+# fstab option → `kacheryfs mount` flag
+_FSTAB_FLAGS = {"config": "--config", "storage_dir": "--storage-dir", "fr": "--fr", "log_file": "--log-file"}
+
+
+def from_fstab(argv: Sequence[str]) -> list[str]:
+    """Translate mount.fuse3's `kacheryfs SOURCE MOUNTPOINT -o OPTS` into `mount MOUNTPOINT ...`.
+
+    An fstab line `kacheryfs /mnt/kachery fuse.kacheryfs config=/etc/kachery.toml,allow_other 0 0`
+    reaches us this way on `mount /mnt/kachery`.
+    """
+    _source, mountpoint, *rest = argv
+    out = ["mount", mountpoint]
+    options: list[str] = []
+    while rest:
+        arg = rest.pop(0)
+        if arg == "-o" and rest:
+            options += rest.pop(0).split(",")
+        elif arg.startswith("-o"):
+            options += arg[2:].split(",")
+    for option in options:
+        key, eq, value = option.partition("=")
+        if key in _FSTAB_FLAGS and eq:
+            out += [_FSTAB_FLAGS[key], value]
+        elif key == "allow_other":
+            out.append("--allow-other")
+        elif option and key not in _GENERIC_MOUNT_OPTIONS and not key.startswith(("x-", "comment")):
+            out += ["-o", option]
+    return out
+
+
 def _main(argv: Sequence[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        argv = from_fstab(argv)
     p = argparse.ArgumentParser(
         prog="kacheryfs",
         description="Content-addressed storage: serve a store, mount hash URLs as files, manage the cache.",
