@@ -82,7 +82,7 @@ class StorageServer:
 
     async def _receive(self, request: web.Request, alg: str, digest: str, size: int) -> None:
         # Disk writes and digests run off the event loop; at most one chunk is held in memory.
-        with await asyncio.to_thread(self.store.writer, size) as writer:
+        with await asyncio.to_thread(self.store.writer) as writer:
             remaining = size
             while remaining:
                 chunk = await request.content.readexactly(min(CHUNK, remaining))
