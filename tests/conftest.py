@@ -10,6 +10,8 @@ import pytest
 
 from kacheryfs import api
 
+pytest_plugins = ["fixtures_server"]
+
 
 @pytest.fixture(autouse=True)
 def isolated_kachery(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:

@@ -25,7 +25,6 @@ from kacheryfs.errors import (
 from kacheryfs.remote import Channel, HttpChannel
 from kacheryfs.store import LocalStore
 
-pytest_plugins = ["fixtures_server"]
 pytestmark = pytest.mark.timeout(90)
 DATA = os.urandom(3 << 20)
 SHA1 = hashlib.sha1(DATA).hexdigest()
@@ -197,9 +196,11 @@ def test_static_nginx_never_serves_the_config(static_server: NginxProcess) -> No
         assert PUBLIC_PASSWORD not in answer.text
 
 
-def test_check_on_a_static_server_is_unavailable(static_server: NginxProcess) -> None:
-    with pytest.raises(ChannelUnavailable, match="/check"):
-        HttpChannel("mirror", static_server.url, "public", None).check("sha1", SHA1)
+def test_check_on_a_static_server_answers_from_head(static_server: NginxProcess, server_dir: Path) -> None:
+    channel = HttpChannel("mirror", static_server.url, "public", None)
+    assert channel.check("sha1", SHA1) is None
+    put_on_server(server_dir, DATA)
+    assert channel.check("sha1", SHA1) == len(DATA)
 
 
 def test_server_behind_a_path_prefix(server: ServerProcess, tmp_path: Path, local: LocalStore, data_file: Path) -> None:

@@ -22,7 +22,6 @@ from kacheryfs.server.channels import Quota, load_channels
 from kacheryfs.server.quotas import QuotaLedger
 from kacheryfs.store import LocalStore
 
-pytest_plugins = ["fixtures_server"]
 pytestmark = pytest.mark.timeout(60)
 DATA = b"0123456789" * 1000
 SHA1 = hashlib.sha1(DATA).hexdigest()

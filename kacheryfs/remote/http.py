@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,8 +56,8 @@ class HttpChannel:
     """A channel on a kacheryfs server (or, for reads, any static server with its layout).
 
     `timeout` bounds the time spent without progress: connecting, waiting for an answer
-    and retrying. A transfer that keeps delivering bytes is not cut off. Not thread-safe:
-    give each thread its own instance.
+    and retrying. A transfer that keeps delivering bytes is not cut off. Safe to share
+    between threads: each thread gets its own connection pool.
     """
 
     def __init__(
@@ -68,7 +69,14 @@ class HttpChannel:
         self.timeout = timeout
         self.retries = retries
         self._password = password
-        self._session = requests.Session()
+        self._local = threading.local()  # one keep-alive Session per thread: Session is not thread-safe
+
+    @property
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        return session
 
     def __repr__(self) -> str:
         return f"HttpChannel({self.name!r}, {self.url!r}, channel={self.channel!r})"
@@ -77,13 +85,24 @@ class HttpChannel:
         digest = check_hash(alg, digest)
         with self._request("GET", "check", alg, digest) as response:
             if response.status_code == 404:
-                raise ChannelUnavailable(f"{self._where('check')} has no /check endpoint (a static read-only channel?)")
+                return self._head_size(alg, digest)  # no /check: a static mirror
             self._raise_for(response)
             try:
                 answer = response.json()
                 return int(answer["size"]) if answer["found"] else None
             except (ValueError, KeyError, TypeError) as err:
                 raise ChannelUnavailable(f"{self._where('check')} gave an answer that is not kacheryfs JSON") from err
+
+    def _head_size(self, alg: str, digest: str) -> int | None:
+        """The size of a blob from `HEAD /get`, as any static web server answers it."""
+        with self._request("HEAD", "get", alg, digest, headers=_IDENTITY) as response:
+            if response.status_code == 404:
+                return None
+            self._raise_for(response)
+            try:
+                return int(response.headers["Content-Length"])
+            except (KeyError, ValueError) as err:
+                raise ChannelUnavailable(f"{self._where('get')} gave no size for {alg}://{digest}") from err
 
     def fetch(
         self,
