@@ -1,0 +1,146 @@
+"""Sharing through a channel with the Python API and the CLI: upload, fetch on another machine."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from fixtures_server import PASSWORD, ServerProcess, free_port, quota, write_config
+
+import kacheryfs as ka
+from kacheryfs import api
+from kacheryfs.remote import HttpChannel
+from kacheryfs.store import LocalStore
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def channels_config(*channels: tuple[str, str], fr: list[str], to: str | None = None) -> str:
+    text = f"fr = {json.dumps(fr)}\n" + (f'to = "{to}"\n' if to else "")
+    for name, url in channels:
+        text += f'[channels.{name}]\nurl = "{url}"\nchannel = "lab"\npassword = "{PASSWORD}"\n'
+    return text
+
+
+@pytest.fixture
+def lab(server: ServerProcess, config_file: Path) -> ServerProcess:
+    config_file.write_text(channels_config(("lab", server.url), fr=["lab"]))
+    return server
+
+
+def on_other_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str = "machine-b") -> Path:
+    """Point the store at a fresh directory, as if on another computer."""
+    storage = tmp_path / name
+    monkeypatch.setenv("KACHERY_STORAGE_DIR", str(storage))
+    api._resolvers.clear()
+    return storage
+
+
+def on_server(server: ServerProcess, sha1: str) -> int | None:
+    return HttpChannel("lab", server.url, "lab", PASSWORD).check("sha1", sha1)
+
+
+def test_store_with_to_uploads_and_another_machine_loads(lab, tmp_path, monkeypatch):
+    url = ka.store_text("shared text", to="lab")
+    assert on_server(lab, hashlib.sha1(b"shared text").hexdigest()) == 11
+    on_other_machine(tmp_path, monkeypatch)
+    assert ka.load_text(url) == "shared text"
+
+
+def test_store_dir_with_to_uploads_every_file_and_the_manifest(lab, tmp_path, monkeypatch):
+    src = tmp_path / "ds"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("a")
+    (src / "sub" / "b.txt").write_text("b")
+    url = ka.store_dir(src, to="lab")
+    on_other_machine(tmp_path, monkeypatch)
+    ka.load_dir(url, tmp_path / "copy")
+    assert (tmp_path / "copy" / "sub" / "b.txt").read_text() == "b"
+
+
+def test_local_only_with_empty_fr(lab, tmp_path, monkeypatch):
+    url = ka.store_text("not local", to="lab")
+    on_other_machine(tmp_path, monkeypatch)
+    with pytest.raises(ka.NotFound):
+        ka.load_text(url, fr="")
+
+
+def test_a_dead_channel_is_skipped_for_the_next_one(server, config_file, tmp_path, monkeypatch):
+    dead = f"http://127.0.0.1:{free_port()}"
+    config_file.write_text(channels_config(("dead", dead), ("lab", server.url), fr=["dead", "lab"], to="lab"))
+    url = ka.store_text("second channel")
+    on_other_machine(tmp_path, monkeypatch)
+    assert ka.load_text(url) == "second channel"
+
+
+def test_range_of_a_remote_file_is_fetched_without_storing_it(lab, tmp_path, monkeypatch):
+    data = os.urandom(2 << 20)
+    url = ka.store_bytes(data, to="lab")
+    storage = on_other_machine(tmp_path, monkeypatch)
+    assert ka.load_bytes(url, 10, 20) == data[10:20]
+    assert not LocalStore(storage).has("sha1", hashlib.sha1(data).hexdigest())
+
+
+def test_prefetch_a_snapshot_then_read_it_with_the_server_gone(lab, tmp_path, monkeypatch):
+    src = tmp_path / "ds"
+    src.mkdir()
+    for i in range(20):
+        (src / f"f{i}.bin").write_bytes(os.urandom(10_000 + i))
+    url = ka.store_dir(src, to="lab")
+    on_other_machine(tmp_path, monkeypatch)
+    result = ka.prefetch(url, jobs=4)
+    assert result.fetched == 20 and not result.failed
+    again = ka.prefetch(url)
+    assert (again.fetched, again.present) == (0, 21)  # resumable: nothing is fetched twice
+    lab.stop()
+    for i in range(20):
+        assert ka.load_bytes(f"{url}/f{i}.bin") == (src / f"f{i}.bin").read_bytes()
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=120, env=os.environ.copy())
+
+
+def test_cli_store_to_then_load_info_cat_ls_with_fr(lab, tmp_path, monkeypatch):
+    src = tmp_path / "ds"
+    src.mkdir()
+    (src / "x.txt").write_text("0123456789")
+    stored = run("kachery-store", str(src / "x.txt"), str(src), "--to", "lab")
+    assert stored.returncode == 0, stored.stderr
+    file_url, dir_url = stored.stdout.split()
+    on_other_machine(tmp_path, monkeypatch)
+    info = json.loads(run("kachery-info", file_url, "--fr", "lab").stdout)
+    assert info["found_in"] == "lab" and info["size"] == 10 and info["path"] is None
+    assert run("kachery-cat", file_url, "--fr", "lab", "--start", "2", "--end", "5").stdout == "234"
+    assert run("kachery-ls", dir_url, "--fr", "lab").stdout.split() == ["x.txt"]
+    path = run("kachery-load", f"{dir_url}/x.txt", "--fr", "lab").stdout.strip()
+    assert Path(path).read_text() == "0123456789"
+    assert json.loads(run("kachery-info", file_url).stdout)["found_in"] == "local"
+
+
+def test_one_gib_round_trip_is_checked_by_hash(server_dir, config_file, tmp_path, monkeypatch):
+    write_config(server_dir, [{"name": "lab", "password": PASSWORD, "downloadQuotas": [quota(max_file_size=2 << 30)],
+                               "uploadQuotas": [quota(max_file_size=2 << 30)]}])  # fmt: skip
+    lab = ServerProcess(server_dir)
+    try:
+        config_file.write_text(channels_config(("lab", lab.url), fr=["lab"]))
+        big = tmp_path / "big.bin"
+        sha1 = hashlib.sha1()
+        with open(big, "wb") as f:
+            for _ in range(1024):
+                chunk = os.urandom(1 << 20)
+                sha1.update(chunk)
+                f.write(chunk)
+        url = ka.store_file(big, to="lab")
+        assert url.split("/")[2] == sha1.hexdigest()
+        big.unlink()
+        on_other_machine(tmp_path, monkeypatch)
+        path = ka.load_file(url)
+        assert ka.get_file_info(url)["sha1"] == sha1.hexdigest()
+        assert os.path.getsize(path) == 1 << 30
+    finally:
+        lab.stop()
