@@ -222,18 +222,26 @@ class Resolver:
         raise ChannelUnavailable("; ".join(str(e) for e in errors))
 
     def find(self, alg: str, digest: str) -> tuple[str, int] | None:
-        """(where, size) of a blob without downloading it: 'local' or a channel name."""
+        """(where, size) of a blob without downloading it: 'local' or a channel name.
+
+        None when every channel answered "not found"; ChannelUnavailable when none has it
+        and some could not be asked (a miss then is not a fact worth remembering).
+        """
         size = self.store.size(alg, digest)
         if size is not None:
             return "local", size
+        failures = []
         for channel in self.channels:
             try:
                 size = channel.check(alg, digest)
             except (ChannelUnavailable, AuthError) as err:
                 log.warning("channel %s: %s", channel.name, err)
+                failures.append(f"{channel.name}: {err}")
                 continue
             if size is not None:
                 return channel.name, size
+        if failures:
+            raise ChannelUnavailable(f"cannot tell where {alg}://{digest} is: {'; '.join(failures)}")
         return None
 
 
