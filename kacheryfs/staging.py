@@ -21,6 +21,7 @@ import os
 import shutil
 import stat
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ RECORD_XATTR = "user.kacheryfs.ingested"  # on the backing file: what it was ing
 URL_XATTR = "user.kachery.url"
 _PUBLIC_XATTRS = ("user.kachery.url", "user.kachery.sha1", "user.kachery.size", "user.kachery.uploaded")
 _COW_SUFFIX = ".kacheryfs-cow"
+_UTIME_NOW, _UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 
 
 @dataclass
@@ -63,6 +65,20 @@ class StagingArea:
         self._handles: dict[int, OpenFile] = {}
         self._writers: dict[int, int] = {}  # inode → open writable handles
         self._lock = threading.Lock()
+
+    def owns(self, fh: int) -> bool:
+        """True for a handle this area opened."""
+        return fh in self._handles
+
+    def status(self) -> dict[str, object]:
+        """The staging dir and its upload queue, for `kacheryfs status`."""
+        queue = self.uploads.pending() if self.uploads is not None else []
+        return {
+            "dir": str(self.root),
+            "open_for_write": sum(self._writers.values()),
+            "uploads_pending": len(queue),
+            "uploads_failing": [f"{q['sha1']}: {q['error']}" for q in queue if q.get("error")][:10],
+        }
 
     # -- paths -----------------------------------------------------------------------
     def real(self, rel: str) -> str:
@@ -126,16 +142,19 @@ class StagingArea:
                 handle.in_order = False
         return written
 
-    def truncate(self, rel: str, length: int, fh: int | None = None) -> None:
-        if fh is not None and fh in self._handles:
-            handle = self._handles[fh]
-            os.ftruncate(fh, length)
-            handle.dirty = True
-            _forget_record(fh)
-            if handle.hasher is None or length != handle.hasher.size:
-                handle.in_order = length == 0 and handle.hasher is None
-            return
+    def truncate(self, rel: str, length: int) -> None:
+        """truncate(2) or ftruncate(2): the FUSE high-level API passes only the path."""
         path = self.real(rel)
+        ino = os.lstat(path).st_ino
+        open_handles = [h for h in list(self._handles.values()) if h.writable and os.fstat(h.fd).st_ino == ino]
+        if open_handles:
+            os.truncate(path, length)  # already unshared when opened; ingested at the next close
+            for handle in open_handles:
+                handle.dirty = True
+                if handle.hasher is None or handle.hasher.size != length:
+                    handle.in_order = length == 0 and handle.hasher is None
+            _forget_record(path)
+            return
         self._unshare(path, truncate=length == 0)
         os.truncate(path, length)
         self._ingest(rel, path)
@@ -192,11 +211,20 @@ class StagingArea:
     def chmod(self, rel: str, mode: int) -> None:
         os.chmod(self.real(rel), mode & 0o7777)
 
+    def chown(self, rel: str, uid: int, gid: int) -> None:
+        os.chown(self.real(rel), uid, gid, follow_symlinks=False)
+
     def utimens(self, rel: str, times_ns: tuple[int, int] | None) -> None:
         path = self.real(rel)
         record = _read_record(path)
-        os.utime(path, ns=times_ns, follow_symlinks=False) if times_ns else os.utime(path, follow_symlinks=False)
-        if record is not None:  # the content did not change: keep the record valid
+        st = os.lstat(path)
+        now = time.time_ns()
+        atime, mtime = times_ns if times_ns is not None else (_UTIME_NOW, _UTIME_NOW)
+        # libfuse passes `touch`'s "now" and "leave alone" as their special nanosecond values
+        atime = now if atime == _UTIME_NOW else st.st_atime_ns if atime == _UTIME_OMIT else atime
+        mtime = now if mtime == _UTIME_NOW else st.st_mtime_ns if mtime == _UTIME_OMIT else mtime
+        os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+        if record is not None and _valid_digests(record, st) is not None:  # same bytes: keep the record valid
             _write_record(path, Digests(record["size"], record["sha1"], record.get("md5")))
 
     def symlink(self, target: str, rel: str) -> None:
@@ -321,7 +349,11 @@ def _read_record(target: str | int) -> dict | None:
 def _valid_record(path: str, st: os.stat_result) -> Digests | None:
     """The recorded digests, if the file has not changed since they were recorded."""
     record = _read_record(path)
-    if record is None or record.get("size") != st.st_size or record.get("mtime_ns") != st.st_mtime_ns:
+    return None if record is None else _valid_digests(record, st)
+
+
+def _valid_digests(record: dict, st: os.stat_result) -> Digests | None:
+    if record.get("size") != st.st_size or record.get("mtime_ns") != st.st_mtime_ns:
         return None
     return Digests(record["size"], record["sha1"], record.get("md5"))
 
@@ -332,7 +364,7 @@ def _write_record(target: str | int, digests: Digests) -> None:
     os.setxattr(target, RECORD_XATTR, json.dumps(record).encode())
 
 
-def _forget_record(fd: int) -> None:
+def _forget_record(fd: int | str) -> None:
     try:
         os.removexattr(fd, RECORD_XATTR)
     except OSError as err:

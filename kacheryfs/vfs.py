@@ -28,14 +28,15 @@ from typing import TypeVar
 from kacheryfs.errors import ChannelUnavailable, InvalidURL, IsADirectory, NotFound
 from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.resolver import Resolver
+from kacheryfs.staging import StagingArea
 from kacheryfs.uri import HEX_LENGTH, KacheryURL, file_url, is_hash
 
 T = TypeVar("T")
 
 BLOB_VIEWS = ("sha1", "md5")  # /<alg>/<hash>[.<ext>]
 SNAPSHOT_VIEW = "sha1dir"  # /sha1dir/<hash>[.<label>]/<sub/path>
-# The top-level names. Staging (a writable view) will join them here.
-TOP_LEVEL = (*BLOB_VIEWS, SNAPSHOT_VIEW)
+STAGING_VIEW = "staging"  # /staging/...: writable; files become blobs when closed
+TOP_LEVEL = (*BLOB_VIEWS, SNAPSHOT_VIEW)  # the read-only views
 
 XATTR_PREFIX = "user.kachery."
 STATUS_XATTR = XATTR_PREFIX + "status"  # on the mount root: the daemon's counters as JSON
@@ -118,23 +119,33 @@ def parse_snapshot_name(name: str, subpath: str = "") -> KacheryURL:
 
 
 class FileSystemView:
-    """The read-only hash views over one Resolver (local store plus channels)."""
+    """The read-only hash views over one Resolver (local store plus channels), and the
+    writable staging area when there is one (`staged()` says which paths are its)."""
 
-    def __init__(self, resolver: Resolver, *, fetch_timeout: float = 30.0) -> None:
+    def __init__(self, resolver: Resolver, *, fetch_timeout: float = 30.0, staging: StagingArea | None = None) -> None:
         self.resolver = resolver
         self.fetch_timeout = fetch_timeout
+        self.staging = staging
+        self.top_level = TOP_LEVEL + ((STAGING_VIEW,) if staging is not None else ())
         self._started = time.time()
         self._open_fds: set[int] = set()  # set.add/discard are atomic: no lock on the read path
         self.recent_errors: collections.deque[str] = collections.deque(maxlen=_RECENT_ERRORS)
 
     # -- what is at a path -----------------------------------------------------------
+    def staged(self, path: str) -> str | None:
+        """The path inside the staging area ('' for its root), or None outside it."""
+        parts = split_path(path)
+        if self.staging is None or not parts or parts[0] != STAGING_VIEW:
+            return None
+        return "/".join(parts[1:])
+
     def stat(self, path: str) -> FileInfo:
-        """The FileInfo at `path`; NotFound (or InvalidURL for a malformed name) otherwise."""
+        """The FileInfo at `path` in a hash view; NotFound (or InvalidURL for a malformed name) otherwise."""
         parts = split_path(path)
         if len(parts) <= 1:
             if not parts or parts[0] in TOP_LEVEL:
                 return _ROOT
-            raise NotFound(f"no {parts[0]!r} at the top of the mount (there are {', '.join(TOP_LEVEL)})")
+            raise NotFound(f"no {parts[0]!r} at the top of the mount (there are {', '.join(self.top_level)})")
         view, name, rest = parts[0], parts[1], parts[2:]
         if view in BLOB_VIEWS:
             if rest:
@@ -146,13 +157,13 @@ class FileSystemView:
             if isinstance(found, FileEntry):
                 return _entry_info(found, rest[-1])
             return _dir_info(url, found)
-        raise NotFound(f"no {view!r} at the top of the mount (there are {', '.join(TOP_LEVEL)})")
+        raise NotFound(f"no {view!r} at the top of the mount (there are {', '.join(self.top_level)})")
 
     def readdir(self, path: str) -> list[tuple[str, FileInfo]]:
         """The entries of a directory with their FileInfo (the view directories list nothing)."""
         parts = split_path(path)
         if not parts:
-            return [(name, _ROOT) for name in TOP_LEVEL]
+            return [(name, _ROOT) for name in TOP_LEVEL]  # the adapter adds staging with its real attributes
         if len(parts) == 1 and parts[0] in TOP_LEVEL:
             return []  # lookup-only, so `find` and `updatedb` never crawl a store
         info = self.stat(path)
@@ -174,6 +185,9 @@ class FileSystemView:
         return fd
 
     def release(self, fd: int) -> None:
+        if self.staging is not None and self.staging.owns(fd):
+            self.staging.release(fd)
+            return
         self._open_fds.discard(fd)
         os.close(fd)
 
@@ -181,12 +195,18 @@ class FileSystemView:
         """One `user.kachery.*` attribute; NotFound when this path does not have it."""
         if name == STATUS_XATTR and not split_path(path):
             return json.dumps(self.status()).encode()
+        rel = self.staged(path)
+        if rel is not None:
+            return self.staging.getxattr(rel, name)  # type: ignore[union-attr]
         try:
             return self.stat(path).xattrs()[name]
         except KeyError:
             raise NotFound(f"{path} has no attribute {name}") from None
 
     def listxattr(self, path: str) -> list[str]:
+        rel = self.staged(path)
+        if rel is not None:
+            return self.staging.listxattr(rel)  # type: ignore[union-attr]
         names = list(self.stat(path).xattrs())
         return names + [STATUS_XATTR] if not split_path(path) else names
 
@@ -210,6 +230,7 @@ class FileSystemView:
             "fetch_timeout_s": self.fetch_timeout,
             **self.resolver.stats.as_dict(),
             "recent_errors": list(self.recent_errors),
+            "staging": self.staging.status() if self.staging is not None else None,
         }
 
     # -- store and channel access, bounded ---------------------------------------------

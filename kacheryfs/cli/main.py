@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "mount": ("mount_cmd", "mount hash URLs as read-only files (sha1/, md5/, sha1dir/)"),
     "umount": ("umount_cmd", "unmount a kacheryfs mount (also a stale one)"),
     "status": ("status_cmd", "show what a mount's daemon is doing: cache, hits, fetches, errors"),
+    "url": ("url_cmd", "print the hash URL of files or directories under a mount (e.g. in staging/)"),
     "prefetch": ("prefetch_cmd", "fetch files or whole snapshots into the local store, in parallel"),
     "pin": ("pin_cmd", "keep blobs (or whole snapshots) from eviction"),
     "unpin": ("pin_cmd", "undo pin"),

@@ -25,6 +25,9 @@ from pathlib import Path
 from kacheryfs.config import Config
 from kacheryfs.errors import MountError
 from kacheryfs.resolver import Resolver
+from kacheryfs.staging import StagingArea
+from kacheryfs.store import LocalStore
+from kacheryfs.upload_queue import UploadQueue
 from kacheryfs.vfs import STATUS_XATTR, FileSystemView
 
 log = logging.getLogger(__name__)
@@ -145,7 +148,9 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
     tune_malloc()
     from kacheryfs.mount.fuse_ops import FUSE, MAX_READ, KacheryOperations
 
-    view = FileSystemView(Resolver.from_config(config), fetch_timeout=config.fetch_timeout)
+    resolver = Resolver.from_config(config)
+    staging, uploads = open_staging(config, resolver.store)
+    view = FileSystemView(resolver, fetch_timeout=config.fetch_timeout, staging=staging)
     before_dev = os.stat(mountpoint).st_dev
     mounted = threading.Event()
 
@@ -165,8 +170,7 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
     fuse_options: dict[str, object] = {
         "fsname": "kacheryfs",
         "subtype": "kacheryfs",
-        "ro": True,
-        "default_permissions": True,  # the kernel checks the 0444/0555 modes
+        "default_permissions": True,  # the kernel checks modes: 0444/0555 on the hash views
         "max_read": MAX_READ,
         "max_threads": 64,  # opens that wait for a download must not starve lookups of cached files
         "max_idle_threads": 16,  # explicit, else libfuse 3.14 logs "Ignoring invalid max threads value"
@@ -186,7 +190,32 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
             return
         hint = " (allow_other needs user_allow_other in /etc/fuse.conf)" if config.allow_other else ""
         raise MountError(f"libfuse could not mount {mountpoint} (code {err}){hint}; see the messages above") from err
+    finally:
+        if uploads is not None:
+            uploads.stop()
+        resolver.store.cache.flush_access()
     log.info("unmounted %s", mountpoint)
+
+
+def open_staging(config: Config, store: LocalStore) -> tuple[StagingArea, UploadQueue | None]:
+    """The staging area (with its upload queue when [staging] to names a channel).
+
+    Whatever a crash left unfinished is ingested before the mount answers.
+    """
+    uploads = None
+    if config.staging_to:
+        target = config.channel(config.staging_to)
+        from kacheryfs.remote import HttpChannel
+
+        uploads = UploadQueue(store, lambda: HttpChannel(
+            target.name, target.url, target.channel, target.password, timeout=config.channel_timeout))  # fmt: skip
+    staging = StagingArea(config.staging_dir or store.root / "staging", store, uploads)
+    recovered = staging.recover()
+    if recovered:
+        log.info("ingested %d staged files left unfinished by the last run", recovered)
+    if uploads is not None:
+        uploads.start()
+    return staging, uploads
 
 
 def start(argv: Sequence[str], mountpoint: Path, log_file: Path, timeout: float = START_TIMEOUT) -> int:

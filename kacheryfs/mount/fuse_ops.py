@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 import mfusepy
 
 from kacheryfs.errors import InvalidURL, KacheryError, NotFound
-from kacheryfs.vfs import FileInfo, FileSystemView
+from kacheryfs.staging import StagingArea
+from kacheryfs.vfs import STAGING_VIEW, FileInfo, FileSystemView
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +117,37 @@ class KacheryOperations(mfusepy.Operations):
         if self._on_init is not None:
             self._on_init()
 
+    def _staging(self, path: str) -> tuple[StagingArea, str]:
+        """The staging area and the path inside it; EROFS for the content-addressed views."""
+        rel = self.view.staged(path)
+        if rel is None:
+            raise mfusepy.FuseOSError(errno.EROFS)  # content-addressed files cannot change
+        return self.view.staging, rel  # type: ignore[return-value]
+
     @_translated
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
+        rel = self.view.staged(path)
+        if rel is not None:
+            return _stat_attrs(self.view.staging.stat(rel))  # type: ignore[union-attr]
         return self.attrs(self.view.stat(path))
 
     @_translated
     def readdir(self, path: str, fh: int) -> list[Any]:
         entries: list[Any] = [".", ".."]
+        rel = self.view.staged(path)
+        if rel is not None:
+            return entries + [(name, _stat_attrs(st), 0) for name, st in self.view.staging.readdir(rel)]  # type: ignore[union-attr]
         entries += [(name, self.attrs(info), 0) for name, info in self.view.readdir(path)]
+        if path == "/" and self.view.staging is not None:
+            entries.append((STAGING_VIEW, _stat_attrs(self.view.staging.stat("")), 0))
         return entries
 
     @_translated
     def open(self, path: str, fi: Any) -> int:
+        rel = self.view.staged(path)
+        if rel is not None:
+            fi.fh = self.view.staging.open(rel, fi.flags)  # type: ignore[union-attr]
+            return 0  # no keep_cache: staged files change
         if fi.flags & os.O_ACCMODE != os.O_RDONLY:
             raise mfusepy.FuseOSError(errno.EROFS)  # content-addressed files cannot change
         fi.fh = self.view.open(path)
@@ -136,12 +156,107 @@ class KacheryOperations(mfusepy.Operations):
 
     @_translated
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
-        return os.pread(fi.fh, size, offset)
+        return os.pread(fi.fh, size, offset)  # a blob's or a staged file's own descriptor
 
     @_translated
     def release(self, path: str, fi: Any) -> int:
         self.view.release(fi.fh)
         return 0
+
+    # -- the staging area: everything a program does to ordinary files --------------------
+    @_translated
+    def create(self, path: str, mode: int, fi: Any) -> int:
+        area, rel = self._staging(path)
+        fi.fh = area.create(rel, fi.flags, mode)
+        return 0
+
+    @_translated
+    def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
+        return self._staging(path)[0].write(fi.fh, data, offset)
+
+    @_translated
+    def truncate(self, path: str, length: int, fh: Any = None) -> int:
+        area, rel = self._staging(path)
+        area.truncate(rel, length)
+        return 0
+
+    @_translated
+    def flush(self, path: str, fi: Any) -> int:
+        if self.view.staging is not None and self.view.staging.owns(fi.fh):
+            self.view.staging.flush(fi.fh)  # ingest now: the URL is ready when close() returns
+        return 0
+
+    @_translated
+    def fsync(self, path: str, datasync: int, fi: Any) -> int:
+        if self.view.staging is not None and self.view.staging.owns(fi.fh):
+            self.view.staging.fsync(fi.fh, bool(datasync))
+        return 0
+
+    @_translated
+    def unlink(self, path: str) -> int:
+        area, rel = self._staging(path)
+        area.unlink(rel)
+        return 0
+
+    @_translated
+    def mkdir(self, path: str, mode: int) -> int:
+        area, rel = self._staging(path)
+        area.mkdir(rel, mode)
+        return 0
+
+    @_translated
+    def rmdir(self, path: str) -> int:
+        area, rel = self._staging(path)
+        area.rmdir(rel)
+        return 0
+
+    @_translated
+    def rename(self, old: str, new: str) -> int:
+        area, old_rel = self._staging(old)
+        new_rel = self.view.staged(new)
+        if new_rel is None:
+            raise mfusepy.FuseOSError(errno.EXDEV)  # out of staging: tools then copy and delete
+        area.rename(old_rel, new_rel)
+        return 0
+
+    @_translated
+    def chmod(self, path: str, mode: int) -> int:
+        area, rel = self._staging(path)
+        area.chmod(rel, mode)
+        return 0
+
+    @_translated
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        area, rel = self._staging(path)
+        area.chown(rel, uid, gid)
+        return 0
+
+    @_translated
+    def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
+        area, rel = self._staging(path)
+        area.utimens(rel, times)
+        return 0
+
+    @_translated
+    def symlink(self, target: str, source: str) -> int:
+        area, rel = self._staging(target)
+        area.symlink(source, rel)
+        return 0
+
+    @_translated
+    def readlink(self, path: str) -> str:
+        area, rel = self._staging(path)
+        return area.readlink(rel)
+
+    @_translated
+    def link(self, target: str, source: str) -> int:
+        # A hard link would be a second name for bytes that become a blob: EPERM, as on
+        # filesystems without hard links, so tools fall back to copying.
+        raise mfusepy.FuseOSError(errno.EPERM)
+
+    @_translated
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        raise mfusepy.FuseOSError(errno.EPERM)  # device files and fifos cannot become blobs
 
     @_translated
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
@@ -157,7 +272,21 @@ class KacheryOperations(mfusepy.Operations):
 
     @_translated
     def statfs(self, path: str) -> dict[str, int]:
-        return {"f_bsize": BLOCK_SIZE, "f_frsize": BLOCK_SIZE, "f_namemax": 255}
+        # The space of the disk that holds the store (and staging), so `df` and `cp` see it.
+        st = os.statvfs(self.view.staging.root if self.view.staging else self.view.resolver.store.root)
+        return {
+            "f_bsize": BLOCK_SIZE, "f_frsize": st.f_frsize, "f_blocks": st.f_blocks, "f_bfree": st.f_bfree,
+            "f_bavail": st.f_bavail, "f_files": st.f_files, "f_ffree": st.f_ffree, "f_namemax": 255,
+        }  # fmt: skip
+
+
+def _stat_attrs(st: os.stat_result) -> dict[str, int]:
+    """The stat fields of a staged file, as its backing file has them."""
+    return {
+        "st_mode": st.st_mode, "st_nlink": 1 if stat.S_ISREG(st.st_mode) else st.st_nlink, "st_size": st.st_size,
+        "st_blocks": st.st_blocks, "st_blksize": BLOCK_SIZE, "st_uid": st.st_uid, "st_gid": st.st_gid,
+        "st_atime": st.st_atime_ns, "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns,
+    }  # fmt: skip
 
 
 class FUSE(mfusepy.FUSE):

@@ -1,0 +1,25 @@
+"""Print the hash URL of files or directories under a kacheryfs mount (e.g. in staging/).
+
+A staged file has its URL once it is closed; a staging directory's URL is that of its
+current contents, stored on demand.
+
+examples:
+  cp -r ds001 /mnt/kachery/staging/ && kacheryfs url /mnt/kachery/staging/ds001
+  kacheryfs url /mnt/kachery/staging/*.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from kacheryfs.mount.paths import url_of
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="PATH")
+
+
+def run(args: argparse.Namespace) -> int:
+    for path in args.paths:
+        print(url_of(path), flush=True)
+    return 0
