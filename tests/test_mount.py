@@ -62,7 +62,7 @@ def test_find_lists_the_snapshot_but_never_crawls_the_store(snap: Path, tree: Pa
     found = {line[len(str(snap)) + 1 :] for line in sh("find", snap).splitlines() if line != str(snap)}
     assert found == {str(p.relative_to(tree)) for p in tree.rglob("*")}
     top = sh("find", sample[0].mountpoint).split()
-    assert sorted(top) == sorted(str(sample[0].mountpoint / n) for n in ("", "sha1", "md5", "sha1dir"))
+    assert sorted(top) == sorted(str(sample[0].mountpoint / n) for n in ("", "sha1", "md5", "sha1dir", "staging"))
 
 
 def test_du_apparent_size_matches_the_original(snap: Path, tree: Path) -> None:
@@ -151,7 +151,7 @@ def test_url_of_a_snapshot_file_and_directory(snap: Path, sample) -> None:
 
 def test_view_directories_list_nothing(sample) -> None:
     mnt = sample[0].mountpoint
-    assert sorted(os.listdir(mnt)) == ["md5", "sha1", "sha1dir"]
+    assert sorted(os.listdir(mnt)) == ["md5", "sha1", "sha1dir", "staging"]
     assert os.listdir(mnt / "sha1") == [] and os.listdir(mnt / "sha1dir") == []
 
 
@@ -180,7 +180,7 @@ def test_an_invalid_manifest_is_eio_logged_and_the_daemon_lives(sample) -> None:
     assert err.value.errno == errno.EIO
     assert "invalid name" in mount.log_text()
     assert mount.status()["recent_errors"]
-    assert sorted(os.listdir(mount.mountpoint)) == ["md5", "sha1", "sha1dir"]
+    assert sorted(os.listdir(mount.mountpoint)) == ["md5", "sha1", "sha1dir", "staging"]
 
 
 def test_unknown_attributes_are_enodata(snap: Path) -> None:
@@ -253,7 +253,7 @@ def test_kill_9_leaves_a_stale_mount_that_umount_clears(tmp_path: Path) -> None:
         mount.unmount()
         assert not is_mounted(mount.mountpoint)
     with mounted_at(tmp_path, storage) as again:
-        assert sorted(os.listdir(again.mountpoint)) == ["md5", "sha1", "sha1dir"]
+        assert sorted(os.listdir(again.mountpoint)) == ["md5", "sha1", "sha1dir", "staging"]
 
 
 def _stale(mountpoint: Path) -> bool:
