@@ -20,7 +20,7 @@ from typing import Any
 from kacheryfs import manifest
 from kacheryfs import prefetch as prefetch_mod
 from kacheryfs.config import Config, load_config
-from kacheryfs.errors import ChannelUnavailable, ConfigError, InvalidURL, NotFound
+from kacheryfs.errors import ChannelUnavailable, ConfigError, NotFound
 from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.resolver import BlobRef, Resolver
 from kacheryfs.store import LocalStore
@@ -342,19 +342,9 @@ def get_file_info(url: str, *, fr: Names = None) -> dict[str, Any]:
     info[ref.alg] = ref.digest
     if where == "local":
         path = res.store.blob_path(ref.alg, ref.digest)
-        info["path"] = str(path)
-        info.update(_sibling_digests(res.store, path, ref))
+        digests = res.store.digests(ref.alg, ref.digest)
+        info.update(path=str(path), sha1=digests.sha1, md5=digests.md5)
     return info
-
-
-def _sibling_digests(store: LocalStore, path: Path, ref: BlobRef) -> dict[str, str]:
-    """Both digests of a local blob (hashed again: the store keeps no reverse index)."""
-    from kacheryfs.hashing import hash_file
-
-    digests = hash_file(path)
-    if digests.get(ref.alg) != ref.digest:
-        raise InvalidURL(f"local blob {path} does not match its name; run `kacheryfs fsck --repair`")
-    return {"sha1": digests.sha1, "md5": digests.md5 or ""}
 
 
 def parse(url: str) -> KacheryURL:

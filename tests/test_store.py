@@ -160,3 +160,14 @@ def test_disk_full_is_store_full_and_leaves_no_partial_blob(tmp_path, tiny_fs):
         store.put_file(src)
     assert list((tiny_fs / "s" / "tmp").iterdir()) == []
     assert not (tiny_fs / "s" / "sha1").exists()
+
+
+def test_digests_come_from_the_note_or_from_hashing_an_old_blob(tmp_path):
+    store = LocalStore(tmp_path)
+    d = store.put_bytes(b"noted")
+    assert store.digests("sha1", d.sha1) == d
+    old = hashlib.sha1(b"old kachery").hexdigest()
+    blob = tmp_path / "sha1" / old[0:2] / old[2:4] / old[4:6] / old
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"old kachery")
+    assert store.digests("sha1", old).md5 == hashlib.md5(b"old kachery").hexdigest()

@@ -12,6 +12,7 @@ import ctypes
 import errno
 import fcntl
 import io
+import json
 import os
 import secrets
 import shutil
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from kacheryfs.config import Config
 
 TEMP_DIR = "tmp"
+DIGESTS_XATTR = "user.kacheryfs.digests"
 TEMP_SUFFIX = ".part"
 
 
@@ -113,6 +115,7 @@ class BlobWriter:
             if expect_hash is not None and got != expect_hash.lower():
                 raise HashMismatch(f"expected {expect_alg}:{expect_hash}, got {got}")
             os.fchmod(self.fd, 0o444)
+            _record_digests(self.fd, digests)
             os.fsync(self.fd)
             self.store._link_into_place(self.path, digests)
         except OSError as err:
@@ -179,6 +182,18 @@ class LocalStore:
             return None
         except OSError as err:
             raise _io_error(err, f"reading {alg}:{digest}") from err
+
+    def digests(self, alg: str, digest: str) -> Digests:
+        """Size, sha1 and md5 of a stored blob: from the note written when it was stored,
+        else by hashing it (blobs stored by older kachery versions carry no note)."""
+        path = self.blob_path(alg, digest)
+        try:
+            note = json.loads(os.getxattr(path, DIGESTS_XATTR))
+            return Digests(note["size"], note["sha1"], note["md5"])
+        except FileNotFoundError as err:
+            raise NotFound(f"{alg}://{digest} is not in the local store {self.root}") from err
+        except (OSError, ValueError, KeyError, TypeError):
+            return hash_file(path)
 
     def has(self, alg: str, digest: str) -> bool:
         return self.size(alg, digest) is not None
@@ -347,6 +362,13 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     """Start writing these pages to disk now, so the final fsync has little left to wait for."""
     if hasattr(_libc, "sync_file_range"):
         _libc.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(length), _SYNC_FILE_RANGE_WRITE)
+
+
+def _record_digests(fd: int, digests: Digests) -> None:
+    """Note both digests on the blob itself, so `kachery-info` need not hash it again."""
+    note = json.dumps({"size": digests.size, "sha1": digests.sha1, "md5": digests.md5})
+    with suppress(OSError):  # a filesystem without user xattrs: the digests get recomputed when asked
+        os.setxattr(fd, DIGESTS_XATTR, note.encode())
 
 
 def _fsync_dir(path: Path) -> None:
