@@ -278,6 +278,11 @@ class LocalStore:
         sharing before it writes again).
         """
         if self._try_hard_link(Path(path), digests):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _record_digests(fd, digests)
+            finally:
+                os.close(fd)
             return
         with open(path, "rb", buffering=0) as src, self.writer() as w:
             w.copy_file(src.fileno())
