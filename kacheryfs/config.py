@@ -55,6 +55,7 @@ class Config:
     staging_to: str | None = None
     cache_max_size: int | None = None
     min_free_space: int = 0
+    track_access: bool = True
     config_file: Path | None = None
 
     def channel(self, name: str) -> ChannelConfig:
@@ -120,7 +121,10 @@ _SECTIONS: dict[str, dict[str, Any]] = {
         "attr_timeout": float, "negative_timeout": float, "fetch_timeout": float, "readahead_kb": int,
     },
     "staging": {"dir": ("staging_dir", Path), "to": ("staging_to", str)},
-    "cache": {"max_size": ("cache_max_size", parse_size), "min_free_space": ("min_free_space", parse_size)},
+    "cache": {
+        "max_size": ("cache_max_size", parse_size), "min_free_space": ("min_free_space", parse_size),
+        "track_access": ("track_access", bool),
+    },
 }  # fmt: skip
 
 

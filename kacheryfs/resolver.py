@@ -133,6 +133,7 @@ class Resolver:
         path = self.store.blob_path(alg, digest)
         if path.exists():
             self.stats.hits += 1
+            self.store.cache.note_access(path)
             return path
         key = (alg, digest)
         with self._lock:

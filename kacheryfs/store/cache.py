@@ -37,6 +37,7 @@ class CacheLimits:
 
     max_size: int | None = None
     min_free_space: int = 0
+    track_access: bool = True  # off only to measure what recency tracking costs
 
     @property
     def bounded(self) -> bool:
@@ -71,24 +72,26 @@ class Cache:
         self.pins_dir = root / PINS_DIR
         self._lock = threading.Lock()
         self._touched: set[Path] = set()
-        self._last_flush = time.monotonic()
         self._usage: int | None = None
         self._usage_at = 0.0
 
     # -- recency -------------------------------------------------------------------
     def note_access(self, path: Path) -> None:
-        """Remember that a blob was used; atimes are written in batches."""
+        """Remember that a blob was used; atimes are written in batches, at most _FLUSH_EVERY late."""
+        if not self.limits.track_access:
+            return
         with self._lock:
+            first = not self._touched
             self._touched.add(path)
-            due = time.monotonic() - self._last_flush > _FLUSH_EVERY
-        if due:
-            self.flush_access()
+        if first:
+            timer = threading.Timer(_FLUSH_EVERY, self.flush_access)
+            timer.daemon = True
+            timer.start()
 
     def flush_access(self) -> None:
         """Write the remembered accesses as atimes now."""
         with self._lock:
             touched, self._touched = self._touched, set()
-            self._last_flush = time.monotonic()
         now = time.time_ns()
         for path in touched:
             with suppress(OSError):

@@ -164,7 +164,10 @@ class LocalStore:
     @classmethod
     def from_config(cls, config: Config) -> LocalStore:
         """The store the configuration names, with its cache bounds."""
-        return cls(config.storage_dir, limits=CacheLimits(config.cache_max_size, config.min_free_space))
+        return cls(
+            config.storage_dir,
+            limits=CacheLimits(config.cache_max_size, config.min_free_space, config.track_access),
+        )
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
