@@ -111,6 +111,12 @@ class QuotaExceeded(KacheryError):
     exit_code = 8
 
 
+class ChannelBusy(QuotaExceeded):
+    """All of a channel's simultaneous transfers are in use: a retry shortly will do."""
+
+    retry_after = 1  # seconds, sent as Retry-After
+
+
 class TooLarge(QuotaExceeded):
     """The file is larger than any quota of the channel allows."""
 

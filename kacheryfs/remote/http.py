@@ -178,11 +178,13 @@ class HttpChannel:
         url = f"{self.url}/{endpoint}/{alg}/{digest}"
         deadline = time.monotonic() + self.timeout if deadline is None else deadline
         reason = f"no progress for {self.timeout:g} s"
-        for attempt in range(self.retries + 1):
+        failures = 0  # a busy channel (429 with Retry-After) is waited for until the deadline, not counted
+        while failures <= self.retries:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             query = auth.signed_query(self.channel, self._password, _OPERATIONS[endpoint], alg, digest)
+            busy = False
             try:
                 response = self._session.request(
                     method,
@@ -196,11 +198,16 @@ class HttpChannel:
             except requests.RequestException as err:
                 reason = _reason(err)
             else:
-                if response.status_code < 500 or response.status_code == 507:
+                busy = response.status_code == 429 and "Retry-After" in response.headers
+                if not busy and (response.status_code < 500 or response.status_code == 507):
                     return response
                 reason = f"HTTP {response.status_code} {_error_text(response)}"
                 response.close()
-            delay = _BACKOFF * 2**attempt * random.uniform(0.5, 1.5)
+            if busy:  # every simultaneous transfer of the channel is in use: soon there is room
+                delay = _retry_after(response) * random.uniform(0.1, 0.5)
+            else:
+                delay = _BACKOFF * 2**failures * random.uniform(0.5, 1.5)
+                failures += 1
             if time.monotonic() + delay >= deadline:
                 break
             time.sleep(delay)
@@ -247,6 +254,13 @@ class _FileBody:
         if chunk and self._progress is not None:
             self._progress(len(chunk))
         return chunk
+
+
+def _retry_after(response: requests.Response) -> float:
+    try:
+        return max(0.1, float(response.headers["Retry-After"]))
+    except ValueError:
+        return 1.0
 
 
 def _error_text(response: requests.Response) -> str:

@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from kacheryfs import auth
-from kacheryfs.errors import AuthError, ConfigError, KacheryError, NotFound
+from kacheryfs.errors import AuthError, ChannelBusy, ConfigError, KacheryError, NotFound
 from kacheryfs.hashing import CHUNK
 from kacheryfs.server.channels import ServerChannel, load_channels
 from kacheryfs.server.quotas import QuotaLedger
@@ -140,6 +140,8 @@ async def _errors_and_log(request: web.Request, handler: Handler) -> web.StreamR
             response = await handler(request)
         except KacheryError as err:
             response = web.json_response({"error": str(err)}, status=err.http_status)
+            if isinstance(err, ChannelBusy):
+                response.headers["Retry-After"] = str(err.retry_after)
         except web.HTTPException as err:
             response = web.json_response({"error": err.reason}, status=err.status)
         except (ConnectionError, asyncio.IncompleteReadError):

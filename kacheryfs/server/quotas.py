@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from kacheryfs.errors import QuotaExceeded
+from kacheryfs.errors import ChannelBusy, QuotaExceeded
 from kacheryfs.server.channels import Quota
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class QuotaLedger:
         key = f"{channel}/{direction}/{quota.name}"
         what = f"{direction} quota {quota.name!r} of channel {channel!r}"
         if self._active.get(key, 0) >= quota.max_simultaneous:
-            raise QuotaExceeded(f"{what}: {quota.max_simultaneous} transfers already running; try again shortly")
+            raise ChannelBusy(f"{what}: {quota.max_simultaneous} transfers already running; try again shortly")
         self._roll_day()
         counts = self._daily.setdefault(key, {"files": 0, "bytes": 0})
         if counts["files"] + 1 > quota.max_files_per_day:
