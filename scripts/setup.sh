@@ -17,7 +17,9 @@ fi
 
 PY=${PYTHON:-python3}
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "setup: kacheryfs needs Python >= 3.11" >&2; exit 1; }
-if ! "$PY" -c 'import kacheryfs, mfusepy, aiohttp, requests, pytest, hypothesis' >/dev/null 2>&1 \
+# Reinstall when the installed kacheryfs is not this checkout (e.g. a fresh clone in CI).
+if ! "$PY" -c 'import os, sys, kacheryfs, mfusepy, aiohttp, requests, pytest, hypothesis
+sys.exit(os.path.dirname(kacheryfs.__file__) != os.path.abspath("kacheryfs"))' >/dev/null 2>&1 \
    || ! command -v kachery-store >/dev/null; then
   echo "setup: installing the kacheryfs Python package and its dependencies" >&2
   "$PY" -m pip install -q --disable-pip-version-check -e ".[test]"

@@ -10,7 +10,7 @@ import pytest
 
 from kacheryfs import api
 
-pytest_plugins = ["fixtures_server"]
+pytest_plugins = ["fixtures_server", "fixtures_mount"]
 
 
 @pytest.fixture(autouse=True)

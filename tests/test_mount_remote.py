@@ -20,8 +20,6 @@ from fixtures_server import PASSWORD, ServerProcess
 
 from kacheryfs.store import LocalStore
 
-pytest_plugins = ["fixtures_server"]  # server_dir, server, silent_server
-
 
 def channel_config(url: str, *, fetch_timeout: float = 10.0, channel_timeout: float = 5.0) -> str:
     return f"""
