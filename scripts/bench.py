@@ -494,6 +494,8 @@ class Bench:
         self.section_stack = contextlib.ExitStack()
         self._shared: dict[str, Any] = {}
         self.empty_config = self.config("empty", None)
+        self.mount_config = self.workdir / "config-mount.toml"  # keeps the daemon's log in the temp dir
+        self.mount_config.write_text(f'[mount]\nlog_file = "{workdir / "mount-daemon.log"}"\n')
 
     # paths and environments
     def fresh_dir(self, name: str) -> Path:
@@ -559,11 +561,15 @@ class Bench:
         storage = self.fresh_dir("client-store")
         return storage, self.store(self.big_file, storage), self.store(self.small_tree, storage)
 
+    def once(self, key: str, build: Callable[[], Any]) -> Any:
+        """`build()`, called once per section (data or processes several comparisons share)."""
+        if key not in self._shared:
+            self._shared[key] = build()
+        return self._shared[key]
+
     def shared(self, key: str, factory: Callable[[], contextlib.AbstractContextManager[Any]]) -> Any:
         """A server (or other process) started once per section and stopped at its end."""
-        if key not in self._shared:
-            self._shared[key] = self.section_stack.enter_context(factory())
-        return self._shared[key]
+        return self.once(key, lambda: self.section_stack.enter_context(factory()))
 
     def end_section(self) -> None:
         self._shared.clear()
@@ -641,18 +647,19 @@ def server_data(b: Bench) -> ServerData:
     """A server directory holding the big file and 1,000 blobs of 64 KiB."""
 
     def build() -> ServerData:
-        from kacheryfs.store import LocalStore
-
         root = b.fresh_dir("server-root")
-        store = LocalStore(root)
-        store.put_file(b.big_file)
-        small = [store.put_bytes(os.urandom(64 << 10)).sha1 for _ in range(1000)]
+        small_dir = b.fresh_dir("server-small")
+        small = []
+        for i in range(1000):
+            data = os.urandom(64 << 10)
+            (small_dir / f"s{i:04d}.bin").write_bytes(data)
+            small.append(hashlib.sha1(data).hexdigest())
+        b.store(b.big_file, root)
+        run([tool("kachery-store"), *sorted(small_dir.iterdir())], env=b.env(root))
         return ServerData(root, digests(b.big_file)[0], small)
 
-    if "server-data" not in b._shared:
-        need_module("kacheryfs.server.app")
-        b._shared["server-data"] = build()
-    return b._shared["server-data"]
+    need_module("kacheryfs.server.app")
+    return b.once("server-data", build)
 
 
 def our_server(b: Bench) -> Server:
@@ -746,15 +753,16 @@ def server_upload_big(b: Bench) -> Iterable[Measurement]:
 
     def reference() -> float:
         prepare()
-        # `Expect:` off: curl would otherwise wait for a 100-continue before sending
-        seconds = timed(["curl", "-sSf", "-H", "Expect:", "--data-binary", f"@{src}", server.set_url(sha1)])
+        # -T streams the file (--data-binary @file reads it into memory, at most 1 GiB);
+        # `Expect:` off, or curl waits for a 100-continue before sending
+        seconds = timed(["curl", "-sSf", "-X", "POST", "-H", "Expect:", "-T", src, server.set_url(sha1)])
         ref_rss.append(server.peak_rss_mb())
         return seconds
 
     ours_s, ref_s = b.pair(ours, reference)
     if not blob_path(data.root, "sha1", sha1).exists():
         raise CommandFailed("the upload did not leave the blob on the server")
-    yield Measurement(f"kachery-store --to {size_label(b.size)} vs curl --data-binary POST (cold)", "s",
+    yield Measurement(f"kachery-store --to {size_label(b.size)} vs curl -T POST (cold)", "s",
                       ours_s, ref_s, Target("<=", 1.3), nbytes=b.size)  # fmt: skip
     rss_target = Target("<", 150, "value")
     yield Measurement("server peak RSS during that upload", "MB", max(ours_rss), max(ref_rss), rss_target)
@@ -773,12 +781,12 @@ def mount_big_reads(b: Bench) -> Iterable[Measurement]:
 
     for _ in range(b.repeats):
         drop_file_cache(blob)
-        with mounted(b, storage, b.empty_config, probe) as m:
+        with mounted(b, storage, b.mount_config, probe) as m:
             rows["start"].append(m.start_ms)
             rows["cold"].append(mbps(stopwatch(lambda m=m: read_file(m.path / probe))))
         drop_file_cache(blob)
         rows["cold_n"].append(mbps(stopwatch(lambda: read_file(blob))))
-        with mounted(b, storage, b.empty_config, probe) as m:  # a new mount: empty FUSE page cache
+        with mounted(b, storage, b.mount_config, probe) as m:  # a new mount: empty FUSE page cache
             rows["backing"].append(mbps(stopwatch(lambda m=m: read_file(m.path / probe))))
             rows["reread"].append(mbps(stopwatch(lambda m=m: read_file(m.path / probe))))
         rows["warm_n"].append(mbps(stopwatch(lambda: read_file(blob))))
@@ -807,7 +815,7 @@ def mount_tree(b: Bench) -> Iterable[Measurement]:
     t: dict[str, list[float]] = {k: [] for k in ("ls1", "ls1_n", "ls2", "ls2_n", "rd1", "rd1_n", "rd2", "rd2_n")}
     for _ in range(b.repeats):
         for kind in ("ls", "rd"):
-            with mounted(b, storage, b.empty_config, probe) as m:
+            with mounted(b, storage, b.mount_config, probe) as m:
                 snap = _snapshot_dir(m.path, dir_url)
                 drop_all_caches()
                 if kind == "ls":
@@ -840,7 +848,7 @@ def mount_tree(b: Bench) -> Iterable[Measurement]:
 def staging_mount(b: Bench) -> Iterator[Path]:
     """A fresh store mounted; its staging/ directory (Unavailable when the mount has none)."""
     storage = b.fresh_dir("staging-store")
-    with mounted(b, storage, b.empty_config, "sha1") as m:
+    with mounted(b, storage, b.mount_config, "sha1") as m:
         staging = m.path / "staging"
         if not staging.is_dir():
             raise Unavailable("the mount has no staging/ directory")
@@ -935,15 +943,11 @@ def ops_prefetch(b: Bench) -> Iterable[Measurement]:
 
 def ops_fsck(b: Bench) -> Iterable[Measurement]:
     need_subcommand("fsck")
-    from kacheryfs.store import LocalStore
-
     storage = b.fresh_dir("fsck-store")
-    store = LocalStore(storage)
-    for _ in range(4):  # 4 × --size-gib
-        with store.writer(b.size) as w:
-            for pos in range(0, b.size, CHUNK):
-                w.write(os.urandom(min(CHUNK, b.size - pos)))
-            w.commit()
+    for i in range(4):  # 4 × --size-gib
+        src = random_file(b.workdir / f"fsck-{i}.bin", b.size)
+        b.store(src, storage)
+        src.unlink()
     blobs = storage / "sha1"  # md5/ holds hard links to the same blobs: hash each once
 
     def ours() -> float:
