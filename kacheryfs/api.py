@@ -156,14 +156,14 @@ def _upload(cfg: Config, store: LocalStore, alg: str, digest: str, size: int) ->
     from kacheryfs.remote import HttpChannel
 
     channel = HttpChannel(target.name, target.url, target.channel, target.password, timeout=cfg.channel_timeout)
-    with _progress(size, f"upload {digest[:10]}… to {target.name}") as progress:
+    with progress_bar(size, f"upload {digest[:10]}… to {target.name}") as progress:
         channel.upload(alg, digest, store.blob_path(alg, digest), size, progress=progress)
 
 
 @contextlib.contextmanager
-def _progress(total: int, desc: str) -> Iterator[Callable[[int], None] | None]:
-    """A tqdm progress callback on a terminal for transfers over 4 MB; None otherwise."""
-    if total < 4_000_000 or not sys.stderr.isatty():
+def progress_bar(total: int | None, desc: str) -> Iterator[Callable[[int], None] | None]:
+    """A tqdm progress callback on a terminal for transfers over 4 MB (or of unknown size); None otherwise."""
+    if (total is not None and total < 4_000_000) or not sys.stderr.isatty():
         yield None
         return
     from tqdm import tqdm
@@ -176,7 +176,7 @@ def _progress(total: int, desc: str) -> Iterator[Callable[[int], None] | None]:
 def _local_path(url: str, fr: Names) -> Path:
     res = resolver(fr)
     ref = res.blob_ref(url)
-    return res.ensure(ref.alg, ref.digest, ref.size)
+    return res.ensure(ref.alg, ref.digest, ref.size, progress=progress_bar)
 
 
 def load_file(url: str, dest: str | os.PathLike[str] | None = None, *, fr: Names = None) -> str:
@@ -204,7 +204,7 @@ def load_bytes(url: str, start: int | None = None, end: int | None = None, *, fr
     res = resolver(fr)
     ref = res.blob_ref(url)
     if start is None and end is None:
-        return res.ensure(ref.alg, ref.digest, ref.size).read_bytes()
+        return res.ensure(ref.alg, ref.digest, ref.size, progress=progress_bar).read_bytes()
     size = ref.size if ref.size is not None else _find_size(res, ref)
     lo, hi = check_range(start, end, size)
     return res.read_range(ref.alg, ref.digest, lo, hi)
@@ -291,7 +291,7 @@ def prefetch(*urls: str, fr: Names = None, jobs: int = 8) -> prefetch_mod.Prefet
 
 def _fetch_with_progress(res: Resolver, refs: list[BlobRef], jobs: int) -> prefetch_mod.PrefetchResult:
     total_bytes = sum(r.size or 0 for r in refs)
-    with _progress_bar(len(refs), total_bytes) as progress:
+    with _files_progress_bar(len(refs), total_bytes) as progress:
         result, _paths = prefetch_mod.fetch_all(res, refs, jobs, progress)
     if result.failed:
         shown = "\n  ".join(result.failed[:20])
@@ -300,7 +300,7 @@ def _fetch_with_progress(res: Resolver, refs: list[BlobRef], jobs: int) -> prefe
 
 
 @contextlib.contextmanager
-def _progress_bar(files: int, total_bytes: int) -> Iterator[Callable[[int, int], None] | None]:
+def _files_progress_bar(files: int, total_bytes: int) -> Iterator[Callable[[int, int], None] | None]:
     """Files, bytes, rate and ETA on a terminal; nothing when stderr is not a tty."""
     if not sys.stderr.isatty() or files < 2:
         yield None

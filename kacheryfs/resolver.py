@@ -7,12 +7,14 @@ the same blob share one download. Manifests are parsed once and kept (they are i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+ProgressBar = Callable[[int | None, str], AbstractContextManager[Callable[[int], None] | None]]
 _MANIFEST_CACHE = 256
 _ENOSPC_FREE = 64 << 20  # bytes to free when a fetch hits a full disk of unknown need
 
@@ -128,8 +131,11 @@ class Resolver:
         return node
 
     # -- blobs ---------------------------------------------------------------------
-    def ensure(self, alg: str, digest: str, size: int | None = None) -> Path:
-        """The local path of a blob, fetched from the channels first if needed."""
+    def ensure(self, alg: str, digest: str, size: int | None = None, progress: ProgressBar | None = None) -> Path:
+        """The local path of a blob, fetched from the channels first if needed.
+
+        `progress(size, description)` may give a context yielding a callback for bytes received.
+        """
         path = self.store.blob_path(alg, digest)
         if path.exists():
             self.stats.hits += 1
@@ -148,13 +154,13 @@ class Resolver:
         self.stats.fetches_in_progress += 1
         try:
             try:
-                result = self._fetch(alg, digest, size)
+                result = self._fetch(alg, digest, size, progress)
             except StoreFull:
                 # the disk filled up below the cache bounds: make room once and try again
                 freed, _ = self.store.cache.evict(free_at_least=max(size or 0, _ENOSPC_FREE))
                 if not freed:
                     raise
-                result = self._fetch(alg, digest, size)
+                result = self._fetch(alg, digest, size, progress)
             future.set_result(result)
             return result
         except BaseException as err:
@@ -166,16 +172,17 @@ class Resolver:
             with self._lock:
                 del self._inflight[key]
 
-    def _fetch(self, alg: str, digest: str, size: int | None) -> Path:
+    def _fetch(self, alg: str, digest: str, size: int | None, progress: ProgressBar | None) -> Path:
         if not self.channels:
             raise NotFound(f"{alg}://{digest} is not in the local store {self.store.root} and no channel is configured")
         failures: list[str] = []
         all_not_found = True
         for channel in self.channels:
             started = time.monotonic()
-            with self.store.writer() as writer:
+            bar = progress(size, f"{digest[:10]}… from {channel.name}") if progress else contextlib.nullcontext()
+            with self.store.writer() as writer, bar as received:
                 try:
-                    channel.fetch(alg, digest, writer, expected_size=size)
+                    channel.fetch(alg, digest, writer, expected_size=size, progress=received)
                     digests = writer.commit(expect_alg=alg, expect_hash=digest, expect_size=size)
                 except NotFound:
                     failures.append(f"{channel.name}: not found")

@@ -74,7 +74,7 @@ def _cat(argv: Sequence[str] | None) -> int:
     out = sys.stdout.buffer
     out.flush()
     if args.start is None and args.end is None:
-        path = res.ensure(ref.alg, ref.digest, ref.size)
+        path = res.ensure(ref.alg, ref.digest, ref.size, progress=api.progress_bar)
         with open(path, "rb") as f:
             _copy_to_stdout(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         return 0
