@@ -4,9 +4,14 @@ Files live in a backing directory on disk (write-through), so nothing dropped th
 lost if the daemon dies. Writes that arrive in order are hashed as they arrive, so a close
 costs almost nothing; anything else is hashed at close. A closed file is ingested by hard
 link (the staged file and the blob share their bytes) and remembered in an extended
-attribute of the backing file; before the first write to an ingested file the sharing is
-broken (copy-on-write), so a stored blob never changes. On start, `recover()` ingests
-whatever a crash left unfinished.
+attribute of the backing file. Before the first change to a file whose bytes are a blob's,
+the sharing is broken (copy-on-write) and every handle open on it is moved to the copy, so
+a stored blob never changes. On start, `recover()` ingests whatever a crash left unfinished.
+
+Two rules keep a blob from ever holding other bytes than its hash says, whatever the
+threads do: a file is linked into the store only while no handle has unsaved changes to it
+(`OpenFile.dirty`), and a hash is used only if nothing changed the file while it was taken
+(`_Hashing.stale`). Both are checked under one lock, the lock every change starts under.
 
 It knows nothing of FUSE: paths are relative to the staging root, errors are OSError or
 kacheryfs errors; `kacheryfs.mount.fuse_ops` translates.
@@ -14,19 +19,21 @@ kacheryfs errors; `kacheryfs.mount.fuse_ops` translates.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import logging
 import os
-import shutil
 import stat
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Collection
+from contextlib import suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kacheryfs import manifest
-from kacheryfs.errors import NotFound
+from kacheryfs.errors import KacheryError, NotFound
 from kacheryfs.hashing import Digests, Hasher, hash_file
 from kacheryfs.manifest import FileEntry
 from kacheryfs.store import LocalStore
@@ -39,19 +46,42 @@ RECORD_XATTR = "user.kacheryfs.ingested"  # on the backing file: what it was ing
 URL_XATTR = "user.kachery.url"
 _PUBLIC_XATTRS = ("user.kachery.url", "user.kachery.sha1", "user.kachery.size", "user.kachery.uploaded")
 _COW_SUFFIX = ".kacheryfs-cow"
+_FUSE_HIDDEN = ".fuse_hidden"  # libfuse renames a file removed while open to this, and removes it on release
 _UTIME_NOW, _UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
+_REOPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_TRUNC  # flags that must not act again when a handle moves
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
 
-@dataclass
+def _fd_path(fd: int) -> str:
+    """A path that opens or links the very file behind `fd`, whatever its name is now."""
+    return f"/proc/self/fd/{fd}"
+
+
+@dataclass(eq=False)
+class _Hashing:
+    """A hash of one inode's bytes under way; `stale` once they may have changed under it."""
+
+    ino: int
+    stale: bool = False
+
+
+@dataclass(eq=False)
 class OpenFile:
     """One open handle on a staged file, and the running hash of what was written in order."""
 
     fd: int
-    rel: str
-    writable: bool
-    hasher: Hasher | None = None
-    in_order: bool = True  # every write so far continued where the hash left off
-    dirty: bool = False
+    rel: str  # kept current across renames
+    flags: int
+    ino: int
+    opener: int | None = None  # the process that opened it, whose closes ingest
+    dirty: bool = False  # changed since opened or since its last flush: the file has no URL now
+    hasher: Hasher | None = None  # every write so far continued where it left off
+    hashing: _Hashing | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)  # orders this handle's writes and flush
+
+    @property
+    def writable(self) -> bool:
+        return self.flags & os.O_ACCMODE != os.O_RDONLY
 
 
 class StagingArea:
@@ -63,7 +93,8 @@ class StagingArea:
         self.store = store
         self.uploads = uploads
         self._handles: dict[int, OpenFile] = {}
-        self._writers: dict[int, int] = {}  # inode → open writable handles
+        self._hashing: dict[int, set[_Hashing]] = {}  # inode → hashes of it under way
+        # Guards the two dicts, every start of a change and every link into the store.
         self._lock = threading.Lock()
 
     def owns(self, fh: int) -> bool:
@@ -73,9 +104,11 @@ class StagingArea:
     def status(self) -> dict[str, object]:
         """The staging dir and its upload queue, for `kacheryfs status`."""
         queue = self.uploads.pending() if self.uploads is not None else []
+        with self._lock:
+            changing = sum(1 for h in self._handles.values() if h.dirty)
         return {
             "dir": str(self.root),
-            "open_for_write": sum(self._writers.values()),
+            "open_for_write": changing,
             "uploads_pending": len(queue),
             "uploads_failing": [f"{q['sha1']}: {q['error']}" for q in queue if q.get("error")][:10],
         }
@@ -89,39 +122,47 @@ class StagingArea:
         return os.path.join(self.root, *parts)
 
     def stat(self, rel: str) -> os.stat_result:
-        return os.lstat(self.real(rel))
+        try:
+            return os.lstat(self.real(rel))
+        except FileNotFoundError:
+            # A name about to be created is looked up first: ordinary, not an error to report.
+            raise NotFound(f"no staged file {rel!r}") from None
 
     def readdir(self, rel: str) -> list[tuple[str, os.stat_result]]:
         out = []
         with os.scandir(self.real(rel)) as entries:
             for entry in entries:
                 if not entry.name.endswith(_COW_SUFFIX):
-                    out.append((entry.name, entry.stat(follow_symlinks=False)))
+                    with suppress(FileNotFoundError):  # removed while listed
+                        out.append((entry.name, entry.stat(follow_symlinks=False)))
         return out
 
     # -- files -------------------------------------------------------------------------
-    def create(self, rel: str, flags: int, mode: int) -> int:
-        fd = os.open(self.real(rel), flags | os.O_CREAT | os.O_CLOEXEC, mode & 0o7777)
-        return self._track(fd, rel, flags)
-
-    def open(self, rel: str, flags: int) -> int:
+    def create(self, rel: str, flags: int, mode: int, opener: int | None = None) -> int:
         path = self.real(rel)
-        writable = flags & os.O_ACCMODE != os.O_RDONLY
-        if writable:
-            self._unshare(path, truncate=bool(flags & os.O_TRUNC))
-        fd = os.open(path, flags | os.O_CLOEXEC)
-        return self._track(fd, rel, flags)
+        with self._lock:
+            with suppress(FileNotFoundError):
+                self._break_sharing(path, os.lstat(path), truncate=bool(flags & os.O_TRUNC))
+            fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, mode & 0o7777)
+            return self._track(fd, rel, flags, opener, changed=True)
 
-    def _track(self, fd: int, rel: str, flags: int) -> int:
-        writable = flags & os.O_ACCMODE != os.O_RDONLY
-        handle = OpenFile(fd, rel, writable)
-        if writable:
-            st = os.fstat(fd)
-            # hash in order from byte 0: possible only when the file starts empty
-            handle.in_order = st.st_size == 0 and not flags & os.O_APPEND
+    def open(self, rel: str, flags: int, opener: int | None = None) -> int:
+        path = self.real(rel)
+        if flags & os.O_ACCMODE == os.O_RDONLY or not flags & os.O_TRUNC:
+            # Nothing changes yet: a write-only open of a blob's file is unshared at its first write.
+            fd = os.open(path, flags | os.O_CLOEXEC)
             with self._lock:
-                self._writers[st.st_ino] = self._writers.get(st.st_ino, 0) + 1
+                return self._track(fd, rel, flags, opener, changed=False)
+        with self._lock:  # O_TRUNC changes the bytes at once
+            self._break_sharing(path, os.lstat(path), truncate=True)
+            fd = os.open(path, flags | os.O_CLOEXEC)
+            return self._track(fd, rel, flags, opener, changed=True)
+
+    def _track(self, fd: int, rel: str, flags: int, opener: int | None, *, changed: bool) -> int:
+        handle = OpenFile(fd, rel, flags, os.fstat(fd).st_ino, opener)
         self._handles[fd] = handle
+        if changed:
+            self._start_change(handle)
         return fd
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
@@ -129,75 +170,83 @@ class StagingArea:
 
     def write(self, fh: int, data: bytes, offset: int) -> int:
         handle = self._handles[fh]
-        written = os.pwrite(fh, data, offset)
-        if not handle.dirty:
-            handle.dirty = True
-            _forget_record(fh)
-        if handle.in_order:
-            if handle.hasher is None:
-                handle.hasher = Hasher()
-            if offset == handle.hasher.size and written == len(data):
-                handle.hasher.update(data)
-            else:
-                handle.in_order = False
-        return written
+        with handle.lock:
+            if not handle.dirty:
+                with self._lock:
+                    self._break_sharing(self.real(handle.rel), os.fstat(fh), truncate=False)
+                    self._start_change(handle)
+            written = os.pwrite(fh, data, offset)
+            hasher = handle.hasher
+            if hasher is not None:
+                if offset == hasher.size and written == len(data):
+                    hasher.update(data)
+                else:
+                    handle.hasher = None
+                    hasher.finish()  # stop its threads: this file is hashed at close
+            return written
 
     def truncate(self, rel: str, length: int) -> None:
         """truncate(2) or ftruncate(2): the FUSE high-level API passes only the path."""
         path = self.real(rel)
-        ino = os.lstat(path).st_ino
-        open_handles = [h for h in list(self._handles.values()) if h.writable and os.fstat(h.fd).st_ino == ino]
-        if open_handles:
-            os.truncate(path, length)  # already unshared when opened; ingested at the next close
-            for handle in open_handles:
-                handle.dirty = True
-                if handle.hasher is None or handle.hasher.size != length:
-                    handle.in_order = length == 0 and handle.hasher is None
+        with self._lock:
+            self._break_sharing(path, os.lstat(path), truncate=length == 0)
+            os.truncate(path, length)
+            ino = os.lstat(path).st_ino
+            # An in-order hash that already ends at the new length is still right (cp of a
+            # sparse tail, ftruncate to the size written); every other hash of it is not.
+            spare = {h.hashing for h in self._on_inode(ino) if h.hasher is not None and h.hasher.size == length}
+            self._changed(ino, spare=spare)
             _forget_record(path)
-            return
-        self._unshare(path, truncate=length == 0)
-        os.truncate(path, length)
-        self._ingest(rel, path)
+            busy = any(h.dirty for h in self._on_inode(ino))
+        if not busy:  # no writer will close it: ingest now
+            with suppress(NotFound):
+                self._ingest_now(rel)
 
-    def flush(self, fh: int) -> None:
-        """A close(2): ingest what was written, so its URL is ready when close returns."""
+    def flush(self, fh: int, closer: int | None = None) -> None:
+        """A close(2) by process `closer`: ingest what was written, so its URL is ready when close returns.
+
+        Every close of a copy of the descriptor flushes, also the one a forked child makes
+        at exec (O_CLOEXEC): only the opener's closes ingest, or a file still being written
+        would get the URL of half its bytes, and a copy-on-write at each fork. The last
+        close (release) ingests whoever makes it.
+        """
         handle = self._handles.get(fh)
-        if handle is None or not handle.dirty:
+        if handle is None or (closer is not None and handle.opener is not None and closer != handle.opener):
             return
-        digests = None
-        if handle.in_order and handle.hasher is not None and handle.hasher.size == os.fstat(fh).st_size:
-            digests = handle.hasher.finish()
-        elif handle.hasher is not None:
-            handle.hasher.finish()  # stop its threads
-        handle.hasher, handle.in_order, handle.dirty = None, False, False
-        self._ingest(handle.rel, self.real(handle.rel), digests, fd=fh)
+        with handle.lock:
+            if not handle.dirty:
+                return
+            hasher, hashing = handle.hasher, handle.hashing
+            handle.hasher = None
+            digests = hasher.finish() if hasher is not None else None
+            if digests is None or hashing is None or hashing.stale or digests.size != os.fstat(fh).st_size:
+                with self._lock:
+                    self._unwatch(hashing)
+                    hashing = handle.hashing = self._watch(handle.ino)
+                digests = hash_file(_fd_path(fh))
+            self._commit(fh, handle.rel, hashing, digests, handle)
 
     def fsync(self, fh: int, datasync: bool) -> None:
         (os.fdatasync if datasync else os.fsync)(fh)
 
     def release(self, fh: int) -> None:
-        handle = self._handles.pop(fh, None)
+        handle = self._handles.get(fh)
         try:
-            if handle is not None and handle.writable:
-                if handle.dirty:
-                    self._handles[fh] = handle
-                    try:
-                        self.flush(fh)
-                    finally:
-                        del self._handles[fh]
-                ino = os.fstat(fh).st_ino
-                with self._lock:
-                    left = self._writers.get(ino, 1) - 1
-                    if left:
-                        self._writers[ino] = left
-                    else:
-                        self._writers.pop(ino, None)
+            if handle is not None and handle.dirty:
+                self.flush(fh)  # the last close: ingest, also when the opener's closes came before the writes
         finally:
+            with self._lock:
+                self._handles.pop(fh, None)
+                if handle is not None:
+                    self._unwatch(handle.hashing)
+            if handle is not None and handle.hasher is not None:
+                handle.hasher.finish()
             os.close(fh)
 
     # -- names -------------------------------------------------------------------------
     def unlink(self, rel: str) -> None:
-        os.unlink(self.real(rel))
+        with self._lock:  # a name must not change between its check and its link into the store
+            os.unlink(self.real(rel))
 
     def mkdir(self, rel: str, mode: int) -> None:
         os.mkdir(self.real(rel), mode & 0o7777)
@@ -205,8 +254,19 @@ class StagingArea:
     def rmdir(self, rel: str) -> None:
         os.rmdir(self.real(rel))
 
-    def rename(self, old: str, new: str) -> None:
-        os.rename(self.real(old), self.real(new))
+    def rename(self, old: str, new: str, flags: int = 0) -> None:
+        """rename(2) and renameat2(2)'s RENAME_NOREPLACE / RENAME_EXCHANGE (tools rely on both)."""
+        with self._lock:  # with the handles' names, which flush and copy-on-write go by
+            _rename(self.real(old), self.real(new), flags)
+            moves = [(old, new), (new, old)] if flags & RENAME_EXCHANGE else [(old, new)]
+            renamed = {}
+            for handle in self._handles.values():
+                for src, dst in moves:
+                    if handle.rel == src or handle.rel.startswith(src.rstrip("/") + "/"):
+                        renamed[handle] = dst + handle.rel[len(src) :]
+                        break
+            for handle, rel in renamed.items():
+                handle.rel = rel
 
     def chmod(self, rel: str, mode: int) -> None:
         os.chmod(self.real(rel), mode & 0o7777)
@@ -216,19 +276,21 @@ class StagingArea:
 
     def utimens(self, rel: str, times_ns: tuple[int, int] | None) -> None:
         path = self.real(rel)
-        record = _read_record(path)
-        st = os.lstat(path)
         now = time.time_ns()
         atime, mtime = times_ns if times_ns is not None else (_UTIME_NOW, _UTIME_NOW)
-        # libfuse passes `touch`'s "now" and "leave alone" as their special nanosecond values
-        atime = now if atime == _UTIME_NOW else st.st_atime_ns if atime == _UTIME_OMIT else atime
-        mtime = now if mtime == _UTIME_NOW else st.st_mtime_ns if mtime == _UTIME_OMIT else mtime
-        os.utime(path, ns=(atime, mtime), follow_symlinks=False)
-        if record is not None and _valid_digests(record, st) is not None:  # same bytes: keep the record valid
-            _write_record(path, Digests(record["size"], record["sha1"], record.get("md5")))
+        with self._lock:
+            st = os.lstat(path)
+            record = _valid_record(path, st) if stat.S_ISREG(st.st_mode) else None
+            # libfuse passes `touch`'s "now" and "leave alone" as their special nanosecond values
+            atime = now if atime == _UTIME_NOW else st.st_atime_ns if atime == _UTIME_OMIT else atime
+            mtime = now if mtime == _UTIME_NOW else st.st_mtime_ns if mtime == _UTIME_OMIT else mtime
+            os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+            if record is not None and not any(h.dirty for h in self._on_inode(st.st_ino)):
+                _write_record(path, record)  # same bytes, new time: the record stays valid
 
     def symlink(self, target: str, rel: str) -> None:
-        os.symlink(target, self.real(rel))
+        with self._lock:
+            os.symlink(target, self.real(rel))
 
     def readlink(self, rel: str) -> str:
         return os.readlink(self.real(rel))
@@ -259,101 +321,253 @@ class StagingArea:
     def listxattr(self, rel: str) -> list[str]:
         path = self.real(rel)
         st = os.lstat(path)
-        if stat.S_ISREG(st.st_mode) and (self._is_open_for_write(st.st_ino) or _valid_record(path, st) is None):
+        if stat.S_ISREG(st.st_mode) and (self._is_changing(st.st_ino) or _valid_record(path, st) is None):
             return []
         return list(_PUBLIC_XATTRS)
 
     def digests(self, rel: str) -> Digests:
-        """The digests of an ingested file; NotFound while it is open for writing."""
+        """The digests of a staged file (ingested now if needed); NotFound while it is being changed."""
         path = self.real(rel)
         st = os.lstat(path)
-        if self._is_open_for_write(st.st_ino):
+        if stat.S_ISLNK(st.st_mode):
+            return self._link_target_digests(path)
+        if self._is_changing(st.st_ino):
             raise NotFound(f"{rel} is still open for writing: its URL exists once it is closed")
         record = _valid_record(path, st)
-        if record is None:
-            return self._ingest(rel, path)
-        return record
+        return record if record is not None else self._ingest_now(rel)
 
     def dir_url(self, rel: str) -> tuple[KacheryURL, int]:
         """The sha1dir URL of a staging directory's current contents (manifest stored now)."""
         path = Path(self.real(rel))
 
         def entry(file: Path) -> FileEntry:
+            if file.name.endswith(_COW_SUFFIX):
+                raise NotFound(f"{file.parent} is being changed: ask again")
             digests = self.digests(str(file.relative_to(self.root)))
             return FileEntry(digests.size, digests.sha1)
 
         node = manifest.build(path, entry)
         digests = self.store.put_bytes(manifest.serialize(node))
-        self._keep_until_uploaded(digests.sha1)
+        with self._lock:
+            self._keep_until_uploaded(digests.sha1)
         label = path.name if rel.strip("/") else self.root.name
         return KacheryURL("sha1", digests.sha1, True, label), node.total_size()
 
-    def _is_open_for_write(self, ino: int) -> bool:
+    def _link_target_digests(self, path: str) -> Digests:
+        """A symlink in a staged tree counts as its target, as `kachery-store` follows it."""
+        target = os.path.realpath(path)
+        if not os.path.isfile(target):
+            raise NotFound(f"{path} is a symlink to no file")
+        if os.path.commonpath([target, os.path.realpath(self.root)]) == os.path.realpath(self.root):
+            return self.digests(os.path.relpath(target, os.path.realpath(self.root)))
+        digests = self.store.put_file(target)  # outside staging: a copy, never a link to bytes we do not own
         with self._lock:
-            return self._writers.get(ino, 0) > 0
+            self._keep_until_uploaded(digests.sha1)
+        return digests
+
+    def _is_changing(self, ino: int) -> bool:
+        with self._lock:
+            return any(h.dirty for h in self._on_inode(ino))
 
     # -- ingest ------------------------------------------------------------------------
-    def _ingest(self, rel: str, path: str, digests: Digests | None = None, fd: int | None = None) -> Digests:
-        if digests is None:
-            digests = hash_file(path)
-        self.store.link_existing(path, digests)
-        _write_record(fd if fd is not None else path, digests)
-        self._keep_until_uploaded(digests.sha1)
-        log.info("staged %s → sha1://%s (%d bytes)", rel, digests.sha1, digests.size)
-        return digests
+    def _ingest_now(self, rel: str) -> Digests:
+        """Hash a staged file nobody is changing and store it; NotFound if it changed meanwhile."""
+        fd = os.open(self.real(rel), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            with self._lock:
+                ino = os.fstat(fd).st_ino
+                if any(h.dirty for h in self._on_inode(ino)):
+                    raise NotFound(f"{rel} is still open for writing: its URL exists once it is closed")
+                hashing = self._watch(ino)
+            try:
+                digests = hash_file(_fd_path(fd))
+            except BaseException:
+                with self._lock:
+                    self._unwatch(hashing)
+                raise
+            if not self._commit(fd, rel, hashing, digests, None):
+                raise NotFound(f"{rel} changed while it was being hashed: ask again")
+            return digests
+        finally:
+            os.close(fd)
+
+    def _commit(self, fd: int, rel: str, hashing: _Hashing, digests: Digests, handle: OpenFile | None) -> bool:
+        """Store the file behind `fd` (named `rel`) under `digests`, unless it changed since.
+
+        `handle` (a flush) has its changes closed here, whatever happens: a skipped file is
+        ingested by the writer still changing it, or on the next look at its URL.
+        """
+        with self._lock:
+            rel = handle.rel if handle is not None else rel  # renamed while hashed
+            self._unwatch(hashing)
+            if handle is not None:
+                handle.dirty, handle.hashing = False, None
+                self._changed(hashing.ino)  # its writes may lie under another handle's hash
+            if hashing.stale or any(h.dirty for h in self._on_inode(hashing.ino)):
+                log.debug("ingest of inode %d skipped: it changed while being hashed", hashing.ino)
+                return False
+            st, path = os.fstat(fd), self.real(rel)
+            removed = _inode(path) != st.st_ino or os.path.basename(path).startswith(_FUSE_HIDDEN)
+            if removed or st.st_size != digests.size:
+                return False  # removed while open (nothing to keep), or changed outside the mount
+            # Pinned before it is stored and queued after: a crash in between never leaves a
+            # stored blob unpinned, nor a queued one missing; the record (last) makes it final.
+            self.store.cache.pin("sha1", digests.sha1, reason="staging")
+            self.store.link_existing(path, digests)  # by name: names change only under the lock
+            if self.uploads is not None:
+                self.uploads.enqueue(digests.sha1)
+            _write_record(fd, digests)
+        log.info("staged %s → sha1://%s (%d bytes)", handle.rel if handle else "", digests.sha1, digests.size)
+        return True
 
     def _keep_until_uploaded(self, sha1: str) -> None:
         self.store.cache.pin("sha1", sha1, reason="staging")
         if self.uploads is not None:
             self.uploads.enqueue(sha1)
 
-    def _unshare(self, path: str, *, truncate: bool) -> None:
-        """Give `path` its own inode before it is written, if its bytes are also a blob's."""
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
+    # -- with the lock held --------------------------------------------------------------
+    def _on_inode(self, ino: int) -> list[OpenFile]:
+        return [h for h in self._handles.values() if h.ino == ino]
+
+    def _watch(self, ino: int) -> _Hashing:
+        hashing = _Hashing(ino)
+        self._hashing.setdefault(ino, set()).add(hashing)
+        return hashing
+
+    def _unwatch(self, hashing: _Hashing | None) -> None:
+        if hashing is None:
             return
+        watching = self._hashing.get(hashing.ino)
+        if watching is not None:
+            watching.discard(hashing)
+            if not watching:
+                del self._hashing[hashing.ino]
+
+    def _changed(self, ino: int, spare: Collection[_Hashing | None] = ()) -> None:
+        """The bytes of `ino` change now: every hash of them under way is stale."""
+        for hashing in self._hashing.get(ino, ()):
+            if hashing not in spare:
+                hashing.stale = True
+
+    def _start_change(self, handle: OpenFile) -> None:
+        """`handle` is about to change its file (already unshared): drop the URL, start a hash."""
+        self._changed(handle.ino)
+        _forget_record(handle.fd)
+        handle.dirty = True
+        handle.hasher = Hasher()  # in order from byte 0; a write anywhere else drops it
+        handle.hashing = self._watch(handle.ino)
+
+    def _break_sharing(self, path: str, st: os.stat_result, *, truncate: bool) -> None:
+        """Give the file `st` its own inode before it changes, if its bytes are also a blob's.
+
+        The copy takes the file's name (when `path` is still it) and every handle open on
+        the file is moved to the copy, so the blob keeps its bytes whatever is written next.
+        """
         if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
             return
-        tmp = path + _COW_SUFFIX
-        if truncate:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, stat.S_IMODE(st.st_mode))
-            os.close(fd)
-        else:
-            shutil.copy2(path, tmp)
-        os.rename(tmp, path)
+        handles = self._on_inode(st.st_ino)
+        try:
+            named = os.lstat(path).st_ino == st.st_ino
+        except FileNotFoundError:
+            named = False
+        if not named and not handles:
+            return
+        tmp = (path if named else os.path.join(self.root, f".{st.st_ino}")) + _COW_SUFFIX
+        source = path if named else _fd_path(handles[0].fd)
+        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            if not truncate:
+                src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    _copy_bytes(src, dst, st.st_size)
+                finally:
+                    os.close(src)
+            with suppress(PermissionError):
+                os.fchown(dst, st.st_uid, st.st_gid)
+            os.fchmod(dst, stat.S_IMODE(st.st_mode))
+            if named:
+                os.rename(tmp, path)
+            new_ino = os.fstat(dst).st_ino
+            for handle in handles:
+                moved = os.open(_fd_path(dst), (handle.flags & ~_REOPEN_DROP) | os.O_CLOEXEC)
+                os.dup2(moved, handle.fd, inheritable=False)  # the kernel's handle now names the copy
+                os.close(moved)
+                handle.ino = new_ino
+                self._unwatch(handle.hashing)
+                handle.hashing = self._watch(new_ino) if handle.hashing is not None else None
+            if not named:
+                os.unlink(tmp)
+        finally:
+            os.close(dst)
+        log.debug("copy-on-write of %s (%d bytes) before it changes", path, 0 if truncate else st.st_size)
 
+    # -- recovery ----------------------------------------------------------------------
     def recover(self) -> int:
         """Ingest every staged file that a crash left without a valid record; how many."""
         count = 0
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
                 path = os.path.join(dirpath, name)
-                if name.endswith(_COW_SUFFIX):
-                    os.unlink(path)  # a copy-on-write interrupted before its rename: the original is intact
+                if name.endswith(_COW_SUFFIX) or name.startswith(_FUSE_HIDDEN):
+                    # An interrupted copy-on-write (the original is intact), or a file removed
+                    # while open that libfuse did not get to delete.
+                    os.unlink(path)
                     continue
                 st = os.lstat(path)
                 if stat.S_ISREG(st.st_mode) and _valid_record(path, st) is None:
-                    self._ingest(os.path.relpath(path, self.root), path)
+                    try:
+                        self._ingest_now(os.path.relpath(path, self.root))
+                    except (OSError, KacheryError) as err:  # one unreadable file must not stop the mount
+                        log.warning("could not ingest %s left by the last run: %s", path, err)
+                        continue
                     count += 1
         return count
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.lstat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _copy_bytes(src: int, dst: int, size: int) -> None:
+    """Copy `size` bytes between two files, in the kernel where the filesystem allows."""
+    copied = 0
+    try:
+        while copied < size and (n := os.copy_file_range(src, dst, size - copied)):
+            copied += n
+    except OSError as err:
+        if err.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+    while copied < size and (n := os.sendfile(dst, src, copied, size - copied)):
+        copied += n
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _rename(old: str, new: str, flags: int) -> None:
+    if not flags:
+        os.rename(old, new)
+        return
+    at_fdcwd = -100
+    if _libc.renameat2(at_fdcwd, os.fsencode(old), at_fdcwd, os.fsencode(new), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), old, None, new)
 
 
 def _read_record(target: str | int) -> dict | None:
     try:
         return json.loads(os.getxattr(target, RECORD_XATTR))
-    except OSError:
+    except (OSError, ValueError):
         return None
 
 
 def _valid_record(path: str, st: os.stat_result) -> Digests | None:
     """The recorded digests, if the file has not changed since they were recorded."""
     record = _read_record(path)
-    return None if record is None else _valid_digests(record, st)
-
-
-def _valid_digests(record: dict, st: os.stat_result) -> Digests | None:
-    if record.get("size") != st.st_size or record.get("mtime_ns") != st.st_mtime_ns:
+    if record is None or record.get("size") != st.st_size or record.get("mtime_ns") != st.st_mtime_ns:
         return None
     return Digests(record["size"], record["sha1"], record.get("md5"))
 
@@ -364,9 +578,9 @@ def _write_record(target: str | int, digests: Digests) -> None:
     os.setxattr(target, RECORD_XATTR, json.dumps(record).encode())
 
 
-def _forget_record(fd: int | str) -> None:
+def _forget_record(target: int | str) -> None:
     try:
-        os.removexattr(fd, RECORD_XATTR)
+        os.removexattr(target, RECORD_XATTR)
     except OSError as err:
         if err.errno != errno.ENODATA:
             raise
