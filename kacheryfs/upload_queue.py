@@ -102,17 +102,29 @@ class UploadQueue:
     def _upload(self, channel: Channel, sha1: str, attempts: int) -> None:
         path = self.store.blob_path("sha1", sha1)
         try:
-            channel.upload("sha1", sha1, path, path.stat().st_size)
+            size = path.stat().st_size
+        except FileNotFoundError:
+            # Staged and then removed before it was ever stored (a crash between the two):
+            # there is nothing to upload, and retrying would never end.
+            log.warning("sha1://%s left the upload queue: it is no longer in the local store", sha1)
+            self._done(sha1, uploaded=False)
+            return
+        try:
+            channel.upload("sha1", sha1, path, size)
         except (KacheryError, OSError) as err:
             delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempts) * random.uniform(0.5, 1.0)
             log.warning("upload of sha1://%s to %s failed (%s); retrying in %.0f s", sha1, channel.name, err, delay)
             _write_json(self.dir / sha1, {"attempts": attempts + 1, "error": str(err), "next_try": time.time() + delay})
             return
-        (self.dir / DONE_DIR / sha1).touch()
+        self._done(sha1, uploaded=True)
+        log.info("uploaded sha1://%s to %s", sha1, channel.name)
+
+    def _done(self, sha1: str, *, uploaded: bool) -> None:
+        if uploaded:
+            (self.dir / DONE_DIR / sha1).touch()
         with suppress(FileNotFoundError):
             os.unlink(self.dir / sha1)
         self.store.cache.unpin("sha1", sha1, reason="staging")
-        log.info("uploaded sha1://%s to %s", sha1, channel.name)
 
 
 def _read_json(path: Path) -> dict | None:
