@@ -67,6 +67,30 @@ def _translated(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+# What any filesystem answers in ordinary use (mkdir -p, rmdir of a full directory, a lookup
+# before a create): passed on as it is, not logged as a failure nor kept for `kacheryfs status`.
+_ORDINARY_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR,
+                              errno.EACCES, errno.EPERM, errno.EXDEV, errno.ENAMETOOLONG, errno.EINVAL})  # fmt: skip
+
+
+def _staged(method: F) -> F:
+    """`_translated`, with the ordinary refusals of a staging call logged at debug level only."""
+
+    @functools.wraps(method)
+    def wrapper(self: KacheryOperations, path: str, *args: Any) -> Any:
+        try:
+            return method(self, path, *args)
+        except mfusepy.FuseOSError:
+            raise
+        except OSError as err:
+            if err.errno not in _ORDINARY_ERRNOS:
+                raise  # disk full, I/O error: logged and reported by _translated
+            log.debug("%s %s: %s", method.__name__, path, err)
+            raise mfusepy.FuseOSError(err.errno) from err
+
+    return _translated(wrapper)  # type: ignore[return-value]
+
+
 class KacheryOperations(mfusepy.Operations):
     """mfusepy operations over a FileSystemView (mount with `raw_fi=True`)."""
 
@@ -146,7 +170,7 @@ class KacheryOperations(mfusepy.Operations):
     def open(self, path: str, fi: Any) -> int:
         rel = self.view.staged(path)
         if rel is not None:
-            fi.fh = self.view.staging.open(rel, fi.flags)  # type: ignore[union-attr]
+            fi.fh = self.view.staging.open(rel, fi.flags, _caller())  # type: ignore[union-attr]
             return 0  # no keep_cache: staged files change
         if fi.flags & os.O_ACCMODE != os.O_RDONLY:
             raise mfusepy.FuseOSError(errno.EROFS)  # content-addressed files cannot change
@@ -164,97 +188,97 @@ class KacheryOperations(mfusepy.Operations):
         return 0
 
     # -- the staging area: everything a program does to ordinary files --------------------
-    @_translated
+    @_staged
     def create(self, path: str, mode: int, fi: Any) -> int:
         area, rel = self._staging(path)
-        fi.fh = area.create(rel, fi.flags, mode)
+        fi.fh = area.create(rel, fi.flags, mode, _caller())
         return 0
 
-    @_translated
+    @_staged
     def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
         return self._staging(path)[0].write(fi.fh, data, offset)
 
-    @_translated
+    @_staged
     def truncate(self, path: str, length: int, fh: Any = None) -> int:
         area, rel = self._staging(path)
         area.truncate(rel, length)
         return 0
 
-    @_translated
+    @_staged
     def flush(self, path: str, fi: Any) -> int:
         if self.view.staging is not None and self.view.staging.owns(fi.fh):
-            self.view.staging.flush(fi.fh)  # ingest now: the URL is ready when close() returns
+            self.view.staging.flush(fi.fh, _caller())  # ingest now: the URL is ready when close() returns
         return 0
 
-    @_translated
+    @_staged
     def fsync(self, path: str, datasync: int, fi: Any) -> int:
         if self.view.staging is not None and self.view.staging.owns(fi.fh):
             self.view.staging.fsync(fi.fh, bool(datasync))
         return 0
 
-    @_translated
+    @_staged
     def unlink(self, path: str) -> int:
         area, rel = self._staging(path)
         area.unlink(rel)
         return 0
 
-    @_translated
+    @_staged
     def mkdir(self, path: str, mode: int) -> int:
         area, rel = self._staging(path)
         area.mkdir(rel, mode)
         return 0
 
-    @_translated
+    @_staged
     def rmdir(self, path: str) -> int:
         area, rel = self._staging(path)
         area.rmdir(rel)
         return 0
 
-    @_translated
-    def rename(self, old: str, new: str) -> int:
+    @_staged
+    def rename(self, old: str, new: str, flags: int = 0) -> int:
         area, old_rel = self._staging(old)
         new_rel = self.view.staged(new)
         if new_rel is None:
             raise mfusepy.FuseOSError(errno.EXDEV)  # out of staging: tools then copy and delete
-        area.rename(old_rel, new_rel)
+        area.rename(old_rel, new_rel, flags)
         return 0
 
-    @_translated
+    @_staged
     def chmod(self, path: str, mode: int) -> int:
         area, rel = self._staging(path)
         area.chmod(rel, mode)
         return 0
 
-    @_translated
+    @_staged
     def chown(self, path: str, uid: int, gid: int) -> int:
         area, rel = self._staging(path)
         area.chown(rel, uid, gid)
         return 0
 
-    @_translated
+    @_staged
     def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
         area, rel = self._staging(path)
         area.utimens(rel, times)
         return 0
 
-    @_translated
+    @_staged
     def symlink(self, target: str, source: str) -> int:
         area, rel = self._staging(target)
         area.symlink(source, rel)
         return 0
 
-    @_translated
+    @_staged
     def readlink(self, path: str) -> str:
         area, rel = self._staging(path)
         return area.readlink(rel)
 
-    @_translated
+    @_staged
     def link(self, target: str, source: str) -> int:
         # A hard link would be a second name for bytes that become a blob: EPERM, as on
         # filesystems without hard links, so tools fall back to copying.
         raise mfusepy.FuseOSError(errno.EPERM)
 
-    @_translated
+    @_staged
     def mknod(self, path: str, mode: int, dev: int) -> int:
         raise mfusepy.FuseOSError(errno.EPERM)  # device files and fifos cannot become blobs
 
@@ -280,6 +304,19 @@ class KacheryOperations(mfusepy.Operations):
         }  # fmt: skip
 
 
+def _caller() -> int | None:
+    """The process making the current request (the kernel names its thread: map it to its process)."""
+    tid = mfusepy.fuse_get_context()[2]
+    try:
+        with open(f"/proc/{tid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass  # gone already, or from another pid namespace
+    return None
+
+
 def _stat_attrs(st: os.stat_result) -> dict[str, int]:
     """The stat fields of a staged file, as its backing file has them."""
     return {
@@ -295,6 +332,11 @@ class FUSE(mfusepy.FUSE):
     mfusepy sends only the mode with each entry, so `ls -l` then looks every entry up
     again; sending all attributes makes a first `ls -l` of 10,000 files ~4× cheaper.
     """
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        # mfusepy drops renameat2's flags: `mv -n` (RENAME_NOREPLACE) would then overwrite.
+        decode = self.encoding, self.errors
+        return self.operations.rename(old.decode(*decode), new.decode(*decode), flags)
 
     def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
         if not flags & _FUSE_READDIR_PLUS or path is None:
