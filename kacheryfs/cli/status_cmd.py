@@ -42,6 +42,11 @@ def _format(mountpoint: Path, s: dict[str, Any]) -> str:
     ]
     for channel, nbytes in sorted(s["bytes_by_channel"].items()):
         lines.append(f"fetched from    {channel}: {_size(nbytes)}")
+    staging = s.get("staging")
+    if staging:
+        lines.append(f"staging         {staging['dir']}: {staging['open_for_write']} open for writing")
+        lines.append(f"uploads         {staging['uploads_pending']} pending")
+        lines += [f"  failing: {e}" for e in staging["uploads_failing"]]
     if s["recent_errors"]:
         lines.append("recent errors:")
         lines += [f"  {e}" for e in s["recent_errors"]]
