@@ -417,7 +417,7 @@ class StagingArea:
             if self.uploads is not None:
                 self.uploads.enqueue(digests.sha1)
             _write_record(fd, digests)
-        log.info("staged %s → sha1://%s (%d bytes)", handle.rel if handle else "", digests.sha1, digests.size)
+        log.info("staged %s → sha1://%s (%d bytes)", rel, digests.sha1, digests.size)
         return True
 
     def _keep_until_uploaded(self, sha1: str) -> None:
