@@ -37,6 +37,7 @@ from kacheryfs.errors import KacheryError, NotFound
 from kacheryfs.hashing import Digests, Hasher, hash_file
 from kacheryfs.manifest import FileEntry
 from kacheryfs.store import LocalStore
+from kacheryfs.store.md5_index import Md5Indexer
 from kacheryfs.upload_queue import UploadQueue
 from kacheryfs.uri import KacheryURL, file_url
 
@@ -92,6 +93,7 @@ class StagingArea:
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = store
         self.uploads = uploads
+        self.md5_index = Md5Indexer(store)
         self._handles: dict[int, OpenFile] = {}
         self._hashing: dict[int, set[_Hashing]] = {}  # inode → hashes of it under way
         # Guards the two dicts, every start of a change and every link into the store.
@@ -223,7 +225,7 @@ class StagingArea:
                 with self._lock:
                     self._unwatch(hashing)
                     hashing = handle.hashing = self._watch(handle.ino)
-                digests = hash_file(_fd_path(fh))
+                digests = hash_file(_fd_path(fh), md5=False)
             self._commit(fh, handle.rel, hashing, digests, handle)
 
     def fsync(self, fh: int, datasync: bool) -> None:
@@ -380,7 +382,7 @@ class StagingArea:
                     raise NotFound(f"{rel} is still open for writing: its URL exists once it is closed")
                 hashing = self._watch(ino)
             try:
-                digests = hash_file(_fd_path(fd))
+                digests = hash_file(_fd_path(fd), md5=False)
             except BaseException:
                 with self._lock:
                     self._unwatch(hashing)
@@ -417,6 +419,7 @@ class StagingArea:
             if self.uploads is not None:
                 self.uploads.enqueue(digests.sha1)
             _write_record(fd, digests)
+        self.md5_index.add(digests.sha1)  # md5 halves the write speed: its index comes afterwards
         log.info("staged %s → sha1://%s (%d bytes)", rel, digests.sha1, digests.size)
         return True
 
@@ -454,7 +457,7 @@ class StagingArea:
         self._changed(handle.ino)
         _forget_record(handle.fd)
         handle.dirty = True
-        handle.hasher = Hasher()  # in order from byte 0; a write anywhere else drops it
+        handle.hasher = Hasher(md5=False)  # in order from byte 0; a write anywhere else drops it
         handle.hashing = self._watch(handle.ino)
 
     def _break_sharing(self, path: str, st: os.stat_result, *, truncate: bool) -> None:
@@ -514,7 +517,10 @@ class StagingArea:
                     os.unlink(path)
                     continue
                 st = os.lstat(path)
-                if stat.S_ISREG(st.st_mode) and _valid_record(path, st) is None:
+                recorded = _valid_record(path, st) if stat.S_ISREG(st.st_mode) else None
+                if recorded is not None:
+                    self._index_md5_if_missing(recorded.sha1)
+                if stat.S_ISREG(st.st_mode) and recorded is None:
                     try:
                         self._ingest_now(os.path.relpath(path, self.root))
                     except (OSError, KacheryError) as err:  # one unreadable file must not stop the mount
@@ -522,6 +528,13 @@ class StagingArea:
                         continue
                     count += 1
         return count
+
+    def _index_md5_if_missing(self, sha1: str) -> None:
+        """Queue the md5 index of a staged blob whose md5 a crash kept from being noted."""
+        with suppress(NotFound):
+            noted = self.store.noted_digests("sha1", sha1)
+            if noted is None or noted.md5 is None:
+                self.md5_index.add(sha1)
 
 
 def _inode(path: str) -> int | None:

@@ -128,3 +128,12 @@ def test_unknown_attribute_is_not_found(area):
     _write(area, "f", [b"x"])
     with pytest.raises(NotFound):
         area.getxattr("f", "user.other")
+
+
+def test_the_md5_index_follows_in_the_background(area):
+    data = os.urandom(5 << 20)
+    _write(area, "f", [data[i : i + (1 << 20)] for i in range(0, len(data), 1 << 20)])
+    area.md5_index.wait()
+    md5 = hashlib.md5(data).hexdigest()
+    assert area.store.blob_path("md5", md5).stat().st_ino == os.stat(area.real("f")).st_ino
+    assert area.store.noted_digests("sha1", hashlib.sha1(data).hexdigest()).md5 == md5

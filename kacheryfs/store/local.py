@@ -186,9 +186,8 @@ class LocalStore:
         except OSError as err:
             raise _io_error(err, f"reading {alg}:{digest}") from err
 
-    def digests(self, alg: str, digest: str) -> Digests:
-        """Size, sha1 and md5 of a stored blob: from the note written when it was stored,
-        else by hashing it (blobs stored by older kachery versions carry no note)."""
+    def noted_digests(self, alg: str, digest: str) -> Digests | None:
+        """The digests noted on a blob when it was stored (md5 may still be None), or None."""
         path = self.blob_path(alg, digest)
         try:
             note = json.loads(os.getxattr(path, DIGESTS_XATTR))
@@ -196,7 +195,26 @@ class LocalStore:
         except FileNotFoundError as err:
             raise NotFound(f"{alg}://{digest} is not in the local store {self.root}") from err
         except (OSError, ValueError, KeyError, TypeError):
-            return hash_file(path)
+            return None
+
+    def digests(self, alg: str, digest: str) -> Digests:
+        """Size, sha1 and md5 of a stored blob: from its note, else by hashing it (blobs
+        stored by older kachery versions carry no note; staged ones get their md5 later)."""
+        noted = self.noted_digests(alg, digest)
+        if noted is not None and noted.md5 is not None:
+            return noted
+        return hash_file(self.blob_path(alg, digest))
+
+    def add_md5(self, sha1: str, md5: str) -> None:
+        """Index a stored blob under its md5 too, once that is known (staging hashes it later)."""
+        final = self.blob_path("sha1", sha1)
+        digests = Digests(os.stat(final).st_size, sha1, check_hash("md5", md5))
+        self._index_md5(final, digests)
+        fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _record_digests(fd, digests)
+        finally:
+            os.close(fd)
 
     def has(self, alg: str, digest: str) -> bool:
         return self.size(alg, digest) is not None
