@@ -495,8 +495,7 @@ class Bench:
         self.section_stack = contextlib.ExitStack()
         self._shared: dict[str, Any] = {}
         self.empty_config = self.config("empty", None)
-        self.mount_config = self.workdir / "config-mount.toml"  # keeps the daemon's log in the temp dir
-        self.mount_config.write_text(f'[mount]\nlog_file = "{workdir / "mount-daemon.log"}"\n')
+        self.mount_config = self.make_mount_config("mount")
 
     # paths and environments
     def fresh_dir(self, name: str) -> Path:
@@ -524,6 +523,12 @@ class Bench:
                 f'channel = "{SERVER_CHANNEL}"\npassword = "{SERVER_PASSWORD}"\n'
             )
         path.write_text(text)
+        return path
+
+    def make_mount_config(self, name: str, extra: str = "") -> Path:
+        """A config.toml for the mount daemon (its log kept in the temp dir), plus `extra` TOML."""
+        path = self.workdir / f"config-{name}.toml"
+        path.write_text(f'[mount]\nlog_file = "{self.workdir / "mount-daemon.log"}"\n\n{extra}')
         return path
 
     def store(self, path: Path, storage: Path) -> str:
@@ -967,7 +972,24 @@ def ops_fsck(b: Bench) -> Iterable[Measurement]:
 
 def ops_recency_overhead(b: Bench) -> Iterable[Measurement]:
     need_subcommand("mount")
-    raise Unavailable("no config switch to turn access tracking off yet")
+    from kacheryfs.config import Config
+
+    if "track_access" not in Config.__dataclass_fields__:
+        raise Unavailable("no track_access setting to turn recency tracking off")
+    storage, _, dir_url = b.client_store
+    rel = [p.relative_to(b.small_tree) for p in files_under(b.small_tree)]
+    probe = str(_snapshot_dir(Path(), dir_url))
+
+    def reread(track: bool) -> float:
+        config = b.make_mount_config(f"track-{track}", f"[cache]\ntrack_access = {str(track).lower()}\n")
+        with mounted(b, storage, config, probe) as m:
+            paths = [_snapshot_dir(m.path, dir_url) / p for p in rel]
+            read_files(paths)
+            return stopwatch(lambda: read_files(paths))
+
+    ours_s, ref_s = b.pair(lambda: reread(True), lambda: reread(False))
+    name = f"re-read {b.files:,} × 4 KiB via mount: access tracking on vs off"
+    yield Measurement(name, "s", ours_s, ref_s, Target("<=", 1.05))
 
 
 # -- sections ------------------------------------------------------------------------------
