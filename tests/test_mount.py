@@ -188,6 +188,14 @@ def test_unknown_attributes_are_enodata(snap: Path) -> None:
     assert sorted(os.listxattr(snap / "a.txt")) == ["user.kachery.sha1", "user.kachery.size", "user.kachery.url"]
 
 
+def test_security_labels_and_acls_are_unsupported(snap: Path) -> None:
+    # EOPNOTSUPP, not ENODATA: `ls -l` then stops asking for them on every file.
+    for name in ("security.selinux", "system.posix_acl_access"):
+        with pytest.raises(OSError) as err:
+            os.getxattr(snap / "a.txt", name)
+        assert err.value.errno == errno.EOPNOTSUPP
+
+
 def test_writes_are_refused(snap: Path) -> None:
     with pytest.raises(OSError) as err:
         open(snap / "a.txt", "r+b")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -19,7 +20,7 @@ import pytest
 from kacheryfs import manifest
 from kacheryfs.errors import ChannelUnavailable, InvalidURL, IsADirectory, NotADirectory, NotFound
 from kacheryfs.manifest import DirNode, FileEntry
-from kacheryfs.mount.fuse_ops import BLOCK_SIZE, FIXED_TIME_NS, KacheryOperations
+from kacheryfs.mount.fuse_ops import BLOCK_SIZE, FIXED_TIME_NS, KacheryOperations, _FuseBufvec
 from kacheryfs.resolver import Resolver
 from kacheryfs.store import BlobWriter, LocalStore
 from kacheryfs.vfs import STATUS_XATTR, FileSystemView
@@ -237,13 +238,18 @@ def test_an_unexpected_exception_is_logged_and_becomes_eio(
     assert "Traceback" in caplog.text or any(r.exc_info for r in caplog.records)
 
 
-def test_open_read_release_serve_the_blob_bytes(ops: KacheryOperations, snapshot: str) -> None:
-    fi = SimpleNamespace(flags=os.O_RDONLY, fh=0, keep_cache=0)
+def test_reads_are_served_from_the_blob_descriptor(ops: KacheryOperations, snapshot: str) -> None:
+    fi = SimpleNamespace(flags=os.O_RDONLY, fh=0, keep_cache=0, noflush=0)
     ops.open(f"/sha1dir/{snapshot}/sub/big.bin", fi)
+    bufp = ctypes.c_void_p()
     try:
-        assert fi.keep_cache == 1
-        assert ops.read("/x", 4096, 100, fi) == BIG[100:4196]
+        assert fi.keep_cache == 1 and fi.noflush == 1
+        assert ops.read_buf("/x", ctypes.pointer(bufp), 4096, 100, fi) == 0
+        vec = _FuseBufvec.from_address(bufp.value)  # type: ignore[arg-type]
+        assert vec.count == 1 and vec.buf[0].fd == fi.fh
+        assert os.pread(vec.buf[0].fd, vec.buf[0].size, vec.buf[0].pos) == BIG[100:4196]
     finally:
+        ctypes.CDLL(None).free(bufp)
         ops.release("/x", fi)
 
 

@@ -173,7 +173,9 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
         "default_permissions": True,  # the kernel checks modes: 0444/0555 on the hash views
         "max_read": MAX_READ,
         "max_threads": 64,  # opens that wait for a download must not starve lookups of cached files
-        "max_idle_threads": 16,  # explicit, else libfuse 3.14 logs "Ignoring invalid max threads value"
+        # Threads are kept, not ended when idle: each holds its Python thread state (fuse_ops.FUSE).
+        # Explicit also because libfuse 3.14 otherwise logs "Ignoring invalid max threads value".
+        "max_idle_threads": 64,
         "allow_other": config.allow_other,
     }
     for option in options:
