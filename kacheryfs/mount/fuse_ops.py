@@ -403,6 +403,14 @@ class FUSE(mfusepy.FUSE):
             return -(errno.ENODATA if name.startswith(b"user.") else errno.EOPNOTSUPP)
         return super().getxattr(path, name, value, size, *args)
 
+    def opendir(self, path: bytes, fip: Any) -> int:
+        result = super().opendir(path, fip)
+        if self.operations.view.staged(path.decode(self.encoding, self.errors)) is None:
+            # Snapshot listings never change: the kernel may keep and reuse them across opens.
+            fip.contents.cache_readdir = 1
+            fip.contents.keep_cache = 1
+        return result
+
     def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
         if not flags & _FUSE_READDIR_PLUS or path is None:
             return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
