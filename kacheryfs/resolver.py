@@ -115,6 +115,10 @@ class Resolver:
             return BlobRef(found.alg, found.digest, found.size, url.basename)
         return found
 
+    def cached_manifest(self, alg: str, digest: str) -> DirNode | None:
+        """The manifest if it was parsed already (no I/O), else None."""
+        return self._manifests.get((alg, digest))
+
     def manifest(self, alg: str, digest: str) -> DirNode:
         """The parsed, validated manifest stored under (alg, digest)."""
         key = (alg, digest)

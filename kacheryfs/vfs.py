@@ -41,6 +41,7 @@ TOP_LEVEL = (*BLOB_VIEWS, SNAPSHOT_VIEW)  # the read-only views
 XATTR_PREFIX = "user.kachery."
 STATUS_XATTR = XATTR_PREFIX + "status"  # on the mount root: the daemon's counters as JSON
 _RECENT_ERRORS = 20
+_SNAPSHOT_INFOS = 100_000  # snapshot paths whose FileInfo is kept (a dict hit instead of a walk)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class FileSystemView:
         self.top_level = TOP_LEVEL + ((STAGING_VIEW,) if staging is not None else ())
         self._started = time.time()
         self._open_fds: set[int] = set()  # set.add/discard are atomic: no lock on the read path
+        self._snapshot_infos: dict[str, FileInfo] = {}
         self.recent_errors: collections.deque[str] = collections.deque(maxlen=_RECENT_ERRORS)
 
     # -- what is at a path -----------------------------------------------------------
@@ -152,11 +154,15 @@ class FileSystemView:
                 raise NotFound(f"{path}: a blob is a file, it has no entries")
             return self._blob(view, name)
         if view == SNAPSHOT_VIEW:
-            url = parse_snapshot_name(name, "/".join(rest))
-            found = self._manifest(url).resolve(url.path)
-            if isinstance(found, FileEntry):
-                return _entry_info(found, rest[-1])
-            return _dir_info(url, found)
+            info = self._snapshot_infos.get(path)
+            if info is None:
+                url = parse_snapshot_name(name, "/".join(rest))
+                found = self._manifest(url).resolve(url.path)
+                info = _entry_info(found, rest[-1]) if isinstance(found, FileEntry) else _dir_info(url, found)
+                if len(self._snapshot_infos) >= _SNAPSHOT_INFOS:
+                    self._snapshot_infos.clear()
+                self._snapshot_infos[path] = info  # a snapshot path means the same thing forever
+            return info
         raise NotFound(f"no {view!r} at the top of the mount (there are {', '.join(self.top_level)})")
 
     def readdir(self, path: str) -> list[tuple[str, FileInfo]]:
@@ -179,8 +185,13 @@ class FileSystemView:
         info = self.stat(path)
         if info.is_dir:
             raise IsADirectory(f"{path} is a directory")
-        self._ensure_local(info.alg, info.digest, info.size, str(info.url))
-        fd = self.resolver.store.open_fd(info.alg, info.digest)  # its shared lock keeps the blob from eviction
+        store = self.resolver.store
+        try:
+            fd = store.open_fd(info.alg, info.digest)  # its shared lock keeps the blob from eviction
+            self.resolver.stats.hits += 1
+        except NotFound:
+            self._bounded(str(info.url), self.resolver.ensure, info.alg, info.digest, info.size)
+            fd = store.open_fd(info.alg, info.digest)
         self._open_fds.add(fd)
         return fd
 
@@ -246,15 +257,12 @@ class FileSystemView:
         return _file_info(alg, digest, size, name)
 
     def _manifest(self, url: KacheryURL) -> DirNode:
+        cached = self.resolver.cached_manifest(url.alg, url.hash)
+        if cached is not None:
+            return cached
         if self.resolver.store.has(url.alg, url.hash):
             return self.resolver.manifest(url.alg, url.hash)  # local (and parsed once): no deadline needed
         return self._bounded(str(url), self.resolver.manifest, url.alg, url.hash)
-
-    def _ensure_local(self, alg: str, digest: str, size: int, what: str) -> None:
-        if self.resolver.store.has(alg, digest):
-            self.resolver.ensure(alg, digest, size)  # counts the hit; no network, no deadline needed
-        else:
-            self._bounded(what, self.resolver.ensure, alg, digest, size)
 
     def _bounded(self, what: str, fn: Callable[..., T], *args: object) -> T:
         """`fn(*args)` in its own thread, waited for at most fetch_timeout.

@@ -9,6 +9,7 @@ Recency is the blob's atime, set in batches by `note_access`, never once per rea
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import logging
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 PINS_DIR = "pins"
 _FLUSH_EVERY = 5.0  # seconds between batched atime updates
+_RECENT_ENOUGH = 60.0  # an atime this fresh is not rewritten: LRU needs no finer clock
+_WRITTEN_MAX = 100_000  # remembered atime writes, so the memory stays bounded
 _RESCAN_AFTER = 30.0  # seconds before the usage total is re-read from disk (other processes insert too)
 
 
@@ -72,6 +75,7 @@ class Cache:
         self.pins_dir = root / PINS_DIR
         self._lock = threading.Lock()
         self._touched: set[Path] = set()
+        self._written: dict[Path, float] = {}  # path → when its atime was last written
         self._usage: int | None = None
         self._usage_at = 0.0
 
@@ -89,13 +93,16 @@ class Cache:
             timer.start()
 
     def flush_access(self) -> None:
-        """Write the remembered accesses as atimes now."""
+        """Write the remembered accesses as atimes now (once per blob per _RECENT_ENOUGH)."""
         with self._lock:
             touched, self._touched = self._touched, set()
-        now = time.time_ns()
-        for path in touched:
-            with suppress(OSError):
-                os.utime(path, ns=(now, os.stat(path).st_mtime_ns))
+            now = time.monotonic()
+            if len(self._written) > _WRITTEN_MAX:
+                self._written.clear()
+            due = [p for p in touched if now - self._written.get(p, -_RECENT_ENOUGH) >= _RECENT_ENOUGH]
+            self._written.update((p, now) for p in due)
+        for path in due:
+            _touch_atime(path)
 
     # -- pins ----------------------------------------------------------------------
     def pin(self, alg: str, digest: str, *, is_dir: bool = False, reason: str = "user") -> None:
@@ -218,6 +225,22 @@ class Cache:
             if st.f_bavail * st.f_frsize - incoming < self.limits.min_free_space:
                 return False
         return True
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD, _UTIME_NOW, _UTIME_OMIT = -100, (1 << 30) - 1, (1 << 30) - 2
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_NOW_OMIT = (_Timespec * 2)(_Timespec(0, _UTIME_NOW), _Timespec(0, _UTIME_OMIT))
+
+
+def _touch_atime(path: Path) -> None:
+    """Set the atime to now and leave the mtime: one syscall (os.utime needs a stat first)."""
+    _libc.utimensat(_AT_FDCWD, os.fsencode(path), _NOW_OMIT, 0)
 
 
 def _remove_unless_open(paths: list[Path]) -> bool:

@@ -175,7 +175,7 @@ class LocalStore:
     # -- reading -------------------------------------------------------------------
     def blob_path(self, alg: str, digest: str) -> Path:
         digest = check_hash(alg, digest)
-        return self.root / alg / digest[0:2] / digest[2:4] / digest[4:6] / digest
+        return self.root / f"{alg}/{digest[0:2]}/{digest[2:4]}/{digest[4:6]}/{digest}"  # one join: on the open path
 
     def size(self, alg: str, digest: str) -> int | None:
         """Size of the blob, or None when this store does not have it."""
