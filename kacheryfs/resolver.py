@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kacheryfs import manifest
-from kacheryfs.errors import AuthError, ChannelUnavailable, HashMismatch, KacheryError, NotFound, StoreFull
+from kacheryfs.errors import (
+    AuthError,
+    ChannelUnavailable,
+    HashMismatch,
+    KacheryError,
+    NotFound,
+    QuotaExceeded,
+    StoreFull,
+)
 from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.store import LocalStore
 from kacheryfs.uri import KacheryURL, parse_url
@@ -33,6 +41,8 @@ log = logging.getLogger(__name__)
 
 ProgressBar = Callable[[int | None, str], AbstractContextManager[Callable[[int], None] | None]]
 _MANIFEST_CACHE = 256
+# What one channel may answer that sends us on to the next one (never to the caller as such).
+_CHANNEL_FAILURES = (ChannelUnavailable, AuthError, QuotaExceeded)
 _ENOSPC_FREE = 64 << 20  # bytes to free when a fetch hits a full disk of unknown need
 
 
@@ -198,7 +208,7 @@ class Resolver:
                         "channel %s served wrong bytes for %s://%s: %s; discarded", channel.name, alg, digest, err
                     )
                     result = "hash mismatch"
-                except (ChannelUnavailable, AuthError) as err:
+                except _CHANNEL_FAILURES as err:
                     all_not_found = False
                     failures.append(f"{channel.name}: {err}")
                     result = f"error: {err}"
@@ -227,7 +237,7 @@ class Resolver:
         for channel in self.channels:
             try:
                 return channel.read_range(alg, digest, start, end)
-            except (NotFound, ChannelUnavailable, AuthError) as err:
+            except (NotFound, *_CHANNEL_FAILURES) as err:
                 errors.append(err)
         if all(isinstance(e, NotFound) for e in errors):
             raise NotFound(f"{alg}://{digest} was found in no store or channel")
@@ -246,7 +256,7 @@ class Resolver:
         for channel in self.channels:
             try:
                 size = channel.check(alg, digest)
-            except (ChannelUnavailable, AuthError) as err:
+            except _CHANNEL_FAILURES as err:
                 log.warning("channel %s: %s", channel.name, err)
                 failures.append(f"{channel.name}: {err}")
                 continue
