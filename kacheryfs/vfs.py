@@ -29,6 +29,7 @@ from kacheryfs.errors import ChannelUnavailable, InvalidURL, IsADirectory, NotFo
 from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.resolver import Resolver
 from kacheryfs.staging import StagingArea
+from kacheryfs.store import Usage
 from kacheryfs.uri import HEX_LENGTH, KacheryURL, file_url, is_hash
 
 T = TypeVar("T")
@@ -40,6 +41,8 @@ TOP_LEVEL = (*BLOB_VIEWS, SNAPSHOT_VIEW)  # the read-only views
 
 XATTR_PREFIX = "user.kachery."
 STATUS_XATTR = XATTR_PREFIX + "status"  # on the mount root: the daemon's counters as JSON
+PID_XATTR = XATTR_PREFIX + "pid"  # on the mount root: the daemon's pid, cheap (readiness checks poll it)
+_USAGE_MAX_AGE = 30.0  # seconds a status may report the store's size from an earlier count
 _RECENT_ERRORS = 20
 _SNAPSHOT_INFOS = 100_000  # snapshot paths whose FileInfo is kept (a dict hit instead of a walk)
 
@@ -131,6 +134,10 @@ class FileSystemView:
         self._started = time.time()
         self._open_fds: set[int] = set()  # set.add/discard are atomic: no lock on the read path
         self._snapshot_infos: dict[str, FileInfo] = {}
+        self._usage: Usage | None = None
+        self._usage_at = -_USAGE_MAX_AGE
+        self._counting = False
+        self._usage_lock = threading.Lock()
         self.recent_errors: collections.deque[str] = collections.deque(maxlen=_RECENT_ERRORS)
 
     # -- what is at a path -----------------------------------------------------------
@@ -204,8 +211,8 @@ class FileSystemView:
 
     def getxattr(self, path: str, name: str) -> bytes:
         """One `user.kachery.*` attribute; NotFound when this path does not have it."""
-        if name == STATUS_XATTR and not split_path(path):
-            return json.dumps(self.status()).encode()
+        if not split_path(path) and name in (STATUS_XATTR, PID_XATTR):
+            return (json.dumps(self.status()) if name == STATUS_XATTR else str(os.getpid())).encode()
         rel = self.staged(path)
         if rel is not None:
             return self.staging.getxattr(rel, name)  # type: ignore[union-attr]
@@ -219,7 +226,7 @@ class FileSystemView:
         if rel is not None:
             return self.staging.listxattr(rel)  # type: ignore[union-attr]
         names = list(self.stat(path).xattrs())
-        return names + [STATUS_XATTR] if not split_path(path) else names
+        return names + [STATUS_XATTR, PID_XATTR] if not split_path(path) else names
 
     def record_error(self, message: str) -> None:
         """Keep the reason of a failed operation for `kacheryfs status`."""
@@ -228,13 +235,13 @@ class FileSystemView:
     def status(self) -> dict[str, object]:
         """What the daemon is doing, for `kacheryfs status`."""
         store = self.resolver.store
-        usage = store.cache.usage()
+        usage = self._store_usage()
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self._started, 1),
             "storage_dir": str(store.root),
-            "cache_blobs": usage.blobs,
-            "cache_bytes": usage.total_bytes,
+            "cache_blobs": usage.blobs if usage else None,  # None: still being counted
+            "cache_bytes": usage.total_bytes if usage else None,
             "cache_max_bytes": store.cache.limits.max_size,
             "channels": [c.name for c in self.resolver.channels],
             "open_files": len(self._open_fds),
@@ -243,6 +250,25 @@ class FileSystemView:
             "recent_errors": list(self.recent_errors),
             "staging": self.staging.status() if self.staging is not None else None,
         }
+
+    def _store_usage(self) -> Usage | None:
+        """The store's size from a count at most _USAGE_MAX_AGE old; a new count runs in the
+        background (walking a large store takes seconds: a status must not)."""
+        with self._usage_lock:
+            fresh = time.monotonic() - self._usage_at < _USAGE_MAX_AGE
+            if not fresh and not self._counting:
+                self._counting = True
+                threading.Thread(target=self._count_usage, name="kacheryfs-du", daemon=True).start()
+            return self._usage
+
+    def _count_usage(self) -> None:
+        try:
+            usage = self.resolver.store.cache.usage()
+        finally:
+            with self._usage_lock:
+                self._counting = False
+        with self._usage_lock:
+            self._usage, self._usage_at = usage, time.monotonic()
 
     # -- store and channel access, bounded ---------------------------------------------
     def _blob(self, alg: str, name: str) -> FileInfo:
@@ -289,4 +315,4 @@ class FileSystemView:
             ) from None
 
 
-__all__ = ["BLOB_VIEWS", "SNAPSHOT_VIEW", "STATUS_XATTR", "TOP_LEVEL", "FileInfo", "FileSystemView"]
+__all__ = ["BLOB_VIEWS", "PID_XATTR", "SNAPSHOT_VIEW", "STATUS_XATTR", "TOP_LEVEL", "FileInfo", "FileSystemView"]

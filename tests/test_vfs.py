@@ -23,7 +23,7 @@ from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.mount.fuse_ops import BLOCK_SIZE, FIXED_TIME_NS, KacheryOperations, _FuseBufvec
 from kacheryfs.resolver import Resolver
 from kacheryfs.store import BlobWriter, LocalStore
-from kacheryfs.vfs import STATUS_XATTR, FileSystemView
+from kacheryfs.vfs import PID_XATTR, STATUS_XATTR, FileSystemView
 
 BIG = b"0123456789" * 100_000
 
@@ -144,8 +144,9 @@ def test_xattrs_of_files_directories_and_the_root(view: FileSystemView, snapshot
     assert sorted(view.listxattr(path)) == ["user.kachery.sha1", "user.kachery.size", "user.kachery.url"]
     assert view.getxattr(path, "user.kachery.size") == b"6"
     assert view.getxattr(f"/sha1dir/{snapshot}.ds/sub", "user.kachery.url") == f"sha1dir://{snapshot}.ds/sub".encode()
-    assert view.listxattr("/") == [STATUS_XATTR]
+    assert view.listxattr("/") == [STATUS_XATTR, PID_XATTR]
     assert json.loads(view.getxattr("/", STATUS_XATTR))["pid"] == os.getpid()
+    assert view.getxattr("/", PID_XATTR) == str(os.getpid()).encode()
     with pytest.raises(NotFound):
         view.getxattr(path, "user.other")
 

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kacheryfs.cli.common import human
 from kacheryfs.config import load_config
 from kacheryfs.mount import daemon
 from kacheryfs.mount.paths import default_mountpoint
@@ -33,7 +34,10 @@ def run(args: argparse.Namespace) -> int:
 def _format(mountpoint: Path, s: dict[str, Any]) -> str:
     lines = [
         f"mount           {mountpoint} (daemon pid {s['pid']}, up {s['uptime_s']:.0f} s)",
-        f"local store     {s['storage_dir']}: {s['cache_blobs']} blobs, {_size(s['cache_bytes'])}",
+        f"local store     {s['storage_dir']}: "
+        + (
+            "size being counted" if s["cache_blobs"] is None else f"{s['cache_blobs']} blobs, {human(s['cache_bytes'])}"
+        ),
         f"channels        {', '.join(s['channels']) or 'none (local store only)'}",
         f"open files      {s['open_files']}",
         f"hits / misses   {s['hits']} / {s['misses']}",
@@ -41,7 +45,7 @@ def _format(mountpoint: Path, s: dict[str, Any]) -> str:
         f"fetch errors    {s['errors']}",
     ]
     for channel, nbytes in sorted(s["bytes_by_channel"].items()):
-        lines.append(f"fetched from    {channel}: {_size(nbytes)}")
+        lines.append(f"fetched from    {channel}: {human(nbytes)}")
     staging = s.get("staging")
     if staging:
         lines.append(f"staging         {staging['dir']}: {staging['open_for_write']} open for writing")
@@ -51,12 +55,3 @@ def _format(mountpoint: Path, s: dict[str, Any]) -> str:
         lines.append("recent errors:")
         lines += [f"  {e}" for e in s["recent_errors"]]
     return "\n".join(lines)
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"

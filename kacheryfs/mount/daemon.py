@@ -28,7 +28,7 @@ from kacheryfs.resolver import Resolver
 from kacheryfs.staging import StagingArea
 from kacheryfs.store import LocalStore
 from kacheryfs.upload_queue import UploadQueue
-from kacheryfs.vfs import STATUS_XATTR, FileSystemView
+from kacheryfs.vfs import PID_XATTR, STATUS_XATTR, FileSystemView
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +99,24 @@ def check_mountpoint(mountpoint: Path) -> None:
             raise MountError(f"mountpoint {mountpoint} is not empty: mount on an empty directory")
 
 
-def daemon_status(mountpoint: Path) -> dict[str, object]:
-    """The status JSON a live kacheryfs daemon serves on its root; MountError if none answers."""
+def _root_xattr(mountpoint: Path, name: str) -> bytes:
+    """An attribute the daemon answers on the mount root; MountError if no daemon answers."""
     try:
-        return json.loads(os.getxattr(mountpoint, STATUS_XATTR))
+        return os.getxattr(mountpoint, name)
     except OSError as err:
         if err.errno == errno.ENOTCONN:
             raise MountError(f"{mountpoint} holds a stale mount: run `kacheryfs umount {mountpoint}`") from err
         raise MountError(f"no kacheryfs mount answers at {mountpoint} ({err.strerror})") from err
+
+
+def daemon_pid(mountpoint: Path) -> int:
+    """The pid of the kacheryfs daemon serving `mountpoint` (cheap: readiness checks poll it)."""
+    return int(_root_xattr(mountpoint, PID_XATTR))
+
+
+def daemon_status(mountpoint: Path) -> dict[str, object]:
+    """The status JSON a live kacheryfs daemon serves on its root."""
+    return json.loads(_root_xattr(mountpoint, STATUS_XATTR))
 
 
 # -- the daemon itself ---------------------------------------------------------------
@@ -242,7 +252,7 @@ def start(argv: Sequence[str], mountpoint: Path, log_file: Path, timeout: float 
         if code is not None:
             raise MountError(f"the mount daemon exited with code {code}: {_tail(log_file, offset)}")
         with contextlib.suppress(MountError):
-            if daemon_status(mountpoint).get("pid") == child.pid:
+            if daemon_pid(mountpoint) == child.pid:
                 return child.pid
         time.sleep(0.02)
     child.terminate()
@@ -264,7 +274,7 @@ def unmount(mountpoint: Path, *, lazy: bool = False, timeout: float = STOP_TIMEO
     pid = None
     if not stale:
         with contextlib.suppress(MountError):
-            pid = daemon_status(mountpoint).get("pid")
+            pid = daemon_pid(mountpoint)
     if stale or lazy:
         attempts = [["fusermount3", "-uz", str(mountpoint)], ["umount", "-l", str(mountpoint)]]
     else:
