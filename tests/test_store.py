@@ -171,3 +171,24 @@ def test_digests_come_from_the_note_or_from_hashing_an_old_blob(tmp_path):
     blob.parent.mkdir(parents=True)
     blob.write_bytes(b"old kachery")
     assert store.digests("sha1", old).md5 == hashlib.md5(b"old kachery").hexdigest()
+
+
+def test_a_file_changed_while_hashed_for_a_hard_link_is_copied_not_linked(tmp_path, monkeypatch):
+    import kacheryfs.store.local as local
+
+    src = tmp_path / "f"
+    src.write_bytes(b"before")
+    real_hash_file = local.hash_file
+
+    def hash_then_change(path, **kw):
+        digests = real_hash_file(path, **kw)
+        with open(path, "ab") as f:  # another program appends while we hash
+            f.write(b" and after")
+        return digests
+
+    monkeypatch.setattr(local, "hash_file", hash_then_change)
+    store = LocalStore(tmp_path / "s")
+    d = store.put_file(src, hard_link=True)
+    blob = store.blob_path("sha1", d.sha1)
+    assert hashlib.sha1(blob.read_bytes()).hexdigest() == d.sha1
+    assert not store.has("sha1", hashlib.sha1(b"before").hexdigest())

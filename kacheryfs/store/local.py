@@ -15,7 +15,6 @@ import io
 import json
 import os
 import secrets
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
@@ -247,13 +246,17 @@ class LocalStore:
     # -- writing -------------------------------------------------------------------
     def writer(self) -> BlobWriter:
         """A fresh locked temp file in this store's filesystem."""
-        path = self.root / TEMP_DIR / f"kfs-{secrets.token_hex(8)}{TEMP_SUFFIX}"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as err:
-            raise _io_error(err, f"creating a temp file in {self.root / TEMP_DIR}") from err
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return BlobWriter(self, fd, path)
+        while True:
+            path = self.root / TEMP_DIR / f"kfs-{secrets.token_hex(8)}{TEMP_SUFFIX}"
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except OSError as err:
+                raise _io_error(err, f"creating a temp file in {self.root / TEMP_DIR}") from err
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink:
+                return BlobWriter(self, fd, path)
+            # another process's cleanup_temp locked and removed it between our open and flock
+            os.close(fd)
 
     def put_stream(
         self,
@@ -279,8 +282,9 @@ class LocalStore:
         path = Path(path)
         try:
             if hard_link:
+                before = os.stat(path)
                 digests = hash_file(path)
-                if self._try_hard_link(path, digests):
+                if self._try_hard_link(path, digests, before):
                     return digests
             with open(path, "rb", buffering=0) as src, self.writer() as w:
                 w.copy_file(src.fileno(), progress)
@@ -309,7 +313,12 @@ class LocalStore:
             w.copy_file(src.fileno())
             w.commit(expect_alg="sha1", expect_hash=digests.sha1, expect_size=digests.size)
 
-    def _try_hard_link(self, path: Path, digests: Digests) -> bool:
+    def _try_hard_link(self, path: Path, digests: Digests, before: os.stat_result | None = None) -> bool:
+        """Link `path` in as the blob `digests`; False (nothing linked) when a copy is needed.
+
+        With `before` (the file's stat before it was hashed), a file that changed meanwhile
+        is unlinked again: its bytes may not be the ones hashed.
+        """
         final = self.blob_path("sha1", digests.sha1)
         if final.exists():
             return True
@@ -321,6 +330,11 @@ class LocalStore:
             return True
         except OSError:
             return False  # another filesystem or no link support: copy instead
+        if before is not None:
+            after = os.stat(final)
+            if (after.st_ino, after.st_size, after.st_mtime_ns) != (before.st_ino, before.st_size, before.st_mtime_ns):
+                os.unlink(final)
+                return False
         self._index_md5(final, digests)
         return True
 
@@ -351,8 +365,12 @@ class LocalStore:
             os.link(final, md5_path)
         except FileExistsError:
             pass
-        except OSError:
-            shutil.copyfile(final, md5_path)
+        except OSError:  # no hard links here: a copy, written aside and renamed into place
+            with open(final, "rb", buffering=0) as src, self.writer() as w:
+                w.copy_file(src.fileno())
+                os.fchmod(w.fd, 0o444)
+                os.fsync(w.fd)
+                os.replace(w.path, md5_path)
 
     # -- maintenance ---------------------------------------------------------------
     def cleanup_temp(self) -> int:
