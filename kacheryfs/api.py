@@ -204,7 +204,8 @@ def load_bytes(url: str, start: int | None = None, end: int | None = None, *, fr
     res = resolver(fr)
     ref = res.blob_ref(url)
     if start is None and end is None:
-        return res.ensure(ref.alg, ref.digest, ref.size, progress=progress_bar).read_bytes()
+        with res.open_blob(ref.alg, ref.digest, ref.size, progress=progress_bar) as f:
+            return f.read()
     size = ref.size if ref.size is not None else _find_size(res, ref)
     lo, hi = check_range(start, end, size)
     return res.read_range(ref.alg, ref.digest, lo, hi)
@@ -244,7 +245,10 @@ def load_npy(url: str, *, fr: Names = None) -> Any:
     """The numpy array stored at a URL (`.npy` format, no pickles)."""
     import numpy as np
 
-    return np.load(_local_path(url, fr), allow_pickle=False)
+    res = resolver(fr)
+    ref = res.blob_ref(url)
+    with res.open_blob(ref.alg, ref.digest, ref.size, progress=progress_bar) as f:
+        return np.load(f, allow_pickle=False)
 
 
 def read_dir(url: str, recursive: bool = True, *, fr: Names = None) -> dict[str, Any]:
@@ -292,7 +296,7 @@ def prefetch(*urls: str, fr: Names = None, jobs: int = 8) -> prefetch_mod.Prefet
 def _fetch_with_progress(res: Resolver, refs: list[BlobRef], jobs: int) -> prefetch_mod.PrefetchResult:
     total_bytes = sum(r.size or 0 for r in refs)
     with _files_progress_bar(len(refs), total_bytes) as progress:
-        result, _paths = prefetch_mod.fetch_all(res, refs, jobs, progress)
+        result = prefetch_mod.fetch_all(res, refs, jobs, progress)
     if result.failed:
         shown = "\n  ".join(result.failed[:20])
         raise ChannelUnavailable(f"{len(result.failed)} of {len(refs)} blob(s) could not be fetched:\n  {shown}")
@@ -322,7 +326,8 @@ def _files_progress_bar(files: int, total_bytes: int) -> Iterator[Callable[[int,
 def _materialize(node: DirNode, target: Path, res: Resolver) -> None:
     target.mkdir(parents=True)
     for name, entry in node.files.items():
-        shutil.copyfile(res.store.blob_path(entry.alg, entry.digest), target / name)
+        with res.open_blob(entry.alg, entry.digest, entry.size) as src, open(target / name, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
     for name, sub in node.dirs.items():
         _materialize(sub, target / name, res)
 

@@ -9,7 +9,6 @@ import logging
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from kacheryfs.errors import KacheryError
 from kacheryfs.resolver import BlobRef, Resolver
@@ -51,18 +50,13 @@ def fetch_all(
     refs: list[BlobRef],
     jobs: int = 8,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[PrefetchResult, dict[tuple[str, str], Path]]:
-    """Make every blob local, `jobs` at a time; `progress(files, bytes)` after each one.
-
-    Returns the result and the local path of every blob that is now present.
-    """
+) -> PrefetchResult:
+    """Make every blob local, `jobs` at a time; `progress(files, bytes)` after each one."""
     result = PrefetchResult()
-    paths: dict[tuple[str, str], Path] = {}
     missing = []
     for ref in refs:
         if resolver.store.has(ref.alg, ref.digest):
             result.present += 1
-            paths[(ref.alg, ref.digest)] = resolver.store.blob_path(ref.alg, ref.digest)
             if progress:
                 progress(1, ref.size or 0)
         else:
@@ -73,15 +67,14 @@ def fetch_all(
             ref = futures[future]
             try:
                 path = future.result()
-            except KacheryError as err:
+                size = ref.size if ref.size is not None else path.stat().st_size
+            except (KacheryError, OSError) as err:  # OSError: evicted again by a cache smaller than the set
                 result.failed.append(f"{ref.alg}://{ref.digest} ({ref.name or 'file'}): {err}")
                 if progress:
                     progress(1, 0)
                 continue
-            size = path.stat().st_size
-            paths[(ref.alg, ref.digest)] = path
             result.fetched += 1
             result.fetched_bytes += size
             if progress:
                 progress(1, size)
-    return result, paths
+    return result

@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from kacheryfs import manifest
 from kacheryfs.errors import (
@@ -136,8 +136,8 @@ class Resolver:
             if key in self._manifests:
                 self._manifests.move_to_end(key)
                 return self._manifests[key]
-        path = self.ensure(alg, digest)
-        node = manifest.parse(path.read_bytes())
+        with self.open_blob(alg, digest) as f:
+            node = manifest.parse(f.read())
         with self._lock:
             self._manifests[key] = node
             while len(self._manifests) > _MANIFEST_CACHE:
@@ -185,6 +185,19 @@ class Resolver:
             self.stats.fetches_in_progress -= 1
             with self._lock:
                 del self._inflight[key]
+
+    def open_blob(
+        self, alg: str, digest: str, size: int | None = None, progress: ProgressBar | None = None
+    ) -> BinaryIO:
+        """The blob open for reading (fetched first if needed). While it is open the cache
+        cannot evict it; one evicted between its fetch and this open is fetched again."""
+        for _attempt in range(2):
+            self.ensure(alg, digest, size, progress)
+            try:
+                return self.store.open(alg, digest)
+            except NotFound:
+                continue
+        raise NotFound(f"{alg}://{digest} keeps being evicted as soon as it is fetched: is the cache bound too small?")
 
     def _fetch(self, alg: str, digest: str, size: int | None, progress: ProgressBar | None) -> Path:
         if not self.channels:

@@ -144,3 +144,18 @@ def test_one_gib_round_trip_is_checked_by_hash(server_dir, config_file, tmp_path
         assert os.path.getsize(path) == 1 << 30
     finally:
         lab.stop()
+
+
+def test_load_dir_works_with_a_cache_smaller_than_the_tree(server, config_file, tmp_path, monkeypatch):
+    src = tmp_path / "ds"
+    src.mkdir()
+    for i in range(10):
+        (src / f"f{i}").write_bytes(bytes([i]) * 300_000)
+    config_file.write_text(channels_config(("lab", server.url), fr=["lab"], to="lab"))
+    url = ka.store_dir(src)
+    storage = on_other_machine(tmp_path, monkeypatch)
+    config_file.write_text(channels_config(("lab", server.url), fr=["lab"]) + '[cache]\nmax_size = "1 MB"\n')
+    ka.load_dir(url, tmp_path / "copy")
+    for i in range(10):
+        assert (tmp_path / "copy" / f"f{i}").read_bytes() == bytes([i]) * 300_000
+    assert LocalStore(storage).cache.usage().total_bytes <= 1_000_000

@@ -74,8 +74,7 @@ def _cat(argv: Sequence[str] | None) -> int:
     out = sys.stdout.buffer
     out.flush()
     if args.start is None and args.end is None:
-        path = res.ensure(ref.alg, ref.digest, ref.size, progress=api.progress_bar)
-        with open(path, "rb") as f:
+        with res.open_blob(ref.alg, ref.digest, ref.size, progress=api.progress_bar) as f:
             _copy_to_stdout(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         return 0
     size = ref.size if ref.size is not None else api._find_size(res, ref)
