@@ -41,3 +41,8 @@ def test_fstab_line_mounts_with_mount_and_unmounts_with_umount(tmp_path):
     finally:
         subprocess.run(["umount", str(mnt)], timeout=60, check=False)
     assert not is_mounted(mnt)
+
+
+def test_a_mistyped_subcommand_is_a_usage_error_not_a_mount(tmp_path):
+    done = subprocess.run(["kacheryfs", "stauts", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "invalid choice" in done.stderr

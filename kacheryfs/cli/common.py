@@ -45,7 +45,7 @@ def add_to(p: argparse.ArgumentParser) -> None:
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run a command body, turning errors into a message on stderr and an exit code."""
     logging.basicConfig(level=os.environ.get("KACHERY_LOG_LEVEL", "WARNING"), format="%(levelname)s %(message)s")
-    prog = os.path.basename(sys.argv[0])
+    prog = os.path.basename(sys.argv[0]).replace("__main__.py", "kacheryfs")  # `python -m kacheryfs`
     try:
         return main(argv)
     except KacheryError as err:

@@ -66,8 +66,8 @@ def from_fstab(argv: Sequence[str]) -> list[str]:
 
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) >= 2 and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
-        argv = from_fstab(argv)
+    if len(argv) >= 3 and argv[0] not in SUBCOMMANDS and any(a.startswith("-o") for a in argv[2:]):
+        argv = from_fstab(argv)  # how mount.fuse3 calls us; a mistyped subcommand still gets argparse's error
     p = argparse.ArgumentParser(
         prog="kacheryfs",
         description="Content-addressed storage: serve a store, mount hash URLs as files, manage the cache.",
