@@ -24,7 +24,7 @@ from kacheryfs.errors import ChannelUnavailable, ConfigError, NotFound
 from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.resolver import BlobRef, Resolver
 from kacheryfs.store import LocalStore
-from kacheryfs.uri import KacheryURL, file_url, format_url, parse_url
+from kacheryfs.uri import KacheryURL, file_url, format_url
 
 _SETTINGS = ("fr", "to", "storage_dir", "use_hard_links", "channel_timeout", "config_file")
 _overrides: dict[str, Any] = {}
@@ -206,7 +206,7 @@ def load_bytes(url: str, start: int | None = None, end: int | None = None, *, fr
     if start is None and end is None:
         with res.open_blob(ref.alg, ref.digest, ref.size, progress=progress_bar) as f:
             return f.read()
-    size = ref.size if ref.size is not None else _find_size(res, ref)
+    size = ref.size if ref.size is not None else find_size(res, ref)
     lo, hi = check_range(start, end, size)
     return res.read_range(ref.alg, ref.digest, lo, hi)
 
@@ -224,7 +224,8 @@ def check_range(start: int | None, end: int | None, size: int) -> tuple[int, int
     return lo, min(hi, size)
 
 
-def _find_size(res: Resolver, ref: BlobRef) -> int:
+def find_size(res: Resolver, ref: BlobRef) -> int:
+    """The size of a blob, asking the channels when it is not local (NotFound if nobody has it)."""
     found = res.find(ref.alg, ref.digest)
     if found is None:
         raise NotFound(f"{ref.alg}://{ref.digest} was found in no store or channel")
@@ -350,8 +351,3 @@ def get_file_info(url: str, *, fr: Names = None) -> dict[str, Any]:
         digests = res.store.digests(ref.alg, ref.digest)
         info.update(path=str(path), sha1=digests.sha1, md5=digests.md5)
     return info
-
-
-def parse(url: str) -> KacheryURL:
-    """Parse a URL (InvalidURL with the reason when malformed)."""
-    return parse_url(url)

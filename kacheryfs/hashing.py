@@ -10,7 +10,7 @@ import hashlib
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -105,23 +105,10 @@ def copy_and_hash(
     return digests
 
 
-def hash_chunks(chunks: Iterable[bytes], *, md5: bool = True) -> Digests:
-    """Digests of the concatenation of `chunks`."""
-    hasher = Hasher(md5=md5)
-    for chunk in chunks:
-        hasher.update(bytes(chunk))
-    return hasher.finish()
-
-
 def hash_file(path: str | Path, *, md5: bool = True) -> Digests:
     """Digests of the file at `path`."""
     with open(path, "rb", buffering=0) as f:
         return copy_and_hash(f, None, md5=md5)  # type: ignore[arg-type]
-
-
-def hash_bytes(data: bytes, *, md5: bool = True) -> Digests:
-    """Digests of an in-memory byte string."""
-    return Digests(len(data), hashlib.sha1(data).hexdigest(), hashlib.md5(data).hexdigest() if md5 else None)
 
 
 def write_all(fd: int, chunk: bytes) -> None:

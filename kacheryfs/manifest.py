@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +64,7 @@ class DirNode:
     def total_size(self) -> int:
         return sum(f.size for f in self.files.values()) + sum(d.total_size() for d in self.dirs.values())
 
-    def walk(self, prefix: str = ""):  # -> Iterator[tuple[str, FileEntry]]
+    def walk(self, prefix: str = "") -> Iterator[tuple[str, FileEntry]]:
         """Every (relative path, FileEntry) below this directory."""
         for name, entry in self.files.items():
             yield prefix + name, entry

@@ -12,6 +12,7 @@ import kacheryfs as ka
 from kacheryfs.errors import StoreFull
 from kacheryfs.store import CacheLimits, LocalStore
 from kacheryfs.store.fsck import fsck
+from kacheryfs.uri import parse_url
 
 MiB = 1 << 20
 
@@ -80,7 +81,7 @@ def test_pinning_a_snapshot_pins_every_file_in_it(tmp_path, storage_dir):
     (tmp_path / "ds" / "sub" / "b").write_text("b")
     url = ka.store_dir(tmp_path / "ds")
     loose = ka.store_text("loose")
-    parsed = ka.api.parse(url)
+    parsed = parse_url(url)
     store = LocalStore(storage_dir, limits=CacheLimits(max_size=1))
     store.cache.pin("sha1", parsed.hash, is_dir=True)
     store.cache.evict()

@@ -77,7 +77,7 @@ def _cat(argv: Sequence[str] | None) -> int:
         with res.open_blob(ref.alg, ref.digest, ref.size, progress=api.progress_bar) as f:
             _copy_to_stdout(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         return 0
-    size = ref.size if ref.size is not None else api._find_size(res, ref)
+    size = ref.size if ref.size is not None else api.find_size(res, ref)
     lo, hi = api.check_range(args.start, args.end, size)
     if res.store.has(ref.alg, ref.digest):
         with res.store.open(ref.alg, ref.digest) as f:

@@ -125,6 +125,8 @@ class Cache:
         if not self.pins_dir.is_dir():
             return
         for entry in os.scandir(self.pins_dir):
+            if entry.name.endswith(".tmp"):
+                continue  # a pin being written (or one a crash interrupted)
             alg, _, rest = entry.name.partition("-")
             digest, _, tail = rest.partition(".")
             if alg in ALGORITHMS and is_hash(alg, digest):
@@ -135,7 +137,7 @@ class Cache:
         """Every blob path that must not be evicted because of a pin."""
         out: set[Path] = set()
         for alg, digest, is_dir, _reason in self.pins():
-            path = self.blob_path(alg, digest)
+            path = blob_path(self.root, alg, digest)
             out.add(path)
             if not is_dir or not path.exists():
                 continue
@@ -145,11 +147,8 @@ class Cache:
                 log.warning("pinned snapshot %s:%s cannot be read (%s); only its manifest is kept", alg, digest, err)
                 continue
             for _rel, entry in node.walk():
-                out.add(self.blob_path(entry.alg, entry.digest))
+                out.add(blob_path(self.root, entry.alg, entry.digest))
         return out
-
-    def blob_path(self, alg: str, digest: str) -> Path:
-        return self.root / alg / digest[0:2] / digest[2:4] / digest[4:6] / digest
 
     # -- usage and eviction ----------------------------------------------------------
     def scan(self) -> dict[tuple[int, int], Blob]:
@@ -262,7 +261,13 @@ def _remove_unless_open(paths: list[Path]) -> bool:
         os.close(fd)
 
 
+def blob_path(root: Path, alg: str, digest: str) -> Path:
+    """Where a blob lives under a store root: `<alg>/aa/bb/cc/<hash>`, as every kachery wrote it."""
+    digest = check_hash(alg, digest)
+    return root / f"{alg}/{digest[0:2]}/{digest[2:4]}/{digest[4:6]}/{digest}"  # one join: it is on the open path
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from kacheryfs.errors import HashMismatch, NotFound, StoreError, StoreFull
 from kacheryfs.hashing import CHUNK, Digests, Hasher, hash_file, write_all
-from kacheryfs.store.cache import Cache, CacheLimits
+from kacheryfs.store.cache import Cache, CacheLimits, blob_path
 from kacheryfs.uri import ALGORITHMS, check_hash, is_hash
 
 if TYPE_CHECKING:
@@ -173,8 +173,7 @@ class LocalStore:
 
     # -- reading -------------------------------------------------------------------
     def blob_path(self, alg: str, digest: str) -> Path:
-        digest = check_hash(alg, digest)
-        return self.root / f"{alg}/{digest[0:2]}/{digest[2:4]}/{digest[4:6]}/{digest}"  # one join: on the open path
+        return blob_path(self.root, alg, digest)
 
     def size(self, alg: str, digest: str) -> int | None:
         """Size of the blob, or None when this store does not have it."""
