@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import itertools
 import logging
 import os
 import stat
@@ -380,6 +381,11 @@ class FUSE(mfusepy.FUSE):
     again; sending all attributes makes a first `ls -l` of 10,000 files ~4× cheaper.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._dir_handles = itertools.count(1)
+        self._listings: dict[int, list[Any] | None] = {}  # open directory handle → its listing, once built
+        super().__init__(*args, **kwargs)  # mounts and runs the loop: everything above must exist first
+
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         # mfusepy drops renameat2's flags: `mv -n` (RENAME_NOREPLACE) would then overwrite.
         decode = self.encoding, self.errors
@@ -405,16 +411,31 @@ class FUSE(mfusepy.FUSE):
 
     def opendir(self, path: bytes, fip: Any) -> int:
         result = super().opendir(path, fip)
+        # A handle of our own: the listing is built once per open and paged from, not per call.
+        fip.contents.fh = handle = next(self._dir_handles)
+        self._listings[handle] = None
         if self.operations.view.staged(path.decode(self.encoding, self.errors)) is None:
             # Snapshot listings never change: the kernel may keep and reuse them across opens.
             fip.contents.cache_readdir = 1
             fip.contents.keep_cache = 1
         return result
 
+    def releasedir(self, path: bytes | None, fip: Any) -> int:
+        self._listings.pop(fip.contents.fh, None)
+        return super().releasedir(path, fip)
+
+    def _listing(self, path: bytes, fh: int) -> list[Any]:
+        items = self._listings.get(fh)
+        if items is None:
+            items = self.operations.readdir(path.decode(self.encoding, self.errors), fh)
+            if fh in self._listings:
+                self._listings[fh] = items
+        return items
+
     def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
         if not flags & _FUSE_READDIR_PLUS or path is None:
             return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
-        items = self.operations.readdir(path.decode(self.encoding, self.errors), fip.contents.fh)
+        items = self._listing(path, fip.contents.fh)
         for index in range(offset, len(items)):
             # Each entry carries the offset of the next one. libfuse then replies at once, with
             # the entry's node id; at offset 0 it buffers the listing and sends the entries
