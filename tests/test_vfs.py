@@ -176,12 +176,12 @@ def test_concurrent_opens_share_one_download(store: LocalStore) -> None:
 
 
 def test_a_slow_channel_costs_eio_after_fetch_timeout(store: LocalStore) -> None:
-    channel = FakeChannel({sha1(b"remote"): b"remote"}, delay=3)
+    channel = FakeChannel({sha1(b"remote"): b"remote"}, delay=30)
     view = FileSystemView(Resolver(store, [channel]), fetch_timeout=0.3)
     started = time.monotonic()
     with pytest.raises(ChannelUnavailable, match="fetch_timeout"):
         view.open(f"/sha1/{sha1(b'remote')}")
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 10  # bounded by fetch_timeout, not by the 30 s channel (loose: no timing claim)
 
 
 def test_wrong_bytes_from_a_channel_are_refused_and_not_stored(store: LocalStore) -> None:
