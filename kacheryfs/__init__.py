@@ -33,9 +33,19 @@ from kacheryfs.errors import (
     KacheryError,
     NotFound,
 )
-from kacheryfs.mount.paths import mount_path, url_of
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # The mount's path helpers pull in the whole filesystem view: imported only when used,
+    # so `kachery-cat` and friends start faster.
+    if name in ("mount_path", "url_of"):
+        from kacheryfs.mount import paths
+
+        return getattr(paths, name)
+    raise AttributeError(f"module 'kacheryfs' has no attribute {name!r}")
+
 
 __all__ = [
     "ChannelUnavailable",
