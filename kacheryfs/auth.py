@@ -61,4 +61,5 @@ def verify(key: bytes, op: str, alg: str, digest: str, channel: str, expires: st
     if when < now or when > now + MAX_LIFETIME:
         return False
     expected = sign(key, op, alg, digest, channel, when)
-    return hmac.compare_digest(expected, signature or "")
+    # As bytes: compare_digest refuses str holding non-ASCII (TypeError), which a query may carry.
+    return hmac.compare_digest(expected.encode(), (signature or "").encode("utf-8", "surrogatepass"))

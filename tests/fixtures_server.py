@@ -1,4 +1,5 @@
-"""Real servers for the server and channel tests: `kacheryfs serve` processes, nginx, a silent socket.
+"""Real servers for the server and channel tests: `kacheryfs serve` processes, nginx, a silent
+socket, and a scripted server that misbehaves on purpose.
 
 Everything listens on 127.0.0.1 only and is stopped by its fixture.
 """
@@ -14,7 +15,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -51,11 +53,11 @@ def write_config(directory: Path, channels: list[dict]) -> None:
 class ServerProcess:
     """`python -m kacheryfs.server DIR` in a subprocess; its stderr is collected in `log`."""
 
-    def __init__(self, directory: Path, port: int = 0) -> None:
+    def __init__(self, directory: Path, port: int = 0, options: tuple[str, ...] = ()) -> None:
         self.directory = directory
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kacheryfs.server", str(directory), "--port", str(port)],
+            [sys.executable, "-m", "kacheryfs.server", str(directory), "--port", str(port), *options],
             stderr=subprocess.PIPE,
             text=True,
             env=env,
@@ -203,3 +205,46 @@ def silent_server() -> Iterator[str]:
     listener.close()
     for conn in held:
         conn.close()
+
+
+Respond = Callable[[BaseHTTPRequestHandler], None]
+
+
+class ScriptedServer:
+    """An HTTP server whose every answer is written by `respond(handler)`: a channel that misbehaves."""
+
+    def __init__(self, respond: Respond) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self) -> None:
+                try:
+                    respond(self)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client stopped reading, as it should
+
+            do_GET = do_HEAD = do_POST = answer
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+@pytest.fixture
+def scripted_server() -> Iterator[Callable[[Respond], ScriptedServer]]:
+    """Start ScriptedServers; all are stopped at the end of the test."""
+    started: list[ScriptedServer] = []
+
+    def start(respond: Respond) -> ScriptedServer:
+        started.append(ScriptedServer(respond))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
+import tracemalloc
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-from fixtures_server import PASSWORD, PUBLIC_PASSWORD, REPO, NginxProcess, ServerProcess, free_port, quota, start_nginx
+from fixtures_server import (
+    PASSWORD,
+    PUBLIC_PASSWORD,
+    REPO,
+    NginxProcess,
+    Respond,
+    ScriptedServer,
+    ServerProcess,
+    free_port,
+    quota,
+    start_nginx,
+)
 from fixtures_server import write_config as write_server_config
 
 from kacheryfs.errors import (
@@ -17,6 +32,7 @@ from kacheryfs.errors import (
     ChannelUnavailable,
     Forbidden,
     HashMismatch,
+    KacheryError,
     NotFound,
     QuotaExceeded,
     StoreFull,
@@ -102,6 +118,20 @@ def test_read_range_returns_the_bytes_asked_for(server: ServerProcess, server_di
     assert channel.read_range("sha1", SHA1, 1000, 5000) == DATA[1000:5000]
     assert channel.read_range("sha1", SHA1, len(DATA) - 10, len(DATA) + 100) == DATA[-10:]
     assert channel.read_range("sha1", SHA1, len(DATA) + 5, len(DATA) + 10) == b""
+
+
+def test_upload_of_an_empty_file(server: ServerProcess, tmp_path: Path, local: LocalStore) -> None:
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    digest = hashlib.sha1(b"").hexdigest()
+    assert lab(server.url).upload("sha1", digest, empty, 0) is True
+    assert lab(server.url).check("sha1", digest) == 0
+
+
+def test_upload_whose_bytes_do_not_match_the_hash_is_a_mismatch(server: ServerProcess, data_file: Path) -> None:
+    other = hashlib.sha1(b"other").hexdigest()
+    with pytest.raises(HashMismatch):
+        lab(server.url).upload("sha1", other, data_file, len(DATA))
 
 
 def test_wrong_password_is_an_auth_error(server: ServerProcess) -> None:
@@ -217,6 +247,90 @@ def test_server_behind_a_path_prefix(server: ServerProcess, tmp_path: Path, loca
         fetch_into(channel, local, SHA1, len(DATA))
     finally:
         nginx.stop()
+
+
+# -- misbehaving servers ------------------------------------------------------------
+
+
+def answer(status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> Respond:
+    """A responder sending `body` with a Content-Length, or until it closes when `headers` says so."""
+
+    def respond(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(status)
+        sent = dict({"Content-Length": str(len(body))}, **(headers or {}))
+        for name, value in sent.items():
+            if value:
+                handler.send_header(name, value)
+        handler.end_headers()
+        if handler.command != "HEAD":
+            for at in range(0, len(body), 1 << 20):
+                handler.wfile.write(body[at : at + (1 << 20)])
+
+    return respond
+
+
+def error(status: int, **headers: str) -> Respond:
+    return answer(status, json.dumps({"error": "scripted"}).encode(), headers)
+
+
+Scripted = Callable[[Respond], ScriptedServer]
+
+
+def test_fetch_stops_as_soon_as_a_body_without_length_outgrows_the_expected_size(
+    scripted_server: Scripted, local: LocalStore
+) -> None:
+    # No Content-Length: the body runs until the connection closes, far past the expected size.
+    rogue = scripted_server(answer(200, bytes(32 << 20), {"Content-Length": "", "Connection": "close"}))
+    with pytest.raises(HashMismatch, match="more than"), local.writer() as writer:
+        try:
+            lab(rogue.url).fetch("sha1", SHA1, writer, expected_size=1 << 20)
+        finally:
+            assert writer.size <= 1 << 20
+
+
+def test_read_range_from_a_server_that_ignores_range_streams_only_what_it_needs(scripted_server: Scripted) -> None:
+    blob = os.urandom(64 << 20)
+    rogue = scripted_server(answer(200, blob))  # a 200 with the whole blob, whatever the Range
+    channel = lab(rogue.url)
+    tracemalloc.start()
+    try:
+        assert channel.read_range("sha1", SHA1, 5 << 20, (5 << 20) + 10) == blob[5 << 20 : (5 << 20) + 10]
+        assert channel.read_range("sha1", SHA1, 0, 10) == blob[:10]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20  # a few chunks, never the whole blob
+
+
+def test_read_range_refuses_a_206_for_other_bytes(scripted_server: Scripted) -> None:
+    rogue = scripted_server(answer(206, bytes(10), {"Content-Range": "bytes 0-9/100"}))
+    with pytest.raises(ChannelUnavailable, match="wrong bytes"):
+        lab(rogue.url).read_range("sha1", SHA1, 50, 60)
+
+
+@pytest.mark.parametrize("call", ["check", "fetch", "read_range"])
+def test_400_on_a_read_is_an_unusable_channel_not_wrong_bytes(
+    scripted_server: Scripted, local: LocalStore, call: str
+) -> None:
+    # We sent a well-formed hash, so a 400 says the server cannot serve it: try the next channel.
+    channel = lab(scripted_server(error(400)).url)
+    with pytest.raises(ChannelUnavailable), local.writer() as writer:
+        if call == "check":
+            channel.check("sha1", SHA1)
+        elif call == "fetch":
+            channel.fetch("sha1", SHA1, writer)
+        else:
+            channel.read_range("sha1", SHA1, 0, 10)
+
+
+@pytest.mark.parametrize("kind", [AuthError, Forbidden, NotFound, TooLarge, QuotaExceeded, StoreFull])
+def test_each_error_status_of_the_server_is_raised_as_its_error(
+    scripted_server: Scripted, local: LocalStore, kind: type[KacheryError]
+) -> None:
+    channel = lab(scripted_server(error(kind.http_status)).url)
+    with pytest.raises(kind) as caught, local.writer() as writer:
+        channel.fetch("sha1", SHA1, writer)
+    assert type(caught.value) is kind
 
 
 # -- faults --------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ from fixtures_server import PASSWORD, REPO, ServerProcess, quota, write_config
 
 from kacheryfs import auth
 from kacheryfs.errors import ConfigError, Forbidden, QuotaExceeded, TooLarge
+from kacheryfs.server.app import make_app
 from kacheryfs.server.channels import Quota, load_channels
 from kacheryfs.server.quotas import QuotaLedger
 from kacheryfs.store import LocalStore
@@ -134,6 +136,14 @@ def test_expired_signature_is_401(server: ServerProcess) -> None:
         "signature": auth.sign(key, "download", "sha1", SHA1, "lab", expires),
     }
     assert requests.get(f"{server.url}/get/sha1/{SHA1}", params=query).status_code == 401
+
+
+def test_non_ascii_signature_is_401(server: ServerProcess) -> None:
+    upload(server, DATA)
+    query = dict(signed("lab", "download", SHA1), signature="é" * 64)
+    answer = requests.get(f"{server.url}/get/sha1/{SHA1}", params=query)
+    assert answer.status_code == 401
+    assert "error" in answer.json()
 
 
 def test_signature_for_another_hash_is_401(server: ServerProcess) -> None:
@@ -280,12 +290,40 @@ def test_simultaneous_limit_is_429_at_once(server_dir: Path) -> None:
         server.stop()
 
 
+def test_stalled_upload_is_dropped_and_frees_its_slot(server_dir: Path) -> None:
+    write_config(server_dir, [{"name": "lab", "password": PASSWORD, "uploadQuotas": [quota(simultaneous=1)]}])
+    server = ServerProcess(server_dir, options=("--stall-timeout", "1"))
+    try:
+        query = "&".join(f"{k}={v}" for k, v in signed("lab", "upload", SHA1).items())
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as stalled:
+            head = f"POST /set/sha1/{SHA1}?{query} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(DATA)}\r\n\r\n"
+            stalled.sendall(head.encode() + DATA[:100])
+            assert stalled.makefile("rb").readline().split()[1] == b"408"
+            assert upload(server, DATA).status_code == 200  # the connection is still open, its slot is not
+    finally:
+        server.stop()
+
+
 def test_quota_counters_survive_a_restart(server_dir: Path) -> None:
     server = quota_server(server_dir, files=2)
     try:
         upload(server, DATA)
         assert download(server).status_code == 200
         server.stop()
+        server = ServerProcess(server_dir)
+        assert download(server).status_code == 200
+        assert download(server).status_code == 429
+    finally:
+        server.stop()
+
+
+def test_quota_counters_survive_a_crash_a_second_later(server_dir: Path) -> None:
+    server = quota_server(server_dir, files=2)
+    try:
+        upload(server, DATA)
+        assert download(server).status_code == 200
+        time.sleep(1.5)  # counters reach the disk at most a second after they change
+        server.kill()
         server = ServerProcess(server_dir)
         assert download(server).status_code == 200
         assert download(server).status_code == 429
@@ -316,10 +354,32 @@ def test_failed_transfer_is_refunded(tmp_path: Path) -> None:
         pass
 
 
+def test_counting_a_transfer_does_no_disk_io_and_saves_are_batched(tmp_path: Path) -> None:
+    path = tmp_path / "counters.json"
+    ledger = QuotaLedger(path)
+    writes: list[str] = []
+    write = ledger._write
+    ledger._write = lambda doc: (writes.append(doc), write(doc))  # type: ignore[method-assign]
+    quota = Quota("all", max_file_size=10**9, max_simultaneous=4, max_files_per_day=1000, max_bytes_per_day=10**9)
+
+    async def serve_a_while() -> None:
+        saver = asyncio.create_task(ledger.persist(interval=0.2))
+        for _ in range(100):
+            with ledger.transfer("lab", "download", quota, 10):
+                pass
+        assert not path.exists()  # counting happens on the event loop: no file I/O there
+        await asyncio.sleep(0.3)
+        saver.cancel()
+
+    asyncio.run(serve_a_while())
+    assert len(writes) == 1
+    assert QuotaLedger(path)._daily["lab/download/all"] == {"files": 100, "bytes": 1000}
+
+
 def test_quota_is_the_first_whose_max_file_size_fits(server_dir: Path) -> None:
     small, large = quota("small", max_file_size=100), quota("large", max_file_size=10**6)
     write_config(server_dir, [{"name": "c", "password": "p", "downloadQuotas": [small, large]}])
-    channel = load_channels(server_dir)["c"]
+    channel = load_channels(server_dir, {})["c"]
     assert channel.quota("download", 100).name == "small"
     assert channel.quota("download", 101).name == "large"
     with pytest.raises(TooLarge):
@@ -333,14 +393,14 @@ def test_quota_is_the_first_whose_max_file_size_fits(server_dir: Path) -> None:
 
 def test_missing_kachery_json_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="kachery.json is missing"):
-        load_channels(tmp_path)
+        load_channels(tmp_path, {})
 
 
 def test_invalid_quota_names_the_bad_key(tmp_path: Path) -> None:
     bad = dict(quota(), maxFileSize="big")
     write_config(tmp_path, [{"name": "lab", "password": "p", "uploadQuotas": [quota(), bad]}])
     with pytest.raises(ConfigError, match=re.escape("channels[0].uploadQuotas[1].maxFileSize")):
-        load_channels(tmp_path)
+        load_channels(tmp_path, {})
 
 
 def test_password_can_come_from_the_environment(tmp_path: Path) -> None:
@@ -348,6 +408,16 @@ def test_password_can_come_from_the_environment(tmp_path: Path) -> None:
     assert load_channels(tmp_path, {"LAB_PW": "s3"})["lab"].key == auth.channel_key("lab", "s3")
     with pytest.raises(ConfigError, match="LAB_PW"):
         load_channels(tmp_path, {})
+
+
+def test_server_reads_passwords_from_the_environment_it_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_config(tmp_path, [{"name": "lab", "password": {"env": "LAB_PW"}}])
+    monkeypatch.setenv("LAB_PW", "from the process")
+    with pytest.raises(ConfigError, match="LAB_PW"):
+        make_app(tmp_path, {})  # configuration enters at the edge, never from os.environ below it
+    make_app(tmp_path, {"LAB_PW": "s3"})
 
 
 def test_server_refuses_to_start_on_a_bad_config(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -15,10 +16,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", type=Path, help="storage directory holding kachery.json")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="port (default: any free port, printed on start)")
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="drop an upload that sends nothing for this long, freeing its transfer slot (default 60)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from kacheryfs.server.app import STALL_TIMEOUT
     from kacheryfs.server.app import run as serve
 
-    serve(args.directory, host=args.host, port=args.port)
+    stall_timeout = STALL_TIMEOUT if args.stall_timeout is None else args.stall_timeout
+    # The one place the server's configuration meets the process environment.
+    serve(args.directory, os.environ, host=args.host, port=args.port, stall_timeout=stall_timeout)
     return 0

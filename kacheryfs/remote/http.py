@@ -13,7 +13,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -37,14 +37,10 @@ from kacheryfs.store import BlobWriter
 from kacheryfs.uri import check_hash
 
 _OPERATIONS = {"check": "check", "get": "download", "set": "upload"}
+# The errors the server sends (kacheryfs.errors gives each its status) that mean the same
+# whatever the request. A 400 is not among them: see `_error_for`.
 _STATUS_ERRORS: dict[int, type[KacheryError]] = {
-    400: HashMismatch,
-    401: AuthError,
-    403: Forbidden,
-    404: NotFound,
-    413: TooLarge,
-    429: QuotaExceeded,
-    507: StoreFull,
+    error.http_status: error for error in (AuthError, Forbidden, NotFound, TooLarge, QuotaExceeded, StoreFull)
 }
 _BACKOFF = 0.2  # seconds before the first retry; doubled for each next one
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+)")
@@ -86,7 +82,7 @@ class HttpChannel:
         with self._request("GET", "check", alg, digest) as response:
             if response.status_code == 404:
                 return self._head_size(alg, digest)  # no /check: a static mirror
-            self._raise_for(response)
+            self._raise_for(response, "check")
             try:
                 answer = response.json()
                 return int(answer["size"]) if answer["found"] else None
@@ -98,7 +94,7 @@ class HttpChannel:
         with self._request("HEAD", "get", alg, digest, headers=_IDENTITY) as response:
             if response.status_code == 404:
                 return None
-            self._raise_for(response)
+            self._raise_for(response, "get")
             try:
                 return int(response.headers["Content-Length"])
             except (KeyError, ValueError) as err:
@@ -119,17 +115,19 @@ class HttpChannel:
             start = writer.size
             headers = dict(_IDENTITY, Range=f"bytes={start}-") if start else _IDENTITY
             with self._request("GET", "get", alg, digest, headers=headers, stream=True, deadline=deadline) as response:
-                self._raise_for(response)
+                self._raise_for(response, "get")
                 skip = self._check_body(response, alg, digest, start, expected_size)
                 try:
-                    for chunk in response.iter_content(CHUNK):
+                    for chunk in _body(response, skip):
                         deadline = time.monotonic() + self.timeout
-                        if skip:  # the server ignored our Range: drop what we already have
-                            chunk, skip = chunk[skip:], max(0, skip - len(chunk))
-                        if chunk:
-                            writer.write(chunk)
-                            if progress is not None:
-                                progress(len(chunk))
+                        if expected_size is not None and writer.size + len(chunk) > expected_size:
+                            # A body without a length, or longer than it said: stop before it fills the disk.
+                            raise HashMismatch(
+                                f"{self._where('get')} sent more than the {expected_size} bytes of {alg}://{digest}"
+                            )
+                        writer.write(chunk)
+                        if progress is not None:
+                            progress(len(chunk))
                     return
                 except requests.RequestException as err:
                     # Resume from writer.size; give up after `retries` attempts that brought nothing.
@@ -142,11 +140,22 @@ class HttpChannel:
         if end <= start:
             return b""
         headers = dict(_IDENTITY, Range=f"bytes={start}-{end - 1}")
-        with self._request("GET", "get", alg, digest, headers=headers) as response:
+        with self._request("GET", "get", alg, digest, headers=headers, stream=True) as response:
             if response.status_code == 416:  # start is past the end of the blob
                 return b""
-            self._raise_for(response)
-            return response.content if response.status_code == 206 else response.content[start:end]
+            self._raise_for(response, "get")
+            # A 200 (the server ignored the Range) is streamed to `start`, never held whole.
+            skip = self._check_body(response, alg, digest, start, None)
+            wanted, parts = end - start, []
+            try:
+                for chunk in _body(response, skip):
+                    parts.append(chunk[:wanted])
+                    wanted -= len(parts[-1])
+                    if not wanted:
+                        break
+            except requests.RequestException as err:
+                raise ChannelUnavailable(f"{self._where('get')} broke off: {_reason(err)}") from err
+            return b"".join(parts)
 
     def upload(self, alg: str, digest: str, path: Path, size: int, progress: Progress | None = None) -> bool:
         digest = check_hash(alg, digest)
@@ -158,8 +167,10 @@ class HttpChannel:
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size != size:
                 raise HashMismatch(f"{path} has changed: it is no longer {size} bytes long")
-            with self._request("POST", "set", alg, digest, body=lambda: _FileBody(f, size, progress)) as response:
-                self._raise_for(response)
+            # An empty iterable body would be sent chunked; an empty bytes body gets Content-Length: 0.
+            body = (lambda: _FileBody(f, size, progress)) if size else (lambda: b"")
+            with self._request("POST", "set", alg, digest, body=body) as response:
+                self._raise_for(response, "set")
         return True
 
     def _request(
@@ -170,7 +181,7 @@ class HttpChannel:
         digest: str,
         *,
         headers: dict[str, str] | None = None,
-        body: Callable[[], _FileBody] | None = None,
+        body: Callable[[], _FileBody | bytes] | None = None,
         stream: bool = False,
         deadline: float | None = None,
     ) -> requests.Response:
@@ -228,10 +239,10 @@ class HttpChannel:
             raise HashMismatch(f"{self._where('get')} has {total} bytes for {alg}://{digest}, expected {expected_size}")
         return skip
 
-    def _raise_for(self, response: requests.Response) -> None:
+    def _raise_for(self, response: requests.Response, endpoint: str) -> None:
         if response.status_code < 300:
             return
-        error = _STATUS_ERRORS.get(response.status_code, ChannelUnavailable)
+        error = _error_for(response, endpoint)
         url = response.url.split("?", 1)[0]
         raise error(f"channel {self.name!r} ({url}): {_error_text(response)} (HTTP {response.status_code})")
 
@@ -240,20 +251,42 @@ class HttpChannel:
 
 
 class _FileBody:
-    """An upload body read from the start of `file`, with a length (so it is not sent chunked) and progress."""
+    """An upload body: `file` from its start in CHUNK pieces, with progress.
+
+    Iterable, so the HTTP client sends each piece with one sendall (given a file object it
+    would read and send 16 KiB at a time); sized, so it is sent with Content-Length, not chunked.
+    """
 
     def __init__(self, file: BinaryIO, size: int, progress: Progress | None) -> None:
-        file.seek(0)  # a retry sends the file again from its start
         self._file, self._size, self._progress = file, size, progress
 
     def __len__(self) -> int:
         return self._size
 
-    def read(self, n: int = -1) -> bytes:
-        chunk = self._file.read(n)
-        if chunk and self._progress is not None:
-            self._progress(len(chunk))
-        return chunk
+    def __iter__(self) -> Iterator[bytes]:
+        self._file.seek(0)  # a retry sends the file again from its start
+        while chunk := self._file.read(CHUNK):
+            yield chunk
+            if self._progress is not None:
+                self._progress(len(chunk))
+
+
+def _body(response: requests.Response, skip: int) -> Iterator[bytes]:
+    """The body's non-empty chunks, without its first `skip` bytes (a server that ignored our Range)."""
+    for chunk in response.iter_content(CHUNK):
+        if skip:
+            chunk, skip = chunk[skip:], max(0, skip - len(chunk))
+        if chunk:
+            yield chunk
+
+
+def _error_for(response: requests.Response, endpoint: str) -> type[KacheryError]:
+    status = response.status_code
+    if status == HashMismatch.http_status:
+        # On /set the server refused the bytes we sent. On /get or /check we sent a valid hash
+        # (check_hash), so the server is one we cannot use: another channel may do.
+        return HashMismatch if endpoint == "set" else ChannelUnavailable
+    return _STATUS_ERRORS.get(status, ChannelUnavailable)
 
 
 def _retry_after(response: requests.Response) -> float:

@@ -8,11 +8,13 @@ kacheryfs errors translated here, and only here, into an HTTP status and `{"erro
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -29,18 +31,20 @@ from kacheryfs.uri import check_hash
 log = logging.getLogger(__name__)
 COUNTERS_PATH = Path(".kacheryfs") / "quota-counters.json"
 SHUTDOWN_TIMEOUT = 3.0  # seconds
+STALL_TIMEOUT = 60.0  # seconds an upload body may send nothing before it is dropped and its slot freed
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class StorageServer:
     """The request handlers, over one store, its channels and their quota ledger."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, environ: Mapping[str, str], stall_timeout: float = STALL_TIMEOUT) -> None:
         if not directory.is_dir():
             raise ConfigError(f"{directory} is not a directory: give the server's storage directory")
-        self.channels = load_channels(directory)
+        self.channels = load_channels(directory, environ)
         self.store = LocalStore(directory)
         self.ledger = QuotaLedger(directory / COUNTERS_PATH)
+        self.stall_timeout = stall_timeout
 
     async def probe(self, request: web.Request) -> web.Response:
         return web.json_response({"success": True})
@@ -83,12 +87,30 @@ class StorageServer:
     async def _receive(self, request: web.Request, alg: str, digest: str, size: int) -> None:
         # Disk writes and digests run off the event loop; at most one chunk is held in memory.
         with await asyncio.to_thread(self.store.writer) as writer:
-            remaining = size
-            while remaining:
-                chunk = await request.content.readexactly(min(CHUNK, remaining))
+            async for chunk in self._body(request, size):
                 await asyncio.to_thread(writer.write, chunk)
-                remaining -= len(chunk)
             await asyncio.to_thread(writer.commit, expect_alg=alg, expect_hash=digest, expect_size=size)
+
+    async def _body(self, request: web.Request, size: int) -> AsyncIterator[bytes]:
+        """The upload body in chunks of about CHUNK bytes; 408 when it stalls for `stall_timeout`."""
+        parts: list[bytes] = []
+        held = remaining = size
+        while remaining:
+            try:
+                async with asyncio.timeout(self.stall_timeout):
+                    part = await request.content.readany()
+            except TimeoutError:
+                raise web.HTTPRequestTimeout(
+                    reason=f"the upload sent nothing for {self.stall_timeout:g} s: send it again"
+                ) from None
+            if not part:
+                raise asyncio.IncompleteReadError(b"", remaining)  # the client went away
+            part = part[:remaining]
+            parts.append(part)
+            remaining -= len(part)
+            if held - remaining >= CHUNK or not remaining:
+                yield parts[0] if len(parts) == 1 else b"".join(parts)
+                parts, held = [], remaining
 
     def _authorize(self, request: web.Request, op: str, alg: str, digest: str) -> ServerChannel:
         query = request.query
@@ -163,10 +185,14 @@ async def _errors_and_log(request: web.Request, handler: Handler) -> web.StreamR
         log.info("%s %s %s %d %.0fms", request.method, request.path, status, nbytes, ms)
 
 
-def make_app(directory: Path) -> web.Application:
-    """The aiohttp application serving `directory` (ConfigError if its kachery.json is bad)."""
-    server = StorageServer(Path(directory))
+def make_app(directory: Path, environ: Mapping[str, str], stall_timeout: float = STALL_TIMEOUT) -> web.Application:
+    """The aiohttp application serving `directory` (ConfigError if its kachery.json is bad).
+
+    `environ` holds the variables that kachery.json names for passwords.
+    """
+    server = StorageServer(Path(directory), environ, stall_timeout)
     app = web.Application(middlewares=[_errors_and_log])
+    app.cleanup_ctx.append(functools.partial(_persisting, server.ledger))
     blob = "/{alg}/{hash}"
     app.router.add_get("/probe", server.probe)
     app.router.add_get("/check" + blob, server.check)
@@ -175,10 +201,25 @@ def make_app(directory: Path) -> web.Application:
     return app
 
 
-def run(directory: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+async def _persisting(ledger: QuotaLedger, app: web.Application) -> AsyncIterator[None]:
+    """Keep the quota counters saved while the app runs, and save them once more at its end."""
+    task = asyncio.create_task(ledger.persist())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def run(
+    directory: Path,
+    environ: Mapping[str, str],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    stall_timeout: float = STALL_TIMEOUT,
+) -> None:
     """Serve `directory` until SIGINT or SIGTERM; print the bound address to stderr."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    asyncio.run(_serve(make_app(Path(directory)), host, port))
+    asyncio.run(_serve(make_app(Path(directory), environ, stall_timeout), host, port))
 
 
 async def _serve(app: web.Application, host: str, port: int) -> None:

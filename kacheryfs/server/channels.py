@@ -7,7 +7,6 @@ Every key is checked at start, and a bad one is named in the ConfigError
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +57,11 @@ class ServerChannel:
         raise TooLarge(f"{size} bytes is over the {largest}-byte {direction} limit of channel {self.name!r}")
 
 
-def load_channels(directory: Path, environ: Mapping[str, str] = os.environ) -> dict[str, ServerChannel]:
-    """Parse `directory/kachery.json`; ConfigError naming the file and the bad key otherwise."""
+def load_channels(directory: Path, environ: Mapping[str, str]) -> dict[str, ServerChannel]:
+    """Parse `directory/kachery.json`; ConfigError naming the file and the bad key otherwise.
+
+    `environ` resolves passwords given as `{"env": "VARIABLE"}`: the caller passes it in.
+    """
     path = directory / CONFIG_NAME
     try:
         doc = json.loads(path.read_text())

@@ -1,12 +1,14 @@
 """Quota accounting: transfers in flight and files and bytes per UTC day, per channel quota.
 
-Daily counts are saved to a JSON file (temp file, fsync, rename) on every change, so a
-restart does not hand out a fresh day's allowance. A transfer is counted when it starts,
-so concurrent ones cannot overshoot a limit, and refunded if it fails.
+Daily counts are saved to a JSON file (temp file, fsync, rename) by `persist`, off the
+event loop and at most once per SAVE_INTERVAL, so a restart does not hand out a fresh day's
+allowance (a crash loses at most the last interval's counts). A transfer is counted when it
+starts, so concurrent ones cannot overshoot a limit, and refunded if it fails.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -19,6 +21,7 @@ from kacheryfs.errors import ChannelBusy, QuotaExceeded
 from kacheryfs.server.channels import Quota
 
 log = logging.getLogger(__name__)
+SAVE_INTERVAL = 1.0  # seconds: the most counts a crash can lose, and the least time between two saves
 
 
 class QuotaLedger:
@@ -29,6 +32,7 @@ class QuotaLedger:
         self._now = now
         self._active: dict[str, int] = {}
         self._day, self._daily = self._load()
+        self._changed = False
 
     def transfer(self, channel: str, direction: str, quota: Quota, nbytes: int) -> AbstractContextManager[None]:
         """Admit a transfer of `nbytes` (QuotaExceeded if over a limit); use the result as a context."""
@@ -62,7 +66,7 @@ class QuotaLedger:
         counts = self._daily.setdefault(key, {"files": 0, "bytes": 0})
         counts["files"] += files
         counts["bytes"] += nbytes
-        self._save()
+        self._changed = True
 
     def _today(self) -> str:
         return time.strftime("%Y-%m-%d", time.gmtime(self._now()))
@@ -84,14 +88,30 @@ class QuotaLedger:
             log.warning("ignoring unreadable quota counters %s: %s", self.path, err)
         return self._today(), {}
 
-    def _save(self) -> None:
+    async def persist(self, interval: float = SAVE_INTERVAL) -> None:
+        """Save changed counts every `interval` seconds, off the event loop; once more when cancelled."""
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                await self._save_changes()
+        finally:
+            await asyncio.shield(self._save_changes())
+
+    async def _save_changes(self) -> None:
+        if self._changed:
+            self._changed = False
+            # Serialized here, on the loop, so the thread never sees the counts mid-change.
+            await asyncio.to_thread(self._write, json.dumps({"day": self._day, "counts": self._daily}))
+
+    def _write(self, doc: str) -> None:
         temp = self.path.with_name(self.path.name + ".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(temp, "w") as f:
-                json.dump({"day": self._day, "counts": self._daily}, f)
+                f.write(doc)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temp, self.path)
         except OSError as err:  # e.g. a full disk: keep serving, the counts stay in memory
+            self._changed = True  # try again at the next interval
             log.warning("cannot save quota counters to %s: %s", self.path, err)
