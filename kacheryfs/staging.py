@@ -1,12 +1,19 @@
 """The staging area: a writable directory whose files become blobs when they are closed.
 
 Files live in a backing directory on disk (write-through), so nothing dropped there is
-lost if the daemon dies. Writes that arrive in order are hashed as they arrive, so a close
-costs almost nothing; anything else is hashed at close. A closed file is ingested by hard
-link (the staged file and the blob share their bytes) and remembered in an extended
-attribute of the backing file. Before the first change to a file whose bytes are a blob's,
+lost if the daemon dies. That directory is created private (0700) and must not be edited
+directly: staged files share their inodes with blobs, and only this module knows when to
+unshare them. A symlink counts as its target; a target outside the staging dir is stored as
+a copy, never linked (the store must not share bytes it does not own).
+
+Writes that arrive in order are hashed as they arrive, so a close costs almost nothing;
+anything else is hashed at close. A closed file is ingested by hard link (the staged file
+and the blob share their bytes) and remembered in an extended attribute of the backing
+file. Before the first change to a file whose bytes are a blob's,
 the sharing is broken (copy-on-write) and every handle open on it is moved to the copy, so
-a stored blob never changes. On start, `recover()` ingests whatever a crash left unfinished.
+a stored blob never changes. After start, `recover()` (in the background: the mount
+answers meanwhile, and asking for a URL ingests on demand) ingests whatever a crash left
+unfinished.
 
 Two rules keep a blob from ever holding other bytes than its hash says, whatever the
 threads do: a file is linked into the store only while no handle has unsaved changes to it
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -49,6 +57,7 @@ _PUBLIC_XATTRS = ("user.kachery.url", "user.kachery.sha1", "user.kachery.size", 
 _COW_SUFFIX = ".kacheryfs-cow"
 _FUSE_HIDDEN = ".fuse_hidden"  # libfuse renames a file removed while open to this, and removes it on release
 _UTIME_NOW, _UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
+_MD5_INLINE_MAX = 1 << 20  # smaller files get their md5 at close: cheaper than a trip through the indexer
 _REOPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_TRUNC  # flags that must not act again when a handle moves
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
@@ -90,7 +99,8 @@ class StagingArea:
 
     def __init__(self, root: Path, store: LocalStore, uploads: UploadQueue | None = None) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._root_real = os.path.realpath(self.root)
         self.store = store
         self.uploads = uploads
         self.md5_index = Md5Indexer(store)
@@ -134,7 +144,8 @@ class StagingArea:
         out = []
         with os.scandir(self.real(rel)) as entries:
             for entry in entries:
-                if not entry.name.endswith(_COW_SUFFIX):
+                # Never shown: copies under way, files already removed (a crash's are cleared by recover()).
+                if not entry.name.endswith(_COW_SUFFIX) and not entry.name.startswith(_FUSE_HIDDEN):
                     with suppress(FileNotFoundError):  # removed while listed
                         out.append((entry.name, entry.stat(follow_symlinks=False)))
         return out
@@ -142,11 +153,14 @@ class StagingArea:
     # -- files -------------------------------------------------------------------------
     def create(self, rel: str, flags: int, mode: int, opener: int | None = None) -> int:
         path = self.real(rel)
-        with self._lock:
-            with suppress(FileNotFoundError):
+        with self._lock:  # creates, renames and unlinks all hold it: a name found missing stays so
+            try:
                 self._break_sharing(path, os.lstat(path), truncate=bool(flags & os.O_TRUNC))
+                new = False
+            except FileNotFoundError:
+                new = True
             fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, mode & 0o7777)
-            return self._track(fd, rel, flags, opener, changed=True)
+            return self._track(fd, rel, flags, opener, changed=True, new=new)
 
     def open(self, rel: str, flags: int, opener: int | None = None) -> int:
         path = self.real(rel)
@@ -160,11 +174,11 @@ class StagingArea:
             fd = os.open(path, flags | os.O_CLOEXEC)
             return self._track(fd, rel, flags, opener, changed=True)
 
-    def _track(self, fd: int, rel: str, flags: int, opener: int | None, *, changed: bool) -> int:
+    def _track(self, fd: int, rel: str, flags: int, opener: int | None, *, changed: bool, new: bool = False) -> int:
         handle = OpenFile(fd, rel, flags, os.fstat(fd).st_ino, opener)
         self._handles[fd] = handle
         if changed:
-            self._start_change(handle)
+            self._start_change(handle, new=new)
         return fd
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
@@ -221,11 +235,14 @@ class StagingArea:
             hasher, hashing = handle.hasher, handle.hashing
             handle.hasher = None
             digests = hasher.finish() if hasher is not None else None
-            if digests is None or hashing is None or hashing.stale or digests.size != os.fstat(fh).st_size:
+            st = os.fstat(fh)
+            if digests is None or hashing is None or hashing.stale or digests.size != st.st_size:
                 with self._lock:
                     self._unwatch(hashing)
                     hashing = handle.hashing = self._watch(handle.ino)
-                digests = hash_file(_fd_path(fh), md5=False)
+                digests = _hash_fd(fh, st.st_size)
+            else:
+                digests = _with_md5(fh, digests)
             self._commit(fh, handle.rel, hashing, digests, handle)
 
     def fsync(self, fh: int, datasync: bool) -> None:
@@ -331,7 +348,7 @@ class StagingArea:
         """The digests of a staged file (ingested now if needed); NotFound while it is being changed."""
         path = self.real(rel)
         st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
+        if stat.S_ISLNK(st.st_mode) or self._through_link(path):
             return self._link_target_digests(path)
         if self._is_changing(st.st_ino):
             raise NotFound(f"{rel} is still open for writing: its URL exists once it is closed")
@@ -356,16 +373,25 @@ class StagingArea:
         return KacheryURL("sha1", digests.sha1, True, label), node.total_size()
 
     def _link_target_digests(self, path: str) -> Digests:
-        """A symlink in a staged tree counts as its target, as `kachery-store` follows it."""
+        """A symlink in a staged tree (a file's or a directory's above it) counts as its
+        target, as `kachery-store` follows it."""
         target = os.path.realpath(path)
         if not os.path.isfile(target):
             raise NotFound(f"{path} is a symlink to no file")
-        if os.path.commonpath([target, os.path.realpath(self.root)]) == os.path.realpath(self.root):
-            return self.digests(os.path.relpath(target, os.path.realpath(self.root)))
+        if self._inside(target):
+            return self.digests(os.path.relpath(target, self._root_real))
         digests = self.store.put_file(target)  # outside staging: a copy, never a link to bytes we do not own
         with self._lock:
             self._keep_until_uploaded(digests.sha1)
         return digests
+
+    def _inside(self, real_path: str) -> bool:
+        """True when a resolved path lies in the staging dir."""
+        return os.path.commonpath([real_path, self._root_real]) == self._root_real
+
+    def _through_link(self, path: str) -> bool:
+        """True when a backing path passes through a symlink (itself or a directory above it)."""
+        return os.path.realpath(path) != os.path.join(self._root_real, os.path.relpath(path, self.root))
 
     def _is_changing(self, ino: int) -> bool:
         with self._lock:
@@ -374,15 +400,18 @@ class StagingArea:
     # -- ingest ------------------------------------------------------------------------
     def _ingest_now(self, rel: str) -> Digests:
         """Hash a staged file nobody is changing and store it; NotFound if it changed meanwhile."""
-        fd = os.open(self.real(rel), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        path = self.real(rel)
+        if self._through_link(path):
+            raise NotFound(f"{rel} leads through a symlink: it is stored as its target")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             with self._lock:
-                ino = os.fstat(fd).st_ino
-                if any(h.dirty for h in self._on_inode(ino)):
+                st = os.fstat(fd)
+                if any(h.dirty for h in self._on_inode(st.st_ino)):
                     raise NotFound(f"{rel} is still open for writing: its URL exists once it is closed")
-                hashing = self._watch(ino)
+                hashing = self._watch(st.st_ino)
             try:
-                digests = hash_file(_fd_path(fd), md5=False)
+                digests = _hash_fd(fd, st.st_size)
             except BaseException:
                 with self._lock:
                     self._unwatch(hashing)
@@ -412,15 +441,20 @@ class StagingArea:
             removed = _inode(path) != st.st_ino or os.path.basename(path).startswith(_FUSE_HIDDEN)
             if removed or st.st_size != digests.size:
                 return False  # removed while open (nothing to keep), or changed outside the mount
+            if not self._inside(os.path.realpath(path)):
+                # Reached through a symlinked directory: a link would let its owner change a blob.
+                log.warning("%s is not ingested: it lies outside the staging dir %s", rel, self.root)
+                return False
             # Pinned before it is stored and queued after: a crash in between never leaves a
             # stored blob unpinned, nor a queued one missing; the record (last) makes it final.
             self.store.cache.pin("sha1", digests.sha1, reason="staging")
             self.store.link_existing(path, digests)  # by name: names change only under the lock
             if self.uploads is not None:
                 self.uploads.enqueue(digests.sha1)
-            _write_record(fd, digests)
-        self.md5_index.add(digests.sha1)  # md5 halves the write speed: its index comes afterwards
-        log.info("staged %s → sha1://%s (%d bytes)", rel, digests.sha1, digests.size)
+            _write_record(fd, digests, st.st_mtime_ns)
+        if digests.md5 is None:
+            self.md5_index.add(digests.sha1)  # md5 halves the write speed: large files get it afterwards
+        log.debug("staged %s → sha1://%s (%d bytes)", rel, digests.sha1, digests.size)
         return True
 
     def _keep_until_uploaded(self, sha1: str) -> None:
@@ -452,10 +486,11 @@ class StagingArea:
             if hashing not in spare:
                 hashing.stale = True
 
-    def _start_change(self, handle: OpenFile) -> None:
+    def _start_change(self, handle: OpenFile, *, new: bool = False) -> None:
         """`handle` is about to change its file (already unshared): drop the URL, start a hash."""
         self._changed(handle.ino)
-        _forget_record(handle.fd)
+        if not new:  # a file just created has no record
+            _forget_record(handle.fd)
         handle.dirty = True
         handle.hasher = Hasher(md5=False)  # in order from byte 0; a write anywhere else drops it
         handle.hashing = self._watch(handle.ino)
@@ -506,28 +541,44 @@ class StagingArea:
 
     # -- recovery ----------------------------------------------------------------------
     def recover(self) -> int:
-        """Ingest every staged file that a crash left without a valid record; how many."""
+        """Ingest every staged file that a crash left without a valid record; how many.
+
+        Safe while the mount is in use: each step takes the lock every change takes, and a
+        file being written is left to its writer's close.
+        """
         count = 0
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
                 path = os.path.join(dirpath, name)
-                if name.endswith(_COW_SUFFIX) or name.startswith(_FUSE_HIDDEN):
-                    # An interrupted copy-on-write (the original is intact), or a file removed
-                    # while open that libfuse did not get to delete.
-                    os.unlink(path)
-                    continue
-                st = os.lstat(path)
-                recorded = _valid_record(path, st) if stat.S_ISREG(st.st_mode) else None
-                if recorded is not None:
-                    self._index_md5_if_missing(recorded.sha1)
-                if stat.S_ISREG(st.st_mode) and recorded is None:
-                    try:
-                        self._ingest_now(os.path.relpath(path, self.root))
-                    except (OSError, KacheryError) as err:  # one unreadable file must not stop the mount
-                        log.warning("could not ingest %s left by the last run: %s", path, err)
-                        continue
-                    count += 1
+                try:
+                    count += self._recover_file(path, name)
+                except (NotFound, FileNotFoundError):
+                    continue  # being written (its close ingests it), or removed meanwhile
+                except (OSError, KacheryError) as err:  # one unreadable file must not stop the rest
+                    log.warning("could not ingest %s left by the last run: %s", path, err)
         return count
+
+    def _recover_file(self, path: str, name: str) -> int:
+        """Recover one backing file; 1 if it had to be ingested."""
+        if name.endswith(_COW_SUFFIX) or name.startswith(_FUSE_HIDDEN):
+            # An interrupted copy-on-write (the original is intact), or a file removed while
+            # open that libfuse did not get to delete: unless this run made it and uses it.
+            with self._lock:  # copy-on-write runs whole under it
+                if not self._on_inode(os.lstat(path).st_ino):
+                    os.unlink(path)
+            return 0
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return 0
+        recorded = _valid_record(path, st)
+        if recorded is None or not self.store.has("sha1", recorded.sha1):
+            self._ingest_now(os.path.relpath(path, self.root))
+            return 1
+        self._index_md5_if_missing(recorded.sha1)
+        if self.uploads is not None and self.uploads.state(recorded.sha1).startswith("no"):
+            with self._lock:  # not queued for this channel (say, [staging] to changed): queue it
+                self._keep_until_uploaded(recorded.sha1)
+        return 0
 
     def _index_md5_if_missing(self, sha1: str) -> None:
         """Queue the md5 index of a staged blob whose md5 a crash kept from being noted."""
@@ -535,6 +586,25 @@ class StagingArea:
             noted = self.store.noted_digests("sha1", sha1)
             if noted is None or noted.md5 is None:
                 self.md5_index.add(sha1)
+
+
+def _hash_fd(fd: int, size: int) -> Digests:
+    """Digests of an open file: with its md5 when it is small."""
+    return hash_file(_fd_path(fd), md5=size <= _MD5_INLINE_MAX)
+
+
+def _with_md5(fd: int, digests: Digests) -> Digests:
+    """`digests` with the md5 of the file behind `fd` added, when it is small enough to read now."""
+    if digests.md5 is not None or digests.size > _MD5_INLINE_MAX:
+        return digests
+    try:
+        reader = os.open(_fd_path(fd), os.O_RDONLY | os.O_CLOEXEC)  # `fd` may be write-only
+    except OSError:
+        return digests  # not readable by us (mode 0200): the md5 indexer gets it later
+    try:
+        return Digests(digests.size, digests.sha1, hashlib.md5(os.pread(reader, digests.size, 0)).hexdigest())
+    finally:
+        os.close(reader)
 
 
 def _inode(path: str) -> int | None:
@@ -585,9 +655,10 @@ def _valid_record(path: str, st: os.stat_result) -> Digests | None:
     return Digests(record["size"], record["sha1"], record.get("md5"))
 
 
-def _write_record(target: str | int, digests: Digests) -> None:
-    st = os.stat(target) if isinstance(target, str) else os.fstat(target)
-    record = {"sha1": digests.sha1, "md5": digests.md5, "size": digests.size, "mtime_ns": st.st_mtime_ns}
+def _write_record(target: str | int, digests: Digests, mtime_ns: int | None = None) -> None:
+    if mtime_ns is None:
+        mtime_ns = (os.stat(target) if isinstance(target, str) else os.fstat(target)).st_mtime_ns
+    record = {"sha1": digests.sha1, "md5": digests.md5, "size": digests.size, "mtime_ns": mtime_ns}
     os.setxattr(target, RECORD_XATTR, json.dumps(record).encode())
 
 

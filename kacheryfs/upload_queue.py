@@ -1,22 +1,27 @@
-"""Upload blobs to a channel in the background, from a queue kept on disk across restarts.
+"""Upload blobs to one channel in the background, from a queue kept on disk across restarts.
 
-One file per blob under `<store>/upload-queue/` holds its attempts and last error; a blob
-leaves the queue (and loses its "staging" pin, so the cache may evict it) only once the
-channel has it. Failures are retried with exponential backoff and jitter.
+The queue of a channel is an append-only journal, `<store>/upload-queue/<channel>/journal`:
+one line per event (`queued`, `uploaded`, `dropped` and a sha1), appended with one write(2)
+so a killed daemon loses nothing, and compacted when the queue opens (what is uploaded is
+remembered only while the local store still holds the blob, so the journal stays bounded).
+Each channel has its own queue: a blob uploaded to one channel is still queued for another.
+
+A blob leaves the queue (and loses its "staging" pin, so the cache may evict it) only once
+the channel has it. Failures are retried with exponential backoff and jitter; the worker
+survives any error (logged), so a queue that says "pending" is being worked on.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import threading
 import time
 from collections.abc import Callable
-from contextlib import suppress
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 from kacheryfs.errors import KacheryError
 from kacheryfs.store import LocalStore
@@ -28,50 +33,94 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUEUE_DIR = "upload-queue"
-DONE_DIR = "done"
+JOURNAL = "journal"
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 30.0
+_QUEUED, _UPLOADED, _DROPPED = "queued", "uploaded", "dropped"
+
+
+@dataclass
+class _Pending:
+    """A queued blob's attempts so far (kept in memory: a restart retries at once)."""
+
+    attempts: int = 0
+    error: str = ""
+    next_try: float = 0.0
 
 
 class UploadQueue:
-    """A persisted queue of sha1 blobs to upload to one channel."""
+    """A persisted queue of sha1 blobs to upload to the channel named `channel_name`."""
 
-    def __init__(self, store: LocalStore, channel: Callable[[], Channel]) -> None:
+    def __init__(self, store: LocalStore, channel_name: str, channel: Callable[[], Channel]) -> None:
         self.store = store
+        self.channel_name = channel_name
         self._channel_factory = channel
-        self.dir = store.root / QUEUE_DIR
-        (self.dir / DONE_DIR).mkdir(parents=True, exist_ok=True)
+        self.dir = store.root / QUEUE_DIR / quote(channel_name, safe="")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # guards the two collections and the journal
+        self._pending: dict[str, _Pending] = {}
+        self._uploaded: set[str] = set()
+        self._open_journal()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    # -- the queue -------------------------------------------------------------------
+    # -- the journal ---------------------------------------------------------------------
+    def _open_journal(self) -> None:
+        """Replay the journal, then rewrite it with only what still matters."""
+        path = self.dir / JOURNAL
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            lines = []
+        for line in lines:
+            event, _, sha1 = line.partition(" ")
+            if not is_hash("sha1", sha1):
+                continue  # a line cut short by a crash
+            if event == _QUEUED and sha1 not in self._uploaded:
+                self._pending.setdefault(sha1, _Pending())
+            elif event in (_UPLOADED, _DROPPED):
+                self._pending.pop(sha1, None)
+                if event == _UPLOADED:
+                    self._uploaded.add(sha1)
+        self._uploaded = {sha1 for sha1 in self._uploaded if self.store.has("sha1", sha1)}
+        compacted = [f"{_QUEUED} {s}\n" for s in self._pending] + [f"{_UPLOADED} {s}\n" for s in self._uploaded]
+        tmp = path.with_name(JOURNAL + ".tmp")
+        tmp.write_text("".join(compacted))
+        os.replace(tmp, path)
+        self._journal = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+
+    def _append(self, event: str, sha1: str) -> None:
+        os.write(self._journal, f"{event} {sha1}\n".encode())
+
+    # -- the queue -----------------------------------------------------------------------
     def enqueue(self, sha1: str) -> None:
+        """Queue a blob unless this channel has it already (by this queue's knowledge)."""
         sha1 = check_hash("sha1", sha1)
-        entry = self.dir / sha1
-        if entry.exists() or (self.dir / DONE_DIR / sha1).exists():
-            return
-        _write_json(entry, {"attempts": 0, "error": "", "next_try": 0.0})
+        with self._lock:
+            if sha1 in self._pending or sha1 in self._uploaded:
+                return
+            self._append(_QUEUED, sha1)
+            self._pending[sha1] = _Pending()
         self._wake.set()
 
     def state(self, sha1: str) -> str:
         """'yes', 'pending' or 'failed: <reason>' (still being retried)."""
-        if (self.dir / DONE_DIR / sha1).exists():
-            return "yes"
-        entry = _read_json(self.dir / sha1)
+        with self._lock:
+            if sha1 in self._uploaded:
+                return "yes"
+            entry = self._pending.get(sha1)
         if entry is None:
             return "no: not queued"
-        return f"failed: {entry['error']}" if entry.get("error") else "pending"
+        return f"failed: {entry.error}" if entry.error else "pending"
 
     def pending(self) -> list[dict[str, object]]:
         """Every queued blob with its attempts and last error, for `kacheryfs status`."""
-        out = []
-        for name in sorted(os.listdir(self.dir)):
-            if is_hash("sha1", name) and (entry := _read_json(self.dir / name)) is not None:
-                out.append({"sha1": name, **entry})
-        return out
+        with self._lock:
+            return [{"sha1": sha1, "attempts": p.attempts, "error": p.error, "next_try": p.next_try}
+                    for sha1, p in sorted(self._pending.items())]  # fmt: skip
 
-    # -- the worker ------------------------------------------------------------------
+    # -- the worker ----------------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="kacheryfs-upload", daemon=True)
         self._thread.start()
@@ -83,58 +132,80 @@ class UploadQueue:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        channel = None
+        channel: Channel | None = None
+        failures = 0
         while not self._stop.is_set():
-            soonest = BACKOFF_MAX
-            for item in self.pending():
-                if self._stop.is_set():
-                    return
-                wait = float(item["next_try"]) - time.time()  # type: ignore[arg-type]
-                if wait > 0:
-                    soonest = min(soonest, wait)
-                    continue
+            try:
                 channel = channel or self._channel_factory()
-                self._upload(channel, str(item["sha1"]), int(item["attempts"]))  # type: ignore[call-overload]
-                soonest = 0
-            self._wake.wait(soonest)
+                wait = self._upload_due(channel)
+                failures = 0
+            except Exception:
+                # Never die: a dead worker would leave every blob "pending" forever.
+                failures += 1
+                wait = min(BACKOFF_MAX, BACKOFF_FIRST * 2**failures)
+                log.exception("the upload worker for %s failed; retrying in %.0f s", self.channel_name, wait)
+                channel = None
+            self._wake.wait(wait)
             self._wake.clear()
 
-    def _upload(self, channel: Channel, sha1: str, attempts: int) -> None:
+    def _upload_due(self, channel: Channel) -> float:
+        """Try every blob that is due; how long until the next one is."""
+        soonest = BACKOFF_MAX
+        with self._lock:
+            queued = list(self._pending.items())
+        for sha1, entry in queued:
+            if self._stop.is_set():
+                return 0
+            wait = entry.next_try - time.time()
+            if wait > 0:
+                soonest = min(soonest, wait)
+            else:
+                self._upload(channel, sha1, entry)
+                soonest = 0
+        return soonest
+
+    def _upload(self, channel: Channel, sha1: str, entry: _Pending) -> None:
         path = self.store.blob_path("sha1", sha1)
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            # Staged and then removed before it was ever stored (a crash between the two):
+            # Queued and then removed before it was ever stored (a crash between the two):
             # there is nothing to upload, and retrying would never end.
             log.warning("sha1://%s left the upload queue: it is no longer in the local store", sha1)
-            self._done(sha1, uploaded=False)
+            self._done(sha1, _DROPPED)
             return
         try:
             channel.upload("sha1", sha1, path, size)
         except (KacheryError, OSError) as err:
-            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**attempts) * random.uniform(0.5, 1.0)
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**entry.attempts) * random.uniform(0.5, 1.0)
             log.warning("upload of sha1://%s to %s failed (%s); retrying in %.0f s", sha1, channel.name, err, delay)
-            _write_json(self.dir / sha1, {"attempts": attempts + 1, "error": str(err), "next_try": time.time() + delay})
+            with self._lock:
+                entry.attempts, entry.error, entry.next_try = entry.attempts + 1, str(err), time.time() + delay
             return
-        self._done(sha1, uploaded=True)
+        self._done(sha1, _UPLOADED)
         log.info("uploaded sha1://%s to %s", sha1, channel.name)
 
-    def _done(self, sha1: str, *, uploaded: bool) -> None:
-        if uploaded:
-            (self.dir / DONE_DIR / sha1).touch()
-        with suppress(FileNotFoundError):
-            os.unlink(self.dir / sha1)
+    def _done(self, sha1: str, event: str) -> None:
+        with self._lock:
+            self._append(event, sha1)
+            self._pending.pop(sha1, None)
+            if event == _UPLOADED:
+                self._uploaded.add(sha1)
         self.store.cache.unpin("sha1", sha1, reason="staging")
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+def migrate_unnamed_queue(store: LocalStore, into: UploadQueue) -> int:
+    """Move the queue of an older version (one file per blob, no channel) into `into`; how many."""
+    old = store.root / QUEUE_DIR
+    moved = 0
+    for name in os.listdir(old):
+        if is_hash("sha1", name) and (old / name).is_file():
+            into.enqueue(name)
+            os.unlink(old / name)
+            moved += 1
+    done = old / "done"
+    if done.is_dir():  # which channel these went to was never recorded: staging re-queues what it holds
+        for name in os.listdir(done):
+            os.unlink(done / name)
+        os.rmdir(done)
+    return moved

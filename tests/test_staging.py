@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 
 import pytest
 
 import kacheryfs as ka
+from kacheryfs import upload_queue
 from kacheryfs.errors import NotFound
 from kacheryfs.staging import StagingArea
 from kacheryfs.store import LocalStore
+from kacheryfs.upload_queue import UploadQueue
 
 
 @pytest.fixture
@@ -137,3 +140,169 @@ def test_the_md5_index_follows_in_the_background(area):
     md5 = hashlib.md5(data).hexdigest()
     assert area.store.blob_path("md5", md5).stat().st_ino == os.stat(area.real("f")).st_ino
     assert area.store.noted_digests("sha1", hashlib.sha1(data).hexdigest()).md5 == md5
+
+
+# -- symlinks: the store never shares bytes it does not own ------------------------------
+@pytest.fixture
+def outside(tmp_path):
+    """A user's own directory, outside staging, with one file in it."""
+    directory = tmp_path / "outside"
+    directory.mkdir()
+    (directory / "data.txt").write_bytes(b"the user's own bytes\n")
+    return directory
+
+
+def test_a_symlinked_directory_to_outside_is_stored_as_a_copy(area, outside, tmp_path):
+    area.mkdir("ds", 0o755)
+    os.symlink(outside, area.real("ds/link"))
+    url = _url(area, "ds")
+    sha1 = area.digests("ds/link/data.txt").sha1
+    own = outside / "data.txt"
+    assert own.stat().st_nlink == 1, "hard-linked into the store"
+    assert os.listxattr(own) == [], "kacheryfs wrote its attributes on the user's file"
+    assert area.store.blob_path("sha1", sha1).stat().st_ino != own.stat().st_ino
+    with open(own, "r+b") as f:  # the user edits their file in place
+        f.write(b"THE")
+    assert area.store.blob_path("sha1", sha1).read_bytes() == b"the user's own bytes\n"
+    (tmp_path / "ref" / "ds" / "link").mkdir(parents=True)
+    (tmp_path / "ref" / "ds" / "link" / "data.txt").write_bytes(b"the user's own bytes\n")
+    assert url == ka.store_dir(tmp_path / "ref" / "ds")
+
+
+def test_a_symlinked_file_to_outside_is_stored_as_a_copy(area, outside):
+    os.symlink(outside / "data.txt", area.real("alias.txt"))
+    sha1 = area.digests("alias.txt").sha1
+    assert sha1 == hashlib.sha1(b"the user's own bytes\n").hexdigest()
+    assert (outside / "data.txt").stat().st_nlink == 1
+    assert os.listxattr(outside / "data.txt") == []
+
+
+def test_a_symlinked_directory_inside_staging_counts_as_its_target(area):
+    area.mkdir("real", 0o755)
+    _write(area, "real/f", [b"inside"])
+    os.symlink("real", area.real("alias"))
+    assert area.digests("alias/f") == area.digests("real/f")
+
+
+def test_the_backing_dir_is_created_private(area):
+    assert area.root.stat().st_mode & 0o777 == 0o700
+
+
+# -- recovery, also while the mount is in use -----------------------------------------------
+def test_recover_leaves_a_file_being_written_to_its_close(area):
+    fh = area.create("busy", os.O_WRONLY, 0o644)
+    area.write(fh, b"half", 0)
+    assert area.recover() == 0
+    with pytest.raises(NotFound, match="open for writing"):
+        area.digests("busy")
+    area.release(fh)
+    assert area.digests("busy").sha1 == hashlib.sha1(b"half").hexdigest()
+
+
+def test_recover_keeps_a_removed_file_this_run_still_has_open(area):
+    fh = area.create(".fuse_hidden0000000200000001", os.O_WRONLY, 0o644)
+    area.recover()
+    assert os.path.exists(area.real(".fuse_hidden0000000200000001"))
+    area.release(fh)
+    area.recover()
+    assert not os.path.exists(area.real(".fuse_hidden0000000200000001"))
+
+
+def test_recover_links_again_a_staged_file_whose_blob_was_evicted(area):
+    _write(area, "f", [b"evicted"])
+    blob = area.store.blob_path("sha1", hashlib.sha1(b"evicted").hexdigest())
+    blob.unlink()
+    area.recover()
+    assert blob.read_bytes() == b"evicted"
+
+
+def test_small_files_get_their_md5_at_close_without_the_indexer(area, monkeypatch):
+    queued = []
+    monkeypatch.setattr(area.md5_index, "add", queued.append)
+    _write(area, "small", [b"tiny"])
+    assert queued == []
+    assert area.store.blob_path("md5", hashlib.md5(b"tiny").hexdigest()).read_bytes() == b"tiny"
+
+
+# -- the upload queue: one per channel, a worker that never dies ----------------------------
+class FakeChannel:
+    """A channel that keeps what it is sent."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.blobs = name, set()
+
+    def upload(self, alg, digest, path, size):
+        self.blobs.add(digest)
+        return True
+
+
+def _queue(store: LocalStore, name: str, channel) -> UploadQueue:
+    queue = UploadQueue(store, name, channel)
+    queue.start()
+    return queue
+
+
+def _uploaded(queue: UploadQueue, sha1: str) -> bool:
+    deadline = time.monotonic() + 10
+    while queue.state(sha1) != "yes":
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_new_channel_gets_what_was_uploaded_to_the_old_one(tmp_path, storage_dir):
+    store = LocalStore(storage_dir)
+    first, second = FakeChannel("a"), FakeChannel("b")
+    queue = _queue(store, "a", lambda: first)
+    area = StagingArea(tmp_path / "staging", store, queue)
+    _write(area, "f", [b"shared twice"])
+    sha1 = hashlib.sha1(b"shared twice").hexdigest()
+    assert _uploaded(queue, sha1) and sha1 in first.blobs
+    queue.stop()
+    queue = _queue(store, "b", lambda: second)  # [staging] to changed, then the mount restarted
+    area = StagingArea(tmp_path / "staging", store, queue)
+    assert area.getxattr("f", "user.kachery.uploaded").startswith(b"no")
+    area.recover()
+    assert _uploaded(queue, sha1) and sha1 in second.blobs
+    assert ("sha1", sha1, False, "staging") not in store.cache.pins()
+    queue.stop()
+
+
+def test_the_upload_worker_survives_any_error(storage_dir, monkeypatch):
+    monkeypatch.setattr(upload_queue, "BACKOFF_FIRST", 0.01)
+    store = LocalStore(storage_dir)
+    channel, calls = FakeChannel("a"), []
+
+    def flaky_factory() -> FakeChannel:
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("the channel cannot be made yet")
+        return channel
+
+    queue = _queue(store, "a", flaky_factory)
+    sha1 = store.put_bytes(b"eventually").sha1
+    queue.enqueue(sha1)
+    assert _uploaded(queue, sha1)
+    queue.stop()
+
+
+def test_queued_uploads_survive_a_killed_daemon(storage_dir):
+    store = LocalStore(storage_dir)
+    sha1 = store.put_bytes(b"queued").sha1
+    UploadQueue(store, "a", lambda: FakeChannel("a")).enqueue(sha1)  # never started: killed at once
+    assert UploadQueue(store, "a", lambda: FakeChannel("a")).state(sha1) == "pending"
+
+
+def test_the_queue_forgets_uploads_the_store_no_longer_holds(storage_dir):
+    store = LocalStore(storage_dir)
+    kept, gone = store.put_bytes(b"kept").sha1, store.put_bytes(b"gone").sha1
+    queue = _queue(store, "a", lambda: FakeChannel("a"))
+    queue.enqueue(kept)
+    queue.enqueue(gone)
+    assert _uploaded(queue, kept) and _uploaded(queue, gone)
+    queue.stop()
+    store.blob_path("sha1", gone).unlink()  # evicted
+    reopened = UploadQueue(store, "a", lambda: FakeChannel("a"))
+    assert reopened.state(kept) == "yes"
+    assert gone not in (reopened.dir / upload_queue.JOURNAL).read_text()

@@ -280,6 +280,19 @@ def test_a_symlink_counts_as_its_target_like_kachery_store(mnt: Mount, work: Pat
     assert url_of(work / "ds", mnt) == reference_url(tmp_path / "ds", tmp_path)
 
 
+def test_a_symlinked_directory_to_outside_is_copied_not_linked(mnt: Mount, work: Path, tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "data.txt").write_text("my own file\n")
+    (work / "ds").mkdir()
+    os.symlink(mine, work / "ds" / "link")
+    url = url_of(work / "ds", mnt)
+    assert url == reference_url(work / "ds", tmp_path)
+    assert (mine / "data.txt").stat().st_nlink == 1 and os.listxattr(mine / "data.txt") == []
+    (mine / "data.txt").write_text("edited later\n")
+    assert verify_store(mnt.storage) > 0  # no blob changed with it
+
+
 # -- two writers -----------------------------------------------------------------------
 def test_two_writers_at_once_and_identical_files_make_one_blob(mnt: Mount, work: Path, tmp_path: Path) -> None:
     one, two = os.urandom(8 * MiB), os.urandom(8 * MiB)
@@ -362,7 +375,7 @@ def test_kill_9_mid_copy_and_mid_ingest_then_remount_loses_and_corrupts_nothing(
             assert sha1_of(url) == hashlib.sha1(data).hexdigest() and blob(again, url) == data
         assert sha1_of(url_of(staging / "partial.bin", again)) == hashlib.sha1(on_disk).hexdigest()
         assert sha1_of(url_of(staging / "ooo.bin", again)) == hashlib.sha1(big).hexdigest()
-        assert "ingested" in again.log_text()  # recovery said what it did
+        wait_until(lambda: "ingested" in again.log_text(), what="recovery to say what it did")
         assert verify_store(storage) >= len(finished) + 2
 
 
@@ -403,6 +416,20 @@ def test_a_full_staging_disk_is_enospc_for_the_writer_and_nothing_else(tmp_path:
         assert blob(mount, url_of(staging / "after.txt", mount)) == b"still working\n"
         assert any("No space left" in e for e in mount.status()["recent_errors"])  # type: ignore[union-attr]
         assert verify_store(mount.storage) >= 2
+
+
+def test_recovery_runs_after_the_mount_answers(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    (storage / "staging").mkdir(parents=True)
+    with open(storage / "staging" / "left.bin", "wb") as f:  # left unrecorded: seconds of hashing
+        f.truncate(4 << 30)
+    (storage / "staging" / "small.txt").write_text("asked for first\n")
+    with mounted_at(tmp_path, storage) as mount:
+        assert "ingested" not in mount.log_text(), "the mount waited for recovery"
+        staging = mount.mountpoint / "staging"
+        assert blob(mount, url_of(staging / "small.txt", mount)) == b"asked for first\n"
+        wait_until(lambda: "ingested" in mount.log_text(), timeout=120, what="recovery in the background")
+        assert sha1_of(url_of(staging / "left.bin", mount)) == "1bf99ee9f374e58e201e4dda4f474e570eb77229"
 
 
 def test_nothing_staged_is_lost_across_unmount_and_remount(tmp_path: Path) -> None:

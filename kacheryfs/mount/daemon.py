@@ -27,7 +27,7 @@ from kacheryfs.errors import MountError
 from kacheryfs.resolver import Resolver
 from kacheryfs.staging import StagingArea
 from kacheryfs.store import LocalStore
-from kacheryfs.upload_queue import UploadQueue
+from kacheryfs.upload_queue import UploadQueue, migrate_unnamed_queue
 from kacheryfs.vfs import PID_XATTR, STATUS_XATTR, FileSystemView
 
 log = logging.getLogger(__name__)
@@ -210,23 +210,29 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
 
 
 def open_staging(config: Config, store: LocalStore) -> tuple[StagingArea, UploadQueue | None]:
-    """The staging area (with its upload queue when [staging] to names a channel).
+    """The staging area (with the upload queue of the channel [staging] to names, if any).
 
-    Whatever a crash left unfinished is ingested before the mount answers.
+    Whatever a crash left unfinished is ingested in the background, so the mount answers at
+    once however much there is; a URL asked for meanwhile is ingested on demand.
     """
     uploads = None
     if config.staging_to:
         target = config.channel(config.staging_to)
         from kacheryfs.remote import HttpChannel
 
-        uploads = UploadQueue(store, lambda: HttpChannel(
+        uploads = UploadQueue(store, target.name, lambda: HttpChannel(
             target.name, target.url, target.channel, target.password, timeout=config.channel_timeout))  # fmt: skip
+        migrate_unnamed_queue(store, uploads)
     staging = StagingArea(config.staging_dir or store.root / "staging", store, uploads)
-    recovered = staging.recover()
-    if recovered:
-        log.info("ingested %d staged files left unfinished by the last run", recovered)
     if uploads is not None:
         uploads.start()
+
+    def recover() -> None:
+        recovered = staging.recover()
+        if recovered:
+            log.info("ingested %d staged files left unfinished by the last run", recovered)
+
+    threading.Thread(target=recover, name="kacheryfs-recover", daemon=True).start()
     return staging, uploads
 
 
