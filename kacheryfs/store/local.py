@@ -319,12 +319,10 @@ class LocalStore:
         is unlinked again: its bytes may not be the ones hashed.
         """
         final = self.blob_path("sha1", digests.sha1)
-        if final.exists():
-            return True
-        self.cache.make_room(digests.size)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        if self.cache.limits.bounded and not final.exists():
+            self.cache.make_room(digests.size)
         try:
-            os.link(path, final)
+            _link(path, final)
         except FileExistsError:
             return True
         except OSError:
@@ -339,11 +337,10 @@ class LocalStore:
 
     def _link_into_place(self, temp: Path, digests: Digests) -> None:
         final = self.blob_path("sha1", digests.sha1)
-        if not final.exists():
+        if self.cache.limits.bounded and not final.exists():
             self.cache.make_room(digests.size)
-        final.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(temp, final)
+            _link(temp, final)
         except FileExistsError:
             pass  # the blob is already stored: success
         except OSError as err:
@@ -357,11 +354,8 @@ class LocalStore:
         if digests.md5 is None:
             return
         md5_path = self.blob_path("md5", digests.md5)
-        if md5_path.exists():
-            return
-        md5_path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(final, md5_path)
+            _link(final, md5_path)
         except FileExistsError:
             pass
         except OSError:  # no hard links here: a copy, written aside and renamed into place
@@ -405,6 +399,15 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     """Start writing these pages to disk now, so the final fsync has little left to wait for."""
     if hasattr(_libc, "sync_file_range"):
         _libc.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(length), _SYNC_FILE_RANGE_WRITE)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """os.link, making the fan-out directories of `dst` only when they are missing (rarely)."""
+    try:
+        os.link(src, dst)
+    except FileNotFoundError:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.link(src, dst)
 
 
 def _record_digests(fd: int, digests: Digests) -> None:
