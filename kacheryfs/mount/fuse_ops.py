@@ -313,14 +313,23 @@ class KacheryOperations(mfusepy.Operations):
         }  # fmt: skip
 
 
+_PROCESS_OF: dict[int, int] = {}  # thread id → process id, as /proc last said (a cp -r asks ~20,000 times)
+
+
 def _caller() -> int | None:
     """The process making the current request (the kernel names its thread: map it to its process)."""
     tid = mfusepy.fuse_get_context()[2]
+    known = _PROCESS_OF.get(tid)
+    if known is not None:
+        return known
     try:
         with open(f"/proc/{tid}/status", "rb") as status:
             for line in status:
                 if line.startswith(b"Tgid:"):
-                    return int(line.split()[1])
+                    if len(_PROCESS_OF) > 4096:  # thread ids are reused: keep the memory short
+                        _PROCESS_OF.clear()
+                    _PROCESS_OF[tid] = pid = int(line.split()[1])
+                    return pid
     except (OSError, ValueError):
         pass  # gone already, or from another pid namespace
     return None
