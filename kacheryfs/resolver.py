@@ -31,6 +31,7 @@ from kacheryfs.errors import (
 )
 from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.store import LocalStore
+from kacheryfs.store.md5_index import Md5Indexer
 from kacheryfs.uri import KacheryURL, parse_url
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ class Resolver:
         self.store = store
         self.channels = list(channels)
         self.stats = Stats()
+        self.md5_index: Md5Indexer | None = None  # set by long-lived processes (the mount daemon)
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, str], Future[Path]] = {}
         self._manifests: OrderedDict[tuple[str, str], DirNode] = OrderedDict()
@@ -207,7 +209,9 @@ class Resolver:
         for channel in self.channels:
             started = time.monotonic()
             bar = progress(size, f"{digest[:10]}… from {channel.name}") if progress else contextlib.nullcontext()
-            with self.store.writer() as writer, bar as received:
+            # A blob fetched by sha1 is verified by sha1 alone; md5 (the slower digest) would
+            # halve the download speed: the daemon indexes it afterwards (md5_index).
+            with self.store.writer(md5=alg == "md5") as writer, bar as received:
                 try:
                     channel.fetch(alg, digest, writer, expected_size=size, progress=received)
                     digests = writer.commit(expect_alg=alg, expect_hash=digest, expect_size=size)
@@ -226,6 +230,8 @@ class Resolver:
                     failures.append(f"{channel.name}: {err}")
                     result = f"error: {err}"
                 else:
+                    if digests.md5 is None and self.md5_index is not None:
+                        self.md5_index.add(digests.sha1)
                     self.stats.bytes_by_channel[channel.name] += digests.size
                     _log_fetch(alg, digest, channel.name, digests.size, started, "ok")
                     return self.store.blob_path(alg, digest)

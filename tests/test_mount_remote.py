@@ -56,6 +56,9 @@ def test_a_blob_is_fetched_on_first_open_not_on_lookup(remote_mount: Mount, serv
     assert path.read_bytes() == data
     assert LocalStore(remote_mount.storage).has("sha1", digest)
     assert remote_mount.status()["bytes_by_channel"] == {"lab": len(data)}
+    # verified by sha1 alone; its md5 name follows in the background
+    md5 = hashlib.md5(data).hexdigest()
+    wait_until(lambda: LocalStore(remote_mount.storage).has("md5", md5), what="the md5 index of the fetched blob")
 
 
 def test_a_snapshot_is_read_lazily_from_the_channel(remote_mount: Mount, server: ServerProcess, tmp_path: Path) -> None:

@@ -160,6 +160,7 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
 
     resolver = Resolver.from_config(config)
     staging, uploads = open_staging(config, resolver.store)
+    resolver.md5_index = staging.md5_index  # fetched blobs get their md5 name in the background too
     view = FileSystemView(resolver, fetch_timeout=config.fetch_timeout, staging=staging)
     before_dev = os.stat(mountpoint).st_dev
     mounted = threading.Event()

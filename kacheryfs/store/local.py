@@ -47,10 +47,11 @@ class BlobWriter:
     another process never deletes it while it is being written.
     """
 
-    def __init__(self, store: LocalStore, fd: int, path: Path) -> None:
+    def __init__(self, store: LocalStore, fd: int, path: Path, md5: bool = True) -> None:
         self.store, self.fd, self.path = store, fd, path
-        self._hasher = Hasher()
+        self._hasher = Hasher(md5=md5)
         self._digests: Digests | None = None
+        self._written_back = 0  # bytes whose writeback to disk has been started
         self.closed = False
 
     @property
@@ -66,6 +67,10 @@ class BlobWriter:
         except OSError as err:
             self.abort()
             raise _io_error(err, f"writing {self.path}") from err
+        pending = self._hasher.size - self._written_back
+        if pending >= _KERNEL_COPY:  # so the fsync at commit has little left to wait for
+            _start_writeback(self.fd, self._written_back, pending)
+            self._written_back = self._hasher.size
 
     def write_from(self, src: BinaryIO, progress: Callable[[int], None] | None = None) -> None:
         """Append everything `src` yields."""
@@ -243,8 +248,9 @@ class LocalStore:
                     yield name, Path(dirpath) / name
 
     # -- writing -------------------------------------------------------------------
-    def writer(self) -> BlobWriter:
-        """A fresh locked temp file in this store's filesystem."""
+    def writer(self, md5: bool = True) -> BlobWriter:
+        """A fresh locked temp file in this store's filesystem (`md5=False`: sha1 only, the
+        md5 index is then added later, see `add_md5`)."""
         while True:
             path = self.root / TEMP_DIR / f"kfs-{secrets.token_hex(8)}{TEMP_SUFFIX}"
             try:
@@ -253,7 +259,7 @@ class LocalStore:
                 raise _io_error(err, f"creating a temp file in {self.root / TEMP_DIR}") from err
             fcntl.flock(fd, fcntl.LOCK_EX)
             if os.fstat(fd).st_nlink:
-                return BlobWriter(self, fd, path)
+                return BlobWriter(self, fd, path, md5)
             # another process's cleanup_temp locked and removed it between our open and flock
             os.close(fd)
 
