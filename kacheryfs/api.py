@@ -14,17 +14,22 @@ import shutil
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kacheryfs import manifest
 from kacheryfs import prefetch as prefetch_mod
 from kacheryfs.config import Config, load_config
-from kacheryfs.errors import ChannelUnavailable, ConfigError, NotFound
+from kacheryfs.errors import ChannelUnavailable, ConfigError, HashMismatch, NotFound
+from kacheryfs.hashing import Digests, hash_file
 from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.resolver import BlobRef, Resolver
 from kacheryfs.store import LocalStore
 from kacheryfs.uri import KacheryURL, file_url, format_url
+
+if TYPE_CHECKING:
+    from kacheryfs.remote import HttpChannel
 
 _SETTINGS = ("fr", "to", "storage_dir", "use_hard_links", "channel_timeout", "config_file")
 _overrides: dict[str, Any] = {}
@@ -96,10 +101,8 @@ def resolver(fr: Names = None, **settings: Any) -> Resolver:
 def store_file(path: str | os.PathLike[str], basename: str | None = None, *, to: str | None = None) -> str:
     """Store a local file; return `sha1://<hash>/<basename>`. Uploads to `to` when set."""
     cfg = _current_config(to=to)
-    store = LocalStore.from_config(cfg)
     path = Path(path)
-    digests = store.put_file(path, hard_link=cfg.use_hard_links, progress=None)
-    _upload(cfg, store, "sha1", digests.sha1, digests.size)
+    digests = _put_file(cfg, LocalStore.from_config(cfg), path)
     return format_url(file_url("sha1", digests.sha1, basename or path.name))
 
 
@@ -138,8 +141,7 @@ def store_dir(path: str | os.PathLike[str], label: str | None = None, *, to: str
     path = Path(path)
 
     def store_one(file: Path) -> FileEntry:
-        digests = store.put_file(file, hard_link=cfg.use_hard_links)
-        _upload(cfg, store, "sha1", digests.sha1, digests.size)
+        digests = _put_file(cfg, store, file)
         return FileEntry(digests.size, digests.sha1)
 
     root = manifest.build(path, store_one)
@@ -149,15 +151,49 @@ def store_dir(path: str | os.PathLike[str], label: str | None = None, *, to: str
     return format_url(KacheryURL("sha1", digests.sha1, True, name))
 
 
+def _put_file(cfg: Config, store: LocalStore, path: Path) -> Digests:
+    """Store a file locally and, with a `to` channel, upload it at the same time.
+
+    The sha1 names the upload, so it is computed first (a quick pass); then the local copy
+    and the upload read the file side by side. If the file changed meanwhile the server
+    refuses the upload (its bytes do not match), and what was stored locally is sent.
+    """
+    channel = _write_channel(cfg)
+    if channel is None:
+        return store.put_file(path, hard_link=cfg.use_hard_links)
+    try:
+        first = hash_file(path, md5=False)
+    except FileNotFoundError as err:
+        raise NotFound(f"no such file: {path}") from err
+    with ThreadPoolExecutor(1) as pool, progress_bar(first.size, f"upload to {channel.name}") as progress:
+        upload = pool.submit(channel.upload, "sha1", first.sha1, path, first.size, progress)
+        digests = store.put_file(path, hard_link=cfg.use_hard_links)
+        try:
+            upload.result()
+            sent = digests.sha1 == first.sha1
+        except HashMismatch:
+            sent = False
+    if not sent:
+        channel.upload("sha1", digests.sha1, store.blob_path("sha1", digests.sha1), digests.size)
+    return digests
+
+
 def _upload(cfg: Config, store: LocalStore, alg: str, digest: str, size: int) -> None:
+    """Upload a stored blob to the `to` channel, if there is one."""
+    channel = _write_channel(cfg)
+    if channel is None:
+        return
+    with progress_bar(size, f"upload {digest[:10]}… to {channel.name}") as progress:
+        channel.upload(alg, digest, store.blob_path(alg, digest), size, progress=progress)
+
+
+def _write_channel(cfg: Config) -> HttpChannel | None:
     target = cfg.write_channel()
     if target is None:
-        return
+        return None
     from kacheryfs.remote import HttpChannel
 
-    channel = HttpChannel(target.name, target.url, target.channel, target.password, timeout=cfg.channel_timeout)
-    with progress_bar(size, f"upload {digest[:10]}… to {target.name}") as progress:
-        channel.upload(alg, digest, store.blob_path(alg, digest), size, progress=progress)
+    return HttpChannel(target.name, target.url, target.channel, target.password, timeout=cfg.channel_timeout)
 
 
 @contextlib.contextmanager

@@ -159,3 +159,17 @@ def test_load_dir_works_with_a_cache_smaller_than_the_tree(server, config_file, 
     for i in range(10):
         assert (tmp_path / "copy" / f"f{i}").read_bytes() == bytes([i]) * 300_000
     assert LocalStore(storage).cache.usage().total_bytes <= 1_000_000
+
+
+def test_a_file_that_changes_while_uploaded_is_sent_as_stored(lab, tmp_path, monkeypatch):
+    from kacheryfs.hashing import Digests
+
+    f = tmp_path / "moving.bin"
+    f.write_bytes(b"the bytes that get stored")
+    stale = Digests(5, hashlib.sha1(b"older").hexdigest())  # what the quick first pass saw, before a change
+    monkeypatch.setattr(ka.api, "hash_file", lambda path, md5=True: stale)
+    url = ka.store_file(f, to="lab")
+    digest = hashlib.sha1(b"the bytes that get stored").hexdigest()
+    assert url.split("/")[2] == digest
+    assert on_server(lab, digest) == len(b"the bytes that get stored")
+    assert on_server(lab, stale.sha1) is None
