@@ -44,6 +44,7 @@ STATUS_XATTR = XATTR_PREFIX + "status"  # on the mount root: the daemon's counte
 PID_XATTR = XATTR_PREFIX + "pid"  # on the mount root: the daemon's pid, cheap (readiness checks poll it)
 _USAGE_MAX_AGE = 30.0  # seconds a status may report the store's size from an earlier count
 _RECENT_ERRORS = 20
+_LARGE_FILE = 8 << 20  # bytes from which an open blob is advised sequential
 _SNAPSHOT_INFOS = 100_000  # snapshot paths whose FileInfo is kept (a dict hit instead of a walk)
 
 
@@ -199,6 +200,10 @@ class FileSystemView:
         except NotFound:
             self._bounded(str(info.url), self.resolver.ensure, info.alg, info.digest, info.size)
             fd = store.open_fd(info.alg, info.digest)
+        if info.size >= _LARGE_FILE:
+            # FUSE sends reads from several threads at once, slightly out of order, which halves
+            # the disk's own readahead; the file is read front to back, so say so.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         self._open_fds.add(fd)
         return fd
 
