@@ -57,6 +57,6 @@ def run(args: argparse.Namespace) -> int:
         argv.append("--allow-other")
     for option in args.options:
         argv += ["-o", option]
-    pid = daemon.start(argv, mountpoint, log_file)
+    pid = daemon.start(argv, mountpoint, log_file, config.readahead_kb)
     print(f"kacheryfs: mounted at {mountpoint} (daemon pid {pid}, log {log_file})", file=sys.stderr)
     return 0

@@ -237,7 +237,9 @@ def open_staging(config: Config, store: LocalStore) -> tuple[StagingArea, Upload
     return staging, uploads
 
 
-def start(argv: Sequence[str], mountpoint: Path, log_file: Path, timeout: float = START_TIMEOUT) -> int:
+def start(
+    argv: Sequence[str], mountpoint: Path, log_file: Path, readahead_kb: int, timeout: float = START_TIMEOUT
+) -> int:
     """Run `python -m kacheryfs <argv>` detached; return its pid once the mount answers.
 
     The child's stderr goes to `log_file` so that a failure is reported from there.
@@ -260,6 +262,9 @@ def start(argv: Sequence[str], mountpoint: Path, log_file: Path, timeout: float 
             raise MountError(f"the mount daemon exited with code {code}: {_tail(log_file, offset)}")
         with contextlib.suppress(MountError):
             if daemon_pid(mountpoint) == child.pid:
+                # The daemon raises it too, from a thread; done here as well so that the first
+                # read after `kacheryfs mount` returns already gets 1 MiB requests.
+                raise_readahead(mountpoint, -1, readahead_kb, wait=1.0)
                 return child.pid
         time.sleep(0.02)
     child.terminate()
