@@ -158,8 +158,9 @@ class CommandFailed(RuntimeError):
 
 
 def tool(name: str) -> str:
-    """A command's path: on PATH, else beside this Python (an unactivated venv)."""
-    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    """A command's path: beside this Python (the installation measured, not a version
+    manager's shim in front of it, which costs ~50 ms a start), else on PATH."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if found is None:
         raise Unavailable(f"`{name}` is not installed")
     return found
