@@ -74,6 +74,7 @@ class Cache:
         self.limits = limits or CacheLimits()
         self.pins_dir = root / PINS_DIR
         self._lock = threading.Lock()
+        self._evict_lock = threading.Lock()
         self._touched: set[Path] = set()
         self._written: dict[Path, float] = {}  # path → when its atime was last written
         self._usage: int | None = None
@@ -195,6 +196,12 @@ class Cache:
     def evict(self, incoming: int = 0, free_at_least: int = 0) -> tuple[int, int]:
         """Evict down to the limits, leaving room for `incoming` bytes and freeing at least
         `free_at_least` (used when the disk filled up below the limits); (bytes freed, blobs evicted)."""
+        # One eviction at a time in a process: two would lock each other's candidates and
+        # take them for open blobs.
+        with self._evict_lock:
+            return self._evict(incoming, free_at_least)
+
+    def _evict(self, incoming: int, free_at_least: int) -> tuple[int, int]:
         self.flush_access()
         blobs = self.scan()
         usage = sum(b.size for b in blobs.values())
