@@ -170,4 +170,3 @@ def test_cli_fsck_exit_codes(storage_dir):
 def test_gc_without_a_bound_explains_itself():
     result = run("gc")
     assert result.returncode == 2 and "max-size" in result.stdout
-
