@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,24 @@ def storage_dir(isolated_kachery: Path) -> Path:
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
     return Path(os.environ["KACHERY_CONFIG"])
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """`tmpfs("4m")`: a fresh tmpfs of that size, for disk-full tests (mounting needs root)."""
+    mounted: list[Path] = []
+
+    def make(size: str) -> Path:
+        if os.geteuid() != 0:
+            if os.environ.get("CI"):
+                pytest.fail("CI runs as root: a tmpfs for the disk-full tests must be mountable")
+            pytest.skip("mounting a tmpfs needs root")
+        mnt = tmp_path / f"tmpfs-{len(mounted)}"
+        mnt.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
+        mounted.append(mnt)
+        return mnt
+
+    yield make
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -33,3 +33,30 @@ def test_a_channel_over_its_quota_is_skipped_for_the_next(two_servers, tmp_path)
     resolver = Resolver(LocalStore(tmp_path / "local"), channels)
     assert resolver.ensure("sha1", digest).read_bytes() == b"on both servers"
     assert resolver.stats.bytes_by_channel == {"good": 15}
+
+
+def test_a_full_disk_during_a_fetch_evicts_and_retries_once(tmp_path, tmpfs):
+    remote = readable_tempdir()
+    write_config(remote, [{"name": "lab", "password": PASSWORD, "downloadQuotas": [quota()], "uploadQuotas": []}])
+    wanted = LocalStore(remote, clean=False).put_bytes(b"w" * (3 << 20)).sha1
+    server = ServerProcess(remote)
+    try:
+        disk = tmpfs("5m")
+        local = LocalStore(disk / "store")  # unbounded: only the disk can say no
+        old = [local.put_bytes(bytes([i]) * (1 << 20)).sha1 for i in range(3)]
+        resolver = Resolver(local, [HttpChannel("lab", server.url, "lab", PASSWORD, timeout=5)])
+        assert resolver.ensure("sha1", wanted).stat().st_size == 3 << 20
+        assert not all(local.has("sha1", digest) for digest in old)  # room was made by eviction
+    finally:
+        server.stop()
+
+
+def test_every_fetch_is_logged_with_url_channel_bytes_ms_and_result(two_servers, tmp_path, caplog):
+    (spent, good), digest = two_servers
+    channels = [HttpChannel(name, s.url, "lab", PASSWORD, timeout=5) for name, s in (("spent", spent), ("good", good))]
+    with caplog.at_level("INFO", logger="kacheryfs.resolver"):
+        Resolver(LocalStore(tmp_path / "local"), channels).ensure("sha1", digest)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fetch ")]
+    assert len(lines) == 2
+    assert f"sha1://{digest}" in lines[1] and "channel=good" in lines[1] and "bytes=15" in lines[1]
+    assert "ms=" in lines[1] and "result=ok" in lines[1] and "channel=spent" in lines[0]
