@@ -192,20 +192,3 @@ class UploadQueue:
             if event == _UPLOADED:
                 self._uploaded.add(sha1)
         self.store.cache.unpin("sha1", sha1, reason="staging")
-
-
-def migrate_unnamed_queue(store: LocalStore, into: UploadQueue) -> int:
-    """Move the queue of an older version (one file per blob, no channel) into `into`; how many."""
-    old = store.root / QUEUE_DIR
-    moved = 0
-    for name in os.listdir(old):
-        if is_hash("sha1", name) and (old / name).is_file():
-            into.enqueue(name)
-            os.unlink(old / name)
-            moved += 1
-    done = old / "done"
-    if done.is_dir():  # which channel these went to was never recorded: staging re-queues what it holds
-        for name in os.listdir(done):
-            os.unlink(done / name)
-        os.rmdir(done)
-    return moved

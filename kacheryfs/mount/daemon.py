@@ -27,7 +27,7 @@ from kacheryfs.errors import MountError
 from kacheryfs.resolver import Resolver
 from kacheryfs.staging import StagingArea
 from kacheryfs.store import LocalStore
-from kacheryfs.upload_queue import UploadQueue, migrate_unnamed_queue
+from kacheryfs.upload_queue import UploadQueue
 from kacheryfs.vfs import PID_XATTR, STATUS_XATTR, FileSystemView
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,6 @@ def open_staging(config: Config, store: LocalStore) -> tuple[StagingArea, Upload
 
         uploads = UploadQueue(store, target.name, lambda: HttpChannel(
             target.name, target.url, target.channel, target.password, timeout=config.channel_timeout))  # fmt: skip
-        migrate_unnamed_queue(store, uploads)
     staging = StagingArea(config.staging_dir or store.root / "staging", store, uploads)
     if uploads is not None:
         uploads.start()
