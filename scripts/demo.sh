@@ -4,13 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+. scripts/env.sh
 
-mnt=$(python3 -c 'from kacheryfs.mount.paths import default_mountpoint; print(default_mountpoint())')
+mnt=$("$PY" -c 'from kacheryfs.mount.paths import default_mountpoint; print(default_mountpoint())')
 demo=$(mktemp -d)
 trap 'rm -rf "$demo"' EXIT
 mkdir -p "$demo/ds001/subdir1"
 echo "hello from kacheryfs" > "$demo/ds001/subdir1/file1.txt"
-python3 -c 'import numpy; numpy.save("'"$demo"'/ds001/array.npy", numpy.arange(12).reshape(3, 4))'
+"$PY" -c 'import numpy; numpy.save("'"$demo"'/ds001/array.npy", numpy.arange(12).reshape(3, 4))'
 
 file_url=$(kachery-store "$demo/ds001/subdir1/file1.txt")
 dir_url=$(kachery-store "$demo/ds001")
@@ -23,11 +24,11 @@ if ! mountpoint -q "$mnt"; then
 fi
 echo "mounted at $mnt (unmount with: kacheryfs umount $mnt)"
 
-snapshot=$(python3 -c 'import sys, kacheryfs.mount.paths as p; print(p.mount_path(sys.argv[1], sys.argv[2]))' "$dir_url" "$mnt")
-blob=$(python3 -c 'import sys, kacheryfs.mount.paths as p; print(p.mount_path(sys.argv[1], sys.argv[2]))' "$file_url" "$mnt")
+snapshot=$("$PY" -c 'import sys, kacheryfs.mount.paths as p; print(p.mount_path(sys.argv[1], sys.argv[2]))' "$dir_url" "$mnt")
+blob=$("$PY" -c 'import sys, kacheryfs.mount.paths as p; print(p.mount_path(sys.argv[1], sys.argv[2]))' "$file_url" "$mnt")
 set -x
 ls -lR "$snapshot"
 cat "$snapshot/subdir1/file1.txt"
 cat "$blob"
 getfattr -n user.kachery.url "$snapshot/subdir1/file1.txt"
-python3 -c "import numpy, sys; print(numpy.load(sys.argv[1]))" "$snapshot/array.npy"
+"$PY" -c "import numpy, sys; print(numpy.load(sys.argv[1]))" "$snapshot/array.npy"

@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-python3 -m ruff check kacheryfs tests scripts
-exec python3 -m pytest -q "$@"
+. scripts/env.sh
+"$PY" -m ruff check kacheryfs tests scripts
+exec "$PY" -m pytest -q "$@"
