@@ -45,6 +45,9 @@ PID_XATTR = XATTR_PREFIX + "pid"  # on the mount root: the daemon's pid, cheap (
 _USAGE_MAX_AGE = 30.0  # seconds a status may report the store's size from an earlier count
 _RECENT_ERRORS = 20
 _LARGE_FILE = 8 << 20  # bytes from which an open blob is advised sequential
+_BLOB_FDS = 256  # blobs whose descriptor is kept for reads (each also held from eviction)
+_FD_GRACE = 1.0  # seconds a descriptor let go stays open for a reply still being sent from it
+_FDS_RETIRED = 1024  # ... unless this many were let go since (64 FUSE threads: none still reads it)
 _SNAPSHOT_INFOS = 100_000  # snapshot paths whose FileInfo is kept (a dict hit instead of a walk)
 
 
@@ -124,8 +127,11 @@ def parse_snapshot_name(name: str, subpath: str = "") -> KacheryURL:
 
 
 class FileSystemView:
-    """The read-only hash views over one Resolver (local store plus channels), and the
-    writable staging area when there is one (`staged()` says which paths are its)."""
+    """The read-only hash views over one Resolver (local store plus channels).
+
+    The staging area, when there is one, is listed at the top as a directory (the mount
+    serves it on a connection of its own) and reported by `status()`.
+    """
 
     def __init__(self, resolver: Resolver, *, fetch_timeout: float = 30.0, staging: StagingArea | None = None) -> None:
         self.resolver = resolver
@@ -133,7 +139,10 @@ class FileSystemView:
         self.staging = staging
         self.top_level = TOP_LEVEL + ((STAGING_VIEW,) if staging is not None else ())
         self._started = time.time()
-        self._open_fds: set[int] = set()  # set.add/discard are atomic: no lock on the read path
+        self._blob_fds: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
+        self._blob_fds_lock = threading.Lock()
+        self._retired_fds: collections.deque[tuple[float, int]] = collections.deque()
+        self.ready = threading.Event()  # set once the whole mount answers (staging included)
         self._snapshot_infos: dict[str, FileInfo] = {}
         self._usage: Usage | None = None
         self._usage_at = -_USAGE_MAX_AGE
@@ -142,19 +151,12 @@ class FileSystemView:
         self.recent_errors: collections.deque[str] = collections.deque(maxlen=_RECENT_ERRORS)
 
     # -- what is at a path -----------------------------------------------------------
-    def staged(self, path: str) -> str | None:
-        """The path inside the staging area ('' for its root), or None outside it."""
-        parts = split_path(path)
-        if self.staging is None or not parts or parts[0] != STAGING_VIEW:
-            return None
-        return "/".join(parts[1:])
-
     def stat(self, path: str) -> FileInfo:
         """The FileInfo at `path` in a hash view; NotFound (or InvalidURL for a malformed name) otherwise."""
         parts = split_path(path)
         if len(parts) <= 1:
-            if not parts or parts[0] in TOP_LEVEL:
-                return _ROOT
+            if not parts or parts[0] in self.top_level:
+                return _ROOT  # staging included: the directory its own mount covers
             raise NotFound(f"no {parts[0]!r} at the top of the mount (there are {', '.join(self.top_level)})")
         view, name, rest = parts[0], parts[1], parts[2:]
         if view in BLOB_VIEWS:
@@ -177,7 +179,7 @@ class FileSystemView:
         """The entries of a directory with their FileInfo (the view directories list nothing)."""
         parts = split_path(path)
         if not parts:
-            return [(name, _ROOT) for name in TOP_LEVEL]  # the adapter adds staging with its real attributes
+            return [(name, _ROOT) for name in self.top_level]
         if len(parts) == 1 and parts[0] in TOP_LEVEL:
             return []  # lookup-only, so `find` and `updatedb` never crawl a store
         info = self.stat(path)
@@ -189,13 +191,16 @@ class FileSystemView:
         return entries
 
     def open(self, path: str) -> int:
-        """A read-only descriptor on the blob behind `path`, fetched and verified first if needed."""
+        """A new read-only descriptor on the blob behind `path`, fetched and verified first if needed.
+
+        Its shared lock keeps the blob from eviction until it is closed.
+        """
         info = self.stat(path)
         if info.is_dir:
             raise IsADirectory(f"{path} is a directory")
         store = self.resolver.store
         try:
-            fd = store.open_fd(info.alg, info.digest)  # its shared lock keeps the blob from eviction
+            fd = store.open_fd(info.alg, info.digest)
             self.resolver.stats.hits += 1
         except NotFound:
             self._bounded(str(info.url), self.resolver.ensure, info.alg, info.digest, info.size)
@@ -204,32 +209,63 @@ class FileSystemView:
             # FUSE sends reads from several threads at once, slightly out of order, which halves
             # the disk's own readahead; the file is read front to back, so say so.
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        self._open_fds.add(fd)
         return fd
 
+    def blob_fd(self, path: str) -> int:
+        """The descriptor reads of `path` are served from: one per blob, kept while it is read.
+
+        The mount never hears of opens and closes (FUSE's no-open mode), so descriptors are
+        kept for the last _BLOB_FDS blobs read; the lock each holds keeps those from eviction.
+        A descriptor let go is closed only after _FD_GRACE seconds or _FDS_RETIRED later
+        let-gos: libfuse may still be reading from it for a reply on another thread, and its
+        number must not be reused meanwhile.
+        """
+        info = self.stat(path)
+        key = (info.alg, info.digest)
+        with self._blob_fds_lock:
+            fd = self._blob_fds.get(key)
+            if fd is not None:
+                self._blob_fds.move_to_end(key)
+                return fd
+        fd = self.open(path)  # outside the lock: it may wait for a download
+        with self._blob_fds_lock:
+            known = self._blob_fds.get(key)
+            if known is not None:  # another thread opened it meanwhile
+                self._retired_fds.append((time.monotonic(), fd))
+                return known
+            self._blob_fds[key] = fd
+            if len(self._blob_fds) > _BLOB_FDS:
+                self._retired_fds.append((time.monotonic(), self._blob_fds.popitem(last=False)[1]))
+            self._close_retired(time.monotonic() - _FD_GRACE)
+        return fd
+
+    def close_blob_fds(self) -> None:
+        """Close every kept descriptor (the mount is gone: no read can still use them)."""
+        with self._blob_fds_lock:
+            self._retired_fds.extend((0.0, fd) for fd in self._blob_fds.values())
+            self._blob_fds.clear()
+            self._close_retired(float("inf"))
+
+    def _close_retired(self, before: float) -> None:
+        while self._retired_fds and (self._retired_fds[0][0] <= before or len(self._retired_fds) > _FDS_RETIRED):
+            os.close(self._retired_fds.popleft()[1])
+
     def release(self, fd: int) -> None:
-        if self.staging is not None and self.staging.owns(fd):
-            self.staging.release(fd)
-            return
-        self._open_fds.discard(fd)
+        """Close a descriptor from `open`."""
         os.close(fd)
 
     def getxattr(self, path: str, name: str) -> bytes:
         """One `user.kachery.*` attribute; NotFound when this path does not have it."""
         if not split_path(path) and name in (STATUS_XATTR, PID_XATTR):
+            if name == PID_XATTR and not self.ready.is_set():
+                raise NotFound("the mount is not ready yet")  # readiness checks poll the pid
             return (json.dumps(self.status()) if name == STATUS_XATTR else str(os.getpid())).encode()
-        rel = self.staged(path)
-        if rel is not None:
-            return self.staging.getxattr(rel, name)  # type: ignore[union-attr]
         try:
             return self.stat(path).xattrs()[name]
         except KeyError:
             raise NotFound(f"{path} has no attribute {name}") from None
 
     def listxattr(self, path: str) -> list[str]:
-        rel = self.staged(path)
-        if rel is not None:
-            return self.staging.listxattr(rel)  # type: ignore[union-attr]
         names = list(self.stat(path).xattrs())
         return names + [STATUS_XATTR, PID_XATTR] if not split_path(path) else names
 
@@ -249,7 +285,7 @@ class FileSystemView:
             "cache_bytes": usage.total_bytes if usage else None,
             "cache_max_bytes": store.cache.limits.max_size,
             "channels": [c.name for c in self.resolver.channels],
-            "open_files": len(self._open_fds),
+            "open_files": len(self._blob_fds),  # blobs being read (kept descriptors)
             "fetch_timeout_s": self.fetch_timeout,
             **self.resolver.stats.as_dict(),
             "recent_errors": list(self.recent_errors),

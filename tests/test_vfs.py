@@ -17,10 +17,10 @@ from types import SimpleNamespace
 import mfusepy
 import pytest
 
-from kacheryfs import manifest
+from kacheryfs import manifest, vfs
 from kacheryfs.errors import ChannelUnavailable, InvalidURL, IsADirectory, NotADirectory, NotFound
 from kacheryfs.manifest import DirNode, FileEntry
-from kacheryfs.mount.fuse_ops import BLOCK_SIZE, FIXED_TIME_NS, KacheryOperations, _FuseBufvec
+from kacheryfs.mount.fuse_ops import BLOCK_SIZE, FIXED_TIME_NS, HashViewOperations, _FuseBufvec
 from kacheryfs.resolver import Resolver
 from kacheryfs.store import BlobWriter, LocalStore
 from kacheryfs.vfs import PID_XATTR, STATUS_XATTR, FileSystemView
@@ -75,8 +75,8 @@ def view(store: LocalStore) -> FileSystemView:
 
 
 @pytest.fixture
-def ops(view: FileSystemView) -> KacheryOperations:
-    return KacheryOperations(view)
+def ops(view: FileSystemView) -> HashViewOperations:
+    return HashViewOperations(view)
 
 
 # -- the view ------------------------------------------------------------------------
@@ -131,12 +131,38 @@ def test_open_gives_a_descriptor_on_the_blob(view: FileSystemView, snapshot: str
     fd = view.open(f"/sha1dir/{snapshot}/sub/big.bin")
     try:
         assert os.pread(fd, 10, 5) == BIG[5:15]
-        assert view.status()["open_files"] == 1
     finally:
         view.release(fd)
-    assert view.status()["open_files"] == 0
     with pytest.raises(IsADirectory):
         view.open(f"/sha1dir/{snapshot}/sub")
+
+
+def test_reads_share_one_kept_descriptor_per_blob(view: FileSystemView, snapshot: str, store: LocalStore) -> None:
+    fd = view.blob_fd(f"/sha1dir/{snapshot}/sub/big.bin")
+    assert view.blob_fd(f"/sha1/{sha1(BIG)}.bin") == fd  # the same blob under another name
+    assert os.pread(fd, 10, 5) == BIG[5:15]
+    assert view.status()["open_files"] == 1
+    view.close_blob_fds()
+    assert view.status()["open_files"] == 0
+    assert not _is_open_on(fd, sha1(BIG))
+
+
+def test_kept_descriptors_are_bounded_and_closed_only_after_a_grace(view: FileSystemView, store: LocalStore) -> None:
+    digests = [store.put_bytes(b"%d" % i).sha1 for i in range(vfs._BLOB_FDS + 1)]
+    first = view.blob_fd(f"/sha1/{digests[0]}")
+    for digest in digests[1:]:
+        view.blob_fd(f"/sha1/{digest}")
+    assert view.status()["open_files"] == vfs._BLOB_FDS
+    assert _is_open_on(first, digests[0])  # let go of, but a reply may still be read from it: not closed yet
+    view.close_blob_fds()
+    assert not _is_open_on(first, digests[0])
+
+
+def _is_open_on(fd: int, digest: str) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").endswith(digest)
+    except FileNotFoundError:
+        return False
 
 
 def test_xattrs_of_files_directories_and_the_root(view: FileSystemView, snapshot: str) -> None:
@@ -146,6 +172,9 @@ def test_xattrs_of_files_directories_and_the_root(view: FileSystemView, snapshot
     assert view.getxattr(f"/sha1dir/{snapshot}.ds/sub", "user.kachery.url") == f"sha1dir://{snapshot}.ds/sub".encode()
     assert view.listxattr("/") == [STATUS_XATTR, PID_XATTR]
     assert json.loads(view.getxattr("/", STATUS_XATTR))["pid"] == os.getpid()
+    with pytest.raises(NotFound):
+        view.getxattr("/", PID_XATTR)  # readiness checks poll it: no answer before the whole mount is up
+    view.ready.set()
     assert view.getxattr("/", PID_XATTR) == str(os.getpid()).encode()
     with pytest.raises(NotFound):
         view.getxattr(path, "user.other")
@@ -199,7 +228,7 @@ def fuse_errno(call, *args) -> int:
     return err.value.errno
 
 
-def test_getattr_reports_read_only_modes_fixed_times_and_blocks(ops: KacheryOperations, snapshot: str) -> None:
+def test_getattr_reports_read_only_modes_fixed_times_and_blocks(ops: HashViewOperations, snapshot: str) -> None:
     st = ops.getattr(f"/sha1dir/{snapshot}/sub/big.bin")
     assert st["st_mode"] == stat.S_IFREG | 0o444 and st["st_size"] == len(BIG)
     assert st["st_blocks"] == (len(BIG) + 511) // 512 and st["st_blksize"] == BLOCK_SIZE
@@ -207,28 +236,28 @@ def test_getattr_reports_read_only_modes_fixed_times_and_blocks(ops: KacheryOper
     assert ops.getattr("/")["st_mode"] == stat.S_IFDIR | 0o555
 
 
-def test_readdir_sends_attributes_with_each_entry(ops: KacheryOperations, snapshot: str) -> None:
+def test_readdir_sends_attributes_with_each_entry(ops: HashViewOperations, snapshot: str) -> None:
     entries = ops.readdir(f"/sha1dir/{snapshot}", 0)
     assert entries[:2] == [".", ".."]
     sizes = {name: attrs["st_size"] for name, attrs, _ in entries[2:]}
     assert sizes == {"a.txt": 6, "sub": 4096}
 
 
-def test_errors_become_their_errno(ops: KacheryOperations, snapshot: str) -> None:
+def test_errors_become_their_errno(ops: HashViewOperations, snapshot: str) -> None:
     assert fuse_errno(ops.getattr, "/sha1/zzz") == errno.ENOENT
     assert fuse_errno(ops.getattr, f"/sha1dir/{snapshot}/nope") == errno.ENOENT
     assert fuse_errno(ops.getxattr, f"/sha1dir/{snapshot}/a.txt", "user.nope") == errno.ENODATA
     assert fuse_errno(ops.open, f"/sha1dir/{snapshot}/a.txt", SimpleNamespace(flags=os.O_RDWR)) == errno.EROFS
 
 
-def test_an_invalid_manifest_is_eio(ops: KacheryOperations, store: LocalStore) -> None:
+def test_an_invalid_manifest_is_eio(ops: HashViewOperations, store: LocalStore) -> None:
     bad = store.put_bytes(b'{"files": {"": {"size": -1}}}')
     assert fuse_errno(ops.readdir, f"/sha1dir/{bad.sha1}", 0) == errno.EIO
     assert ops.view.recent_errors
 
 
 def test_an_unexpected_exception_is_logged_and_becomes_eio(
-    ops: KacheryOperations, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ops: HashViewOperations, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     def broken(path: str) -> None:
         raise RuntimeError("bug")
@@ -239,24 +268,33 @@ def test_an_unexpected_exception_is_logged_and_becomes_eio(
     assert "Traceback" in caplog.text or any(r.exc_info for r in caplog.records)
 
 
-def test_reads_are_served_from_the_blob_descriptor(ops: KacheryOperations, snapshot: str) -> None:
-    fi = SimpleNamespace(flags=os.O_RDONLY, fh=0, keep_cache=0, noflush=0)
-    ops.open(f"/sha1dir/{snapshot}/sub/big.bin", fi)
+def test_the_first_open_fetches_then_tells_the_kernel_no_open_is_needed(ops: HashViewOperations, snapshot: str) -> None:
+    fi = SimpleNamespace(flags=os.O_RDONLY, fh=0)
+    assert fuse_errno(ops.open, f"/sha1dir/{snapshot}/sub/big.bin", fi) == errno.ENOSYS
+    assert ops.view.status()["open_files"] == 1  # the blob's descriptor, kept for the reads to come
+    assert fuse_errno(ops.open, f"/sha1dir/{snapshot}/sub/big.bin", SimpleNamespace(flags=os.O_RDWR)) == errno.EROFS
+    assert fuse_errno(ops.flush, f"/sha1dir/{snapshot}/sub/big.bin", fi) == errno.ENOSYS
+
+
+def test_reads_are_served_from_the_blob_descriptor(ops: HashViewOperations, snapshot: str) -> None:
+    path = f"/sha1dir/{snapshot}/sub/big.bin"
+    fi = SimpleNamespace(flags=os.O_RDONLY, fh=0)  # no-open mode: reads come without a handle
     bufp = ctypes.c_void_p()
     try:
-        assert fi.keep_cache == 1 and fi.noflush == 1
-        assert ops.read_buf("/x", ctypes.pointer(bufp), 4096, 100, fi) == 0
+        assert ops.read_buf(path, ctypes.pointer(bufp), 4096, 100, fi) == 0
         vec = _FuseBufvec.from_address(bufp.value)  # type: ignore[arg-type]
-        assert vec.count == 1 and vec.buf[0].fd == fi.fh
+        assert vec.count == 1 and vec.buf[0].fd == ops.view.blob_fd(path)
         assert os.pread(vec.buf[0].fd, vec.buf[0].size, vec.buf[0].pos) == BIG[100:4196]
     finally:
         ctypes.CDLL(None).free(bufp)
-        ops.release("/x", fi)
+        ops.view.close_blob_fds()
 
 
 def test_init_sets_kernel_cache_timeouts_and_read_size(view: FileSystemView) -> None:
     called: list[bool] = []
-    ops = KacheryOperations(view, entry_timeout=7, attr_timeout=8, negative_timeout=2, on_init=lambda: called.append(1))
+    ops = HashViewOperations(
+        view, entry_timeout=7, attr_timeout=8, negative_timeout=2, on_init=lambda: called.append(1)
+    )
     conn, config = SimpleNamespace(max_read=0), SimpleNamespace()
     ops.init_with_config(conn, config)
     assert (config.entry_timeout, config.attr_timeout, config.negative_timeout) == (7, 8, 2)

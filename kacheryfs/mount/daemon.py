@@ -14,12 +14,14 @@ import errno
 import json
 import logging
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from kacheryfs.config import Config
@@ -28,7 +30,7 @@ from kacheryfs.resolver import Resolver
 from kacheryfs.staging import StagingArea
 from kacheryfs.store import LocalStore
 from kacheryfs.upload_queue import UploadQueue
-from kacheryfs.vfs import PID_XATTR, STATUS_XATTR, FileSystemView
+from kacheryfs.vfs import PID_XATTR, STAGING_VIEW, STATUS_XATTR, FileSystemView
 
 log = logging.getLogger(__name__)
 
@@ -152,39 +154,60 @@ def raise_readahead(mountpoint: Path, before_dev: int, readahead_kb: int, wait: 
 
 
 def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None:
-    """Mount and run the filesystem in this process until unmounted or signalled."""
+    """Mount and run the filesystem in this process until unmounted or signalled.
+
+    Two FUSE connections: the read-only hash views at `mountpoint` (in a thread) and the
+    staging area on `mountpoint/staging` (in this thread). When the staging mount ends, for
+    whatever reason, the hash views are unmounted after it; when the hash views end first
+    (a lazy unmount), the staging mount is let go too. SIGINT, SIGTERM and SIGHUP unmount
+    the staging mount, and so both (`_stop_on_signals`).
+    """
     check_fuse()
     check_mountpoint(mountpoint)
     tune_malloc()
-    from kacheryfs.mount.fuse_ops import FUSE, MAX_READ, KacheryOperations
+    raise_fd_limit()
+    from kacheryfs.mount.fuse_ops import MAX_READ, HashViewFUSE, HashViewOperations, StagingFUSE, StagingOperations
 
     resolver = Resolver.from_config(config)
     staging, uploads = open_staging(config, resolver.store)
     resolver.md5_index = staging.md5_index  # fetched blobs get their md5 name in the background too
     view = FileSystemView(resolver, fetch_timeout=config.fetch_timeout, staging=staging)
+    staging_mnt = mountpoint / STAGING_VIEW
     before_dev = os.stat(mountpoint).st_dev
-    mounted = threading.Event()
+    hash_views_up, hash_views_done, stopping = threading.Event(), threading.Event(), threading.Event()
+    signalled = threading.Event()
+    failure: list[BaseException] = []
 
-    def on_init() -> None:
-        mounted.set()
+    def raise_readahead_of(path: Path, dev: int) -> Callable[[], None]:
         # From a thread: a stat of the mountpoint from inside FUSE's init would deadlock.
-        args = (mountpoint, before_dev, config.readahead_kb)
-        threading.Thread(target=raise_readahead, args=args, daemon=True).start()
+        args = (path, dev, config.readahead_kb)
+        return lambda: threading.Thread(target=raise_readahead, args=args, daemon=True).start()
 
-    ops = KacheryOperations(
-        view,
-        entry_timeout=config.entry_timeout,
-        attr_timeout=config.attr_timeout,
-        negative_timeout=config.negative_timeout,
-        on_init=on_init,
-    )
+    def on_hash_views_init() -> None:
+        hash_views_up.set()
+        raise_readahead_of(mountpoint, before_dev)()
+
+    def on_staging_init() -> None:
+        view.ready.set()  # from now on the root answers its pid: `kacheryfs mount` returns
+        raise_readahead_of(staging_mnt, before_dev)()
+        if signalled.is_set():  # a signal came while it was mounting
+            threading.Thread(target=_detach, args=(staging_mnt,), kwargs={"lazy": True}, daemon=True).start()
+
+    def on_signal(signum: int) -> None:
+        log.info("stopped by a signal (%s): unmounting %s", signal.Signals(signum).name, mountpoint)
+        signalled.set()
+        if view.ready.is_set():
+            _detach(staging_mnt, lazy=True)  # as libfuse does on a signal: unmounted even if busy
+
+    timeouts = {"entry_timeout": config.entry_timeout, "attr_timeout": config.attr_timeout,
+                "negative_timeout": config.negative_timeout}  # fmt: skip
     fuse_options: dict[str, object] = {
         "fsname": "kacheryfs",
         "subtype": "kacheryfs",
         "default_permissions": True,  # the kernel checks modes: 0444/0555 on the hash views
         "max_read": MAX_READ,
         "max_threads": 64,  # opens that wait for a download must not starve lookups of cached files
-        # Threads are kept, not ended when idle: each holds its Python thread state (fuse_ops.FUSE).
+        # Threads are kept, not ended when idle: each holds its Python thread state (fuse_ops._FUSE).
         # Explicit also because libfuse 3.14 otherwise logs "Ignoring invalid max threads value".
         "max_idle_threads": 64,
         "allow_other": config.allow_other,
@@ -193,21 +216,115 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
         for item in filter(None, option.split(",")):
             key, eq, value = item.partition("=")
             fuse_options[key] = value if eq else True
+    run = {"raw_fi": True, "foreground": True, "nothreads": False}
+
+    def hash_views() -> None:
+        try:
+            ops = HashViewOperations(view, on_init=on_hash_views_init, **timeouts)
+            HashViewFUSE(ops, str(mountpoint), ro=True, **run, **fuse_options)  # type: ignore[arg-type]
+        except BaseException as err:  # handed to the main thread
+            failure.append(err)
+        finally:
+            hash_views_done.set()
+            if not stopping.is_set():
+                # Ended first (a signal before the staging mount took them over, a lazy unmount):
+                # nothing may stay mounted without its daemon.
+                _detach(staging_mnt, lazy=True)
+                _detach(mountpoint, lazy=True)
+
     log.info("mounting %s (storage %s, channels %s)", mountpoint, config.storage_dir, list(config.fr) or "none")
-    try:
-        FUSE(ops, str(mountpoint), raw_fi=True, foreground=True, nothreads=False, **fuse_options)
-    except RuntimeError as err:
-        if mounted.is_set():
-            # libfuse's SIGINT/SIGTERM/SIGHUP handler ended the loop and unmounted: a clean stop.
-            log.info("stopped by a signal; unmounted %s", mountpoint)
-            return
-        hint = " (allow_other needs user_allow_other in /etc/fuse.conf)" if config.allow_other else ""
-        raise MountError(f"libfuse could not mount {mountpoint} (code {err}){hint}; see the messages above") from err
-    finally:
+    with _stop_on_signals(on_signal):
+        threading.Thread(target=hash_views, name="kacheryfs-hash-views", daemon=True).start()
+        try:
+            while not hash_views_up.wait(0.05) and not signalled.is_set():
+                if hash_views_done.is_set():
+                    raise _mount_failed(mountpoint, config, failure)
+            try:
+                if not signalled.is_set():
+                    ops = StagingOperations(view, on_init=on_staging_init, **timeouts)
+                    StagingFUSE(ops, str(staging_mnt), **run, **fuse_options)  # type: ignore[arg-type]
+            except RuntimeError as err:
+                if not (view.ready.is_set() or signalled.is_set() or hash_views_done.wait(1.0)):
+                    raise _mount_failed(staging_mnt, config, [err]) from err
+        finally:
+            stopping.set()
+            if not hash_views_done.is_set():
+                _detach(mountpoint, lazy=True)  # the staging mount is gone: nothing is left to wait for
+                hash_views_done.wait(STOP_TIMEOUT)
+        view.close_blob_fds()
         if uploads is not None:
             uploads.stop()
         resolver.store.cache.flush_access()
     log.info("unmounted %s", mountpoint)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
+    """Call `on_signal(signum)` from a thread of its own on SIGINT, SIGTERM or SIGHUP.
+
+    Not libfuse's handlers: they end only the session set up last, and not before it is up
+    (a signal in between would leave a mount without its daemon). Python's handler writes
+    the signal to a pipe even while this thread is inside libfuse's loop; mfusepy is kept
+    from resetting SIGINT (libfuse installs its own only over the default).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only: its caller's business
+        return
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)  # set_wakeup_fd requires it
+
+    def watch() -> None:
+        with open(read_end, "rb", buffering=0) as signals:
+            while data := signals.read(16):
+                for signum in data:
+                    on_signal(signum)
+
+    previous = {signum: signal.signal(signum, lambda *_: None) for signum in _STOP_SIGNALS}
+    previous_fd = signal.set_wakeup_fd(write_end)
+    import mfusepy
+
+    mfusepy_signal, mfusepy.signal = mfusepy.signal, _refuse_signal  # type: ignore[attr-defined]
+    threading.Thread(target=watch, name="kacheryfs-signals", daemon=True).start()
+    try:
+        yield
+    finally:
+        mfusepy.signal = mfusepy_signal  # type: ignore[attr-defined]
+        signal.set_wakeup_fd(previous_fd)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        os.close(write_end)  # the watcher reads the end of the pipe and stops
+
+
+def _refuse_signal(*_: object) -> None:
+    raise ValueError("kacheryfs handles the signals")  # what mfusepy expects outside the main thread
+
+
+def _mount_failed(path: Path, config: Config, failure: list[BaseException]) -> MountError:
+    hint = " (allow_other needs user_allow_other in /etc/fuse.conf)" if config.allow_other else ""
+    code = f" (code {failure[0]})" if failure else ""
+    return MountError(f"libfuse could not mount {path}{code}{hint}; see the messages above")
+
+
+def _detach(path: Path, *, lazy: bool) -> None:
+    """Unmount one of our own connections (its loop then ends); quiet when it is gone already."""
+    flag = "-uz" if lazy else "-u"
+    for cmd in (["fusermount3", flag, str(path)], ["umount", *(["-l"] if lazy else []), str(path)]):
+        if shutil.which(cmd[0]) is None:
+            continue
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            if subprocess.run(cmd, capture_output=True, timeout=STOP_TIMEOUT).returncode == 0:
+                return
+
+
+def raise_fd_limit() -> None:
+    """Open files up to the hard limit: the daemon keeps a descriptor per blob being read."""
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def open_staging(config: Config, store: LocalStore) -> tuple[StagingArea, UploadQueue | None]:
@@ -278,7 +395,11 @@ def _tail(log_file: Path, offset: int, limit: int = 2000) -> str:
 
 
 def unmount(mountpoint: Path, *, lazy: bool = False, timeout: float = STOP_TIMEOUT) -> None:
-    """Unmount, waiting for the daemon to exit; a stale mount (or `lazy`) is detached lazily."""
+    """Unmount, waiting for the daemon to exit; a stale mount (or `lazy`) is detached lazily.
+
+    The staging mount on `mountpoint/staging` goes first (the daemon then unmounts the hash
+    views itself); a lazy detach takes both at once.
+    """
     stale = is_stale(mountpoint)
     if not stale and not os.path.ismount(mountpoint):
         raise MountError(f"{mountpoint} is not mounted")
@@ -286,10 +407,27 @@ def unmount(mountpoint: Path, *, lazy: bool = False, timeout: float = STOP_TIMEO
     if not stale:
         with contextlib.suppress(MountError):
             pid = daemon_pid(mountpoint)
-    if stale or lazy:
-        attempts = [["fusermount3", "-uz", str(mountpoint)], ["umount", "-l", str(mountpoint)]]
+    staging = mountpoint / STAGING_VIEW
+    if not (stale or lazy) and os.path.ismount(staging):
+        _unmount_one(staging, lazy=False, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while pid is not None and os.path.ismount(mountpoint) and time.monotonic() < deadline:
+            time.sleep(0.02)  # the daemon unmounts the hash views after the staging mount
+    if is_stale(mountpoint) or os.path.ismount(mountpoint):
+        try:
+            _unmount_one(mountpoint, lazy=stale or lazy, timeout=timeout)
+        except MountError:
+            if is_stale(mountpoint) or os.path.ismount(mountpoint):
+                raise  # else the daemon unmounted it meanwhile
+    if isinstance(pid, int):
+        _wait_exit(pid, timeout)
+
+
+def _unmount_one(path: Path, *, lazy: bool, timeout: float) -> None:
+    if lazy:
+        attempts = [["fusermount3", "-uz", str(path)], ["umount", "-l", str(path)]]
     else:
-        attempts = [["fusermount3", "-u", str(mountpoint)], ["umount", str(mountpoint)]]
+        attempts = [["fusermount3", "-u", str(path)], ["umount", str(path)]]
     reasons = []
     for cmd in attempts:
         if shutil.which(cmd[0]) is None:
@@ -297,13 +435,10 @@ def unmount(mountpoint: Path, *, lazy: bool = False, timeout: float = STOP_TIMEO
             continue
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if done.returncode == 0:
-            break
+            return
         reasons.append(f"{' '.join(cmd)}: {done.stderr.strip()}")
-    else:
-        busy = " (busy: close the programs using it, or use --lazy)" if any("busy" in r for r in reasons) else ""
-        raise MountError(f"could not unmount {mountpoint}{busy}: {'; '.join(reasons)}")
-    if isinstance(pid, int):
-        _wait_exit(pid, timeout)
+    busy = " (busy: close the programs using it, or use --lazy)" if any("busy" in r for r in reasons) else ""
+    raise MountError(f"could not unmount {path}{busy}: {'; '.join(reasons)}")
 
 
 def _wait_exit(pid: int, timeout: float) -> None:

@@ -1,14 +1,18 @@
-"""The FUSE operations class: translates kernel requests into `FileSystemView` calls, and back.
+"""The FUSE operations: translate kernel requests into `FileSystemView` and `StagingArea` calls, and back.
 
-Thin on purpose: what exists and what it holds is decided in `kacheryfs.vfs`. This module
-only speaks FUSE — stat dicts, file handles, errno — and sets the kernel cache up for
-immutable content. Every kacheryfs error becomes its `errno`; any other exception is logged
-with its traceback and becomes EIO (never mfusepy's default EINVAL, which hides bugs as
-"Invalid argument").
+A mount is two FUSE connections: the read-only hash views at `<mnt>` (`HashViewOperations`,
+told that nothing there needs an open, so the kernel answers opens and closes itself) and
+the writable staging area mounted on `<mnt>/staging` (`StagingOperations`, which needs
+every open and close). Thin on purpose: what exists and what it holds is decided in
+`kacheryfs.vfs` and `kacheryfs.staging`. This module only speaks FUSE — stat dicts, file
+handles, errno — and sets the kernel cache up for immutable content. Every kacheryfs error
+becomes its `errno`; any other exception is logged with its traceback and becomes EIO
+(never mfusepy's default EINVAL, which hides bugs as "Invalid argument").
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import functools
@@ -24,7 +28,7 @@ import mfusepy
 
 from kacheryfs.errors import InvalidURL, KacheryError, NotFound
 from kacheryfs.staging import StagingArea
-from kacheryfs.vfs import STAGING_VIEW, XATTR_PREFIX, FileInfo, FileSystemView
+from kacheryfs.vfs import XATTR_PREFIX, FileInfo, FileSystemView
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +44,14 @@ FIXED_TIME_NS = 1546300800 * 10**9
 _XATTR_PREFIX = XATTR_PREFIX.encode()  # every attribute the mount has starts with it
 _FUSE_READDIR_PLUS = 1  # fuse_readdir_flags: the kernel wants attributes with the entries
 _FUSE_FILL_DIR_PLUS = 2  # fuse_fill_dir_flags: these attributes are complete
+_LISTINGS_KEPT = 256  # snapshot directory listings kept by the hash views (the kernel keeps them too)
 
 
 def _translated(method: F) -> F:
     """Turn the view's errors into errno for the kernel, logging each with its path and reason."""
 
     @functools.wraps(method)
-    def wrapper(self: KacheryOperations, path: str, *args: Any) -> Any:
+    def wrapper(self: _Operations, path: str, *args: Any) -> Any:
         try:
             return method(self, path, *args)
         except (NotFound, InvalidURL) as err:
@@ -82,7 +87,7 @@ def _staged(method: F) -> F:
     """`_translated`, with the ordinary refusals of a staging call logged at debug level only."""
 
     @functools.wraps(method)
-    def wrapper(self: KacheryOperations, path: str, *args: Any) -> Any:
+    def wrapper(self: _Operations, path: str, *args: Any) -> Any:
         try:
             return method(self, path, *args)
         except mfusepy.FuseOSError:
@@ -96,8 +101,8 @@ def _staged(method: F) -> F:
     return _translated(wrapper)  # type: ignore[return-value]
 
 
-class KacheryOperations(mfusepy.Operations):
-    """mfusepy operations over a FileSystemView (mount with `raw_fi=True`)."""
+class _Operations(mfusepy.Operations):
+    """What both connections share: kernel cache timeouts, 1 MiB reads, nanosecond times."""
 
     use_ns = True  # timestamps in nanoseconds (mfusepy's future default)
 
@@ -110,9 +115,33 @@ class KacheryOperations(mfusepy.Operations):
         negative_timeout: float = 5.0,
         on_init: Callable[[], None] | None = None,
     ) -> None:
-        self.view = view
+        self.view = view  # also where failures are kept for `kacheryfs status`
         self.entry_timeout, self.attr_timeout, self.negative_timeout = entry_timeout, attr_timeout, negative_timeout
         self._on_init = on_init
+
+    def init_with_config(self, conn_info: Any, config_3: Any) -> None:
+        if config_3 is not None:
+            config_3.entry_timeout = self.entry_timeout
+            config_3.attr_timeout = self.attr_timeout
+            config_3.negative_timeout = self.negative_timeout
+        if conn_info is not None:
+            conn_info.max_read = MAX_READ  # must match -o max_read, or libfuse3 refuses the mount
+        if self._on_init is not None:
+            self._on_init()
+
+
+class HashViewOperations(_Operations):
+    """The read-only hash views (mount with `raw_fi=True`, read-only, under `HashViewFUSE`).
+
+    Nothing here ever changes, so the kernel is told to stop asking: the first open answers
+    ENOSYS, which the kernel takes as "this filesystem needs no open" — from then on opens,
+    closes and their flushes cost no request at all and the page cache is kept across opens
+    (FUSE's no-open mode). Reads then come without a handle: the view keeps one descriptor
+    per blob being read (`FileSystemView.blob_fd`).
+    """
+
+    def __init__(self, view: FileSystemView, **kwargs: Any) -> None:
+        super().__init__(view, **kwargs)
         self._uid, self._gid = os.getuid(), os.getgid()
 
     def attrs(self, info: FileInfo) -> dict[str, int]:
@@ -134,162 +163,33 @@ class KacheryOperations(mfusepy.Operations):
             "st_ctime": FIXED_TIME_NS,
         }
 
-    def init_with_config(self, conn_info: Any, config_3: Any) -> None:
-        # Hash paths never change: let the kernel keep names and attributes for long;
-        # an unknown hash may be uploaded later, so a miss is remembered only briefly.
-        if config_3 is not None:
-            config_3.entry_timeout = self.entry_timeout
-            config_3.attr_timeout = self.attr_timeout
-            config_3.negative_timeout = self.negative_timeout
-        if conn_info is not None:
-            conn_info.max_read = MAX_READ  # must match -o max_read, or libfuse3 refuses the mount
-        if self._on_init is not None:
-            self._on_init()
-
-    def _staging(self, path: str) -> tuple[StagingArea, str]:
-        """The staging area and the path inside it; EROFS for the content-addressed views."""
-        rel = self.view.staged(path)
-        if rel is None:
-            raise mfusepy.FuseOSError(errno.EROFS)  # content-addressed files cannot change
-        return self.view.staging, rel  # type: ignore[return-value]
-
     @_translated
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
-        rel = self.view.staged(path)
-        if rel is not None:
-            return _stat_attrs(self.view.staging.stat(rel))  # type: ignore[union-attr]
         return self.attrs(self.view.stat(path))
 
     @_translated
     def readdir(self, path: str, fh: int) -> list[Any]:
-        entries: list[Any] = [".", ".."]
-        rel = self.view.staged(path)
-        if rel is not None:
-            return entries + [(name, _stat_attrs(st), 0) for name, st in self.view.staging.readdir(rel)]  # type: ignore[union-attr]
-        entries += [(name, self.attrs(info), 0) for name, info in self.view.readdir(path)]
-        if path == "/" and self.view.staging is not None:
-            entries.append((STAGING_VIEW, _stat_attrs(self.view.staging.stat("")), 0))
-        return entries
+        return [".", "..", *((name, self.attrs(info), 0) for name, info in self.view.readdir(path))]
 
     @_translated
     def open(self, path: str, fi: Any) -> int:
-        rel = self.view.staged(path)
-        if rel is not None:
-            fi.fh = self.view.staging.open(rel, fi.flags, _caller())  # type: ignore[union-attr]
-            return 0  # no keep_cache: staged files change
         if fi.flags & os.O_ACCMODE != os.O_RDONLY:
             raise mfusepy.FuseOSError(errno.EROFS)  # content-addressed files cannot change
-        fi.fh = self.view.open(path)
-        fi.keep_cache = 1  # immutable: page cache stays valid across opens
-        fi.noflush = 1  # nothing to flush in a blob: close() then costs the daemon no request
-        return 0
+        # The first open of the mount's life lands here: fetch (so its errors show at open, as
+        # they would anywhere), then ENOSYS, which the kernel takes as success plus "never again".
+        self.view.blob_fd(path)
+        raise mfusepy.FuseOSError(errno.ENOSYS)
 
     @_translated
     def read_buf(self, path: str, bufpp: Any, size: int, offset: int, fi: Any) -> int:
-        # No bytes pass through Python: libfuse reads them from the blob's (or staged file's)
-        # own descriptor straight into its reply.
-        _point_at_fd(bufpp, fi.fh, size, offset)
+        # No bytes pass through Python: libfuse reads them from the blob's own descriptor
+        # straight into its reply.
+        _point_at_fd(bufpp, self.view.blob_fd(path), size, offset)
         return 0
 
-    @_translated
-    def release(self, path: str, fi: Any) -> int:
-        self.view.release(fi.fh)
-        return 0
-
-    # -- the staging area: everything a program does to ordinary files --------------------
-    @_staged
-    def create(self, path: str, mode: int, fi: Any) -> int:
-        area, rel = self._staging(path)
-        fi.fh = area.create(rel, fi.flags, mode, _caller())
-        return 0
-
-    @_staged
-    def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
-        return self._staging(path)[0].write(fi.fh, data, offset)
-
-    @_staged
-    def truncate(self, path: str, length: int, fh: Any = None) -> int:
-        area, rel = self._staging(path)
-        area.truncate(rel, length)
-        return 0
-
-    @_staged
     def flush(self, path: str, fi: Any) -> int:
-        if self.view.staging is not None and self.view.staging.owns(fi.fh):
-            self.view.staging.flush(fi.fh, _caller())  # ingest now: the URL is ready when close() returns
-        return 0
-
-    @_staged
-    def fsync(self, path: str, datasync: int, fi: Any) -> int:
-        if self.view.staging is not None and self.view.staging.owns(fi.fh):
-            self.view.staging.fsync(fi.fh, bool(datasync))
-        return 0
-
-    @_staged
-    def unlink(self, path: str) -> int:
-        area, rel = self._staging(path)
-        area.unlink(rel)
-        return 0
-
-    @_staged
-    def mkdir(self, path: str, mode: int) -> int:
-        area, rel = self._staging(path)
-        area.mkdir(rel, mode)
-        return 0
-
-    @_staged
-    def rmdir(self, path: str) -> int:
-        area, rel = self._staging(path)
-        area.rmdir(rel)
-        return 0
-
-    @_staged
-    def rename(self, old: str, new: str, flags: int = 0) -> int:
-        area, old_rel = self._staging(old)
-        new_rel = self.view.staged(new)
-        if new_rel is None:
-            raise mfusepy.FuseOSError(errno.EXDEV)  # out of staging: tools then copy and delete
-        area.rename(old_rel, new_rel, flags)
-        return 0
-
-    @_staged
-    def chmod(self, path: str, mode: int) -> int:
-        area, rel = self._staging(path)
-        area.chmod(rel, mode)
-        return 0
-
-    @_staged
-    def chown(self, path: str, uid: int, gid: int) -> int:
-        area, rel = self._staging(path)
-        area.chown(rel, uid, gid)
-        return 0
-
-    @_staged
-    def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
-        area, rel = self._staging(path)
-        area.utimens(rel, times)
-        return 0
-
-    @_staged
-    def symlink(self, target: str, source: str) -> int:
-        area, rel = self._staging(target)
-        area.symlink(source, rel)
-        return 0
-
-    @_staged
-    def readlink(self, path: str) -> str:
-        area, rel = self._staging(path)
-        return area.readlink(rel)
-
-    @_staged
-    def link(self, target: str, source: str) -> int:
-        # A hard link would be a second name for bytes that become a blob: EPERM, as on
-        # filesystems without hard links, so tools fall back to copying.
-        raise mfusepy.FuseOSError(errno.EPERM)
-
-    @_staged
-    def mknod(self, path: str, mode: int, dev: int) -> int:
-        raise mfusepy.FuseOSError(errno.EPERM)  # device files and fifos cannot become blobs
+        # ENOSYS once, and the kernel stops sending a FLUSH at every close(): blobs have nothing to flush.
+        raise mfusepy.FuseOSError(errno.ENOSYS)
 
     @_translated
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
@@ -305,12 +205,154 @@ class KacheryOperations(mfusepy.Operations):
 
     @_translated
     def statfs(self, path: str) -> dict[str, int]:
-        # The space of the disk that holds the store (and staging), so `df` and `cp` see it.
-        st = os.statvfs(self.view.staging.root if self.view.staging else self.view.resolver.store.root)
-        return {
-            "f_bsize": BLOCK_SIZE, "f_frsize": st.f_frsize, "f_blocks": st.f_blocks, "f_bfree": st.f_bfree,
-            "f_bavail": st.f_bavail, "f_files": st.f_files, "f_ffree": st.f_ffree, "f_namemax": 255,
-        }  # fmt: skip
+        return _statfs(self.view.resolver.store.root)  # the disk that holds the store
+
+
+class StagingOperations(_Operations):
+    """The writable staging area, mounted on its own at `<mnt>/staging` (under `StagingFUSE`).
+
+    Its own connection because it needs what the hash views turn off: every open, flush and
+    release (a file is ingested when its writer closes it).
+    """
+
+    def __init__(self, view: FileSystemView, **kwargs: Any) -> None:
+        super().__init__(view, **kwargs)
+        if view.staging is None:
+            raise ValueError("StagingOperations needs a view with a staging area")
+        self.staging: StagingArea = view.staging
+
+    @_translated
+    def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
+        return _stat_attrs(self.staging.stat(_rel(path)))
+
+    @_translated
+    def readdir(self, path: str, fh: int) -> list[Any]:
+        return [".", "..", *((name, _stat_attrs(st), 0) for name, st in self.staging.readdir(_rel(path)))]
+
+    @_translated
+    def open(self, path: str, fi: Any) -> int:
+        fi.fh = self.staging.open(_rel(path), fi.flags, _caller())
+        return 0  # no keep_cache: staged files change
+
+    @_translated
+    def read_buf(self, path: str, bufpp: Any, size: int, offset: int, fi: Any) -> int:
+        _point_at_fd(bufpp, fi.fh, size, offset)  # the staged file's own descriptor, as for blobs
+        return 0
+
+    @_translated
+    def release(self, path: str, fi: Any) -> int:
+        self.staging.release(fi.fh)
+        return 0
+
+    @_staged
+    def create(self, path: str, mode: int, fi: Any) -> int:
+        fi.fh = self.staging.create(_rel(path), fi.flags, mode, _caller())
+        return 0
+
+    @_staged
+    def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
+        return self.staging.write(fi.fh, data, offset)
+
+    @_staged
+    def truncate(self, path: str, length: int, fh: Any = None) -> int:
+        self.staging.truncate(_rel(path), length)
+        return 0
+
+    @_staged
+    def flush(self, path: str, fi: Any) -> int:
+        if self.staging.owns(fi.fh):
+            self.staging.flush(fi.fh, _caller())  # ingest now: the URL is ready when close() returns
+        return 0
+
+    @_staged
+    def fsync(self, path: str, datasync: int, fi: Any) -> int:
+        if self.staging.owns(fi.fh):
+            self.staging.fsync(fi.fh, bool(datasync))
+        return 0
+
+    @_staged
+    def unlink(self, path: str) -> int:
+        self.staging.unlink(_rel(path))
+        return 0
+
+    @_staged
+    def mkdir(self, path: str, mode: int) -> int:
+        self.staging.mkdir(_rel(path), mode)
+        return 0
+
+    @_staged
+    def rmdir(self, path: str) -> int:
+        self.staging.rmdir(_rel(path))
+        return 0
+
+    @_staged
+    def rename(self, old: str, new: str, flags: int = 0) -> int:
+        # A rename out of staging never gets here: another mount, so the kernel answers EXDEV.
+        self.staging.rename(_rel(old), _rel(new), flags)
+        return 0
+
+    @_staged
+    def chmod(self, path: str, mode: int) -> int:
+        self.staging.chmod(_rel(path), mode)
+        return 0
+
+    @_staged
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        self.staging.chown(_rel(path), uid, gid)
+        return 0
+
+    @_staged
+    def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
+        self.staging.utimens(_rel(path), times)
+        return 0
+
+    @_staged
+    def symlink(self, target: str, source: str) -> int:
+        self.staging.symlink(source, _rel(target))
+        return 0
+
+    @_staged
+    def readlink(self, path: str) -> str:
+        return self.staging.readlink(_rel(path))
+
+    @_staged
+    def link(self, target: str, source: str) -> int:
+        # A hard link would be a second name for bytes that become a blob: EPERM, as on
+        # filesystems without hard links, so tools fall back to copying.
+        raise mfusepy.FuseOSError(errno.EPERM)
+
+    @_staged
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        raise mfusepy.FuseOSError(errno.EPERM)  # device files and fifos cannot become blobs
+
+    @_translated
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        try:
+            return self.staging.getxattr(_rel(path), name)
+        except NotFound:
+            raise mfusepy.FuseOSError(errno.ENODATA) from None  # never ENOSYS: see HashViewOperations
+
+    @_translated
+    def listxattr(self, path: str) -> list[str]:
+        return self.staging.listxattr(_rel(path))
+
+    @_translated
+    def statfs(self, path: str) -> dict[str, int]:
+        return _statfs(self.staging.root)
+
+
+def _rel(path: str) -> str:
+    """The path inside the staging area of a path on its mount ('' for the root)."""
+    return path.strip("/")
+
+
+def _statfs(root: os.PathLike[str] | str) -> dict[str, int]:
+    """The space of the disk that holds `root`, so `df` and `cp` see it."""
+    st = os.statvfs(root)
+    return {
+        "f_bsize": BLOCK_SIZE, "f_frsize": st.f_frsize, "f_blocks": st.f_blocks, "f_bfree": st.f_bfree,
+        "f_bavail": st.f_bavail, "f_files": st.f_files, "f_ffree": st.f_ffree, "f_namemax": 255,
+    }  # fmt: skip
 
 
 _PROCESS_OF: dict[int, int] = {}  # thread id → process id, as /proc last said (a cp -r asks ~20,000 times)
@@ -383,22 +425,13 @@ _worker = threading.local()
 _keep_thread_state = ctypes.pythonapi.PyGILState_Ensure
 
 
-class FUSE(mfusepy.FUSE):
+class _FUSE(mfusepy.FUSE):
     """mfusepy's FUSE, also answering READDIRPLUS: entries go out with their full attributes.
 
     mfusepy sends only the mode with each entry, so `ls -l` then looks every entry up
     again; sending all attributes makes a first `ls -l` of 10,000 files ~4× cheaper.
+    A listing is built once and paged from (`_listing`), not rebuilt for every page.
     """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._dir_handles = itertools.count(1)
-        self._listings: dict[int, list[Any] | None] = {}  # open directory handle → its listing, once built
-        super().__init__(*args, **kwargs)  # mounts and runs the loop: everything above must exist first
-
-    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
-        # mfusepy drops renameat2's flags: `mv -n` (RENAME_NOREPLACE) would then overwrite.
-        decode = self.encoding, self.errors
-        return self.operations.rename(old.decode(*decode), new.decode(*decode), flags)
 
     def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         if not getattr(_worker, "pinned", False):
@@ -418,33 +451,13 @@ class FUSE(mfusepy.FUSE):
             return -(errno.ENODATA if name.startswith(b"user.") else errno.EOPNOTSUPP)
         return super().getxattr(path, name, value, size, *args)
 
-    def opendir(self, path: bytes, fip: Any) -> int:
-        result = super().opendir(path, fip)
-        # A handle of our own: the listing is built once per open and paged from, not per call.
-        fip.contents.fh = handle = next(self._dir_handles)
-        self._listings[handle] = None
-        if self.operations.view.staged(path.decode(self.encoding, self.errors)) is None:
-            # Snapshot listings never change: the kernel may keep and reuse them across opens.
-            fip.contents.cache_readdir = 1
-            fip.contents.keep_cache = 1
-        return result
-
-    def releasedir(self, path: bytes | None, fip: Any) -> int:
-        self._listings.pop(fip.contents.fh, None)
-        return super().releasedir(path, fip)
-
-    def _listing(self, path: bytes, fh: int) -> list[Any]:
-        items = self._listings.get(fh)
-        if items is None:
-            items = self.operations.readdir(path.decode(self.encoding, self.errors), fh)
-            if fh in self._listings:
-                self._listings[fh] = items
-        return items
+    def _listing(self, path: bytes, fip: Any) -> list[Any]:
+        raise NotImplementedError
 
     def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
         if not flags & _FUSE_READDIR_PLUS or path is None:
             return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
-        items = self._listing(path, fip.contents.fh)
+        items = self._listing(path, fip)
         for index in range(offset, len(items)):
             # Each entry carries the offset of the next one. libfuse then replies at once, with
             # the entry's node id; at offset 0 it buffers the listing and sends the entries
@@ -460,3 +473,65 @@ class FUSE(mfusepy.FUSE):
             if filler(buf, name.encode(self.encoding, self.errors), st, next_offset, _FUSE_FILL_DIR_PLUS) != 0:
                 break
         return 0
+
+
+class HashViewFUSE(_FUSE):
+    """The hash views' connection: directories, like files, need no open (see HashViewOperations).
+
+    Without opendir the kernel keeps every listing it read (as if cache_readdir) and sends
+    no OPENDIR/RELEASEDIR; listings come without a handle, so they are kept by path.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._listings: collections.OrderedDict[bytes, list[Any]] = collections.OrderedDict()
+        self._listings_lock = threading.Lock()
+        super().__init__(*args, **kwargs)  # mounts and runs the loop: everything above must exist first
+
+    def opendir(self, path: bytes, fip: Any) -> int:
+        return -errno.ENOSYS  # success, and the kernel opens this mount's directories itself from now on
+
+    def _listing(self, path: bytes, fip: Any) -> list[Any]:
+        with self._listings_lock:
+            items = self._listings.get(path)
+            if items is not None:
+                self._listings.move_to_end(path)
+                return items
+        items = self.operations.readdir(path.decode(self.encoding, self.errors), 0)
+        with self._listings_lock:
+            self._listings[path] = items  # a snapshot's listing never changes
+            if len(self._listings) > _LISTINGS_KEPT:
+                self._listings.popitem(last=False)
+        return items
+
+
+class StagingFUSE(_FUSE):
+    """The staging connection: directory handles of our own, a listing per open (it may change)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._dir_handles = itertools.count(1)
+        self._listings: dict[int, list[Any] | None] = {}  # open directory handle → its listing, once built
+        super().__init__(*args, **kwargs)  # mounts and runs the loop: everything above must exist first
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        # mfusepy drops renameat2's flags: `mv -n` (RENAME_NOREPLACE) would then overwrite.
+        decode = self.encoding, self.errors
+        return self.operations.rename(old.decode(*decode), new.decode(*decode), flags)
+
+    def opendir(self, path: bytes, fip: Any) -> int:
+        result = super().opendir(path, fip)
+        fip.contents.fh = handle = next(self._dir_handles)
+        self._listings[handle] = None
+        return result
+
+    def releasedir(self, path: bytes | None, fip: Any) -> int:
+        self._listings.pop(fip.contents.fh, None)
+        return super().releasedir(path, fip)
+
+    def _listing(self, path: bytes, fip: Any) -> list[Any]:
+        fh = fip.contents.fh
+        items = self._listings.get(fh)
+        if items is None:
+            items = self.operations.readdir(path.decode(self.encoding, self.errors), fh)
+            if fh in self._listings:
+                self._listings[fh] = items
+        return items
