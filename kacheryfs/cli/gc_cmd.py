@@ -1,6 +1,6 @@
 """Evict least-recently-used blobs down to the cache bounds now, and report what was freed.
 
-Pinned blobs, blobs open in a mount and staged blobs not yet uploaded are kept.
+Pinned blobs, blobs a mount is reading and staged blobs not yet uploaded are kept.
 
 examples:
   kacheryfs gc                                  # bounds from [cache] in the config

@@ -1,7 +1,7 @@
 """Mount hash URLs as files: <MOUNTPOINT>/sha1/<hash>, /md5/<hash>, /sha1dir/<hash>.<label>/<path>.
 
 Returns once the mount answers (the daemon keeps running in the background), or fails with
-the reason. Files are fetched from the channels on first open, verified, and kept in the
+the reason. Files are fetched from the channels on first read, verified, and kept in the
 local store.
 
 examples:
