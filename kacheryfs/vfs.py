@@ -20,12 +20,12 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TypeVar
 
-from kacheryfs.errors import ChannelUnavailable, InvalidURL, IsADirectory, NotFound
+from kacheryfs.errors import ChannelUnavailable, InvalidURL, IsADirectory, KacheryError, NotFound
 from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.resolver import Resolver
 from kacheryfs.staging import StagingArea
@@ -48,6 +48,9 @@ _LARGE_FILE = 8 << 20  # bytes from which an open blob is advised sequential
 _BLOB_FDS = 256  # blobs whose descriptor is kept for reads (each also held from eviction)
 _FD_GRACE = 1.0  # seconds a descriptor let go stays open for a reply still being sent from it
 _FDS_RETIRED = 1024  # ... unless this many were let go since (64 FUSE threads: none still reads it)
+_SIBLING_MAX = 1 << 20  # files below this size have their siblings read ahead ...
+_SIBLING_FILES, _SIBLING_BYTES = 256, 32 << 20  # ... at most this many, this many bytes per directory
+_WARM_THREADS = 8  # parallel reads ahead: the disk serves many random reads at once faster than one by one
 _SNAPSHOT_INFOS = 100_000  # snapshot paths whose FileInfo is kept (a dict hit instead of a walk)
 
 
@@ -105,6 +108,18 @@ def _dir_info(url: KacheryURL, node: DirNode) -> FileInfo:
     return FileInfo(is_dir=True, size=node.total_size(), url=url, sha1=None if url.path else url.hash)
 
 
+def _read_ahead(blob: os.PathLike[str]) -> None:
+    """Bring a blob's inode and bytes into the page cache (nothing if it is not stored here)."""
+    try:
+        fd = os.open(blob, os.O_RDONLY | os.O_NOATIME)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+
+
 def split_path(path: str) -> list[str]:
     """'/sha1dir/H.x/a/b' → ['sha1dir', 'H.x', 'a', 'b']."""
     return [p for p in path.split("/") if p]
@@ -143,6 +158,8 @@ class FileSystemView:
         self._blob_fds_lock = threading.Lock()
         self._retired_fds: collections.deque[tuple[float, int]] = collections.deque()
         self.ready = threading.Event()  # set once the whole mount answers (staging included)
+        self._warmed: dict[str, None] = {}  # snapshot directories whose small files were read ahead
+        self._warm_pool: ThreadPoolExecutor | None = None
         self._snapshot_infos: dict[str, FileInfo] = {}
         self._usage: Usage | None = None
         self._usage_at = -_USAGE_MAX_AGE
@@ -227,6 +244,8 @@ class FileSystemView:
             if fd is not None:
                 self._blob_fds.move_to_end(key)
                 return fd
+        if info.size < _SIBLING_MAX:
+            self._warm_siblings(path)
         fd = self.open(path)  # outside the lock: it may wait for a download
         with self._blob_fds_lock:
             known = self._blob_fds.get(key)
@@ -239,8 +258,43 @@ class FileSystemView:
             self._close_retired(time.monotonic() - _FD_GRACE)
         return fd
 
+    def _warm_siblings(self, path: str) -> None:
+        """On the first read of a small file in a snapshot directory, read its small siblings
+        ahead, in parallel, from the local store (never from a channel).
+
+        Programs that read one small file of a directory mostly read the others next; each
+        costs a few random disk reads in the store's fan-out, which in parallel overlap.
+        """
+        parent = path.rsplit("/", 1)[0]
+        parts = split_path(parent)
+        if len(parts) < 2 or parts[0] != SNAPSHOT_VIEW or parent in self._warmed:
+            return
+        self._warmed[parent] = None
+        if len(self._warmed) > _SNAPSHOT_INFOS:
+            self._warmed.clear()
+        try:
+            entries = [info for _, info in self.readdir(parent) if not info.is_dir and info.size < _SIBLING_MAX]
+        except (KacheryError, OSError):
+            return  # the read itself reports what is wrong
+        budget, blobs = _SIBLING_BYTES, []
+        for info in entries[:_SIBLING_FILES]:
+            budget -= info.size
+            if budget < 0:
+                break
+            blobs.append(self.resolver.store.blob_path(info.alg, info.digest))
+        for blob in blobs:
+            self._warmer().submit(_read_ahead, blob)
+
+    def _warmer(self) -> ThreadPoolExecutor:
+        with self._blob_fds_lock:
+            if self._warm_pool is None:
+                self._warm_pool = ThreadPoolExecutor(_WARM_THREADS, thread_name_prefix="kacheryfs-warm")
+            return self._warm_pool
+
     def close_blob_fds(self) -> None:
         """Close every kept descriptor (the mount is gone: no read can still use them)."""
+        if self._warm_pool is not None:
+            self._warm_pool.shutdown(wait=False, cancel_futures=True)
         with self._blob_fds_lock:
             self._retired_fds.extend((0.0, fd) for fd in self._blob_fds.values())
             self._blob_fds.clear()

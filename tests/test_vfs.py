@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import stat
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -156,6 +157,36 @@ def test_kept_descriptors_are_bounded_and_closed_only_after_a_grace(view: FileSy
     assert _is_open_on(first, digests[0])  # let go of, but a reply may still be read from it: not closed yet
     view.close_blob_fds()
     assert not _is_open_on(first, digests[0])
+
+
+def test_the_first_read_in_a_snapshot_directory_reads_its_small_siblings_ahead(
+    view: FileSystemView, store: LocalStore
+) -> None:
+    blobs = [store.put_bytes(os.urandom(8192)) for _ in range(3)]
+    root = DirNode(files={f"f{i}": FileEntry(b.size, b.sha1) for i, b in enumerate(blobs)})
+    snap = store.put_bytes(manifest.serialize(root)).sha1
+    for b in blobs:
+        _drop_from_page_cache(store.blob_path("sha1", b.sha1))
+    view.blob_fd(f"/sha1dir/{snap}/f0")
+    view._warm_pool.shutdown(wait=True)  # type: ignore[union-attr]
+    assert all(_resident_bytes(store.blob_path("sha1", b.sha1)) == 8192 for b in blobs[1:])
+    view.close_blob_fds()
+
+
+def _drop_from_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert _resident_bytes(path) == 0
+
+
+def _resident_bytes(path: Path) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return int(out.split()[0])
 
 
 def _is_open_on(fd: int, digest: str) -> bool:
