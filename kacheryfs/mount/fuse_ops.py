@@ -44,7 +44,8 @@ FIXED_TIME_NS = 1546300800 * 10**9
 _XATTR_PREFIX = XATTR_PREFIX.encode()  # every attribute the mount has starts with it
 _FUSE_READDIR_PLUS = 1  # fuse_readdir_flags: the kernel wants attributes with the entries
 _FUSE_FILL_DIR_PLUS = 2  # fuse_fill_dir_flags: these attributes are complete
-_LISTINGS_KEPT = 256  # snapshot directory listings kept by the hash views (the kernel keeps them too)
+_LISTINGS_KEPT = 256  # snapshot directory listings kept by the hash views, ready for the filler
+_Entry = tuple[bytes, Any, int]  # a listing's entry as the filler takes it: name, packed stat or None, fill flags
 
 
 def _translated(method: F) -> F:
@@ -451,52 +452,60 @@ class _FUSE(mfusepy.FUSE):
             return -(errno.ENODATA if name.startswith(b"user.") else errno.EOPNOTSUPP)
         return super().getxattr(path, name, value, size, *args)
 
-    def _listing(self, path: bytes, fip: Any) -> list[Any]:
+    def _listing(self, path: bytes, fip: Any) -> list[_Entry]:
         raise NotImplementedError
 
-    def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
-        if not flags & _FUSE_READDIR_PLUS or path is None:
-            return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
-        items = self._listing(path, fip)
-        for index in range(offset, len(items)):
-            # Each entry carries the offset of the next one. libfuse then replies at once, with
-            # the entry's node id; at offset 0 it buffers the listing and sends the entries
-            # without one, and the kernel looks every entry up again.
-            item, next_offset = items[index], index + 1
+    def _entries(self, path: bytes, fh: int) -> list[_Entry]:
+        """The operations' listing of `path`, made ready for the filler once (names encoded, stats packed)."""
+        entries = []
+        for item in self.operations.readdir(path.decode(self.encoding, self.errors), fh):
             if isinstance(item, str):
-                if filler(buf, item.encode(self.encoding, self.errors), None, next_offset, 0) != 0:
-                    break
+                entries.append((item.encode(self.encoding, self.errors), None, 0))
                 continue
             name, attrs, _offset = item
             st = mfusepy.c_stat()
             mfusepy.set_st_attrs(st, attrs, use_ns=True)
-            if filler(buf, name.encode(self.encoding, self.errors), st, next_offset, _FUSE_FILL_DIR_PLUS) != 0:
+            entries.append((name.encode(self.encoding, self.errors), st, _FUSE_FILL_DIR_PLUS))
+        return entries
+
+    def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
+        if path is None:
+            return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
+        entries = self._listing(path, fip)
+        plus = flags & _FUSE_READDIR_PLUS  # else a plain READDIR: the kernel wants names and modes only
+        for index in range(offset, len(entries)):
+            # Each entry carries the offset of the next one. libfuse then replies at once, with
+            # the entry's node id; at offset 0 it buffers the listing and sends the entries
+            # without one, and the kernel looks every entry up again. Every page of a kept
+            # listing is this loop alone: a filler call per entry, nothing built.
+            name, st, fill_flags = entries[index]
+            if filler(buf, name, st, index + 1, fill_flags if plus else 0) != 0:
                 break
         return 0
 
 
 class HashViewFUSE(_FUSE):
-    """The hash views' connection: directories, like files, need no open (see HashViewOperations).
+    """The hash views' connection: a snapshot's listings, built once, are kept by path.
 
-    Without opendir the kernel keeps every listing it read (as if cache_readdir) and sends
-    no OPENDIR/RELEASEDIR; listings come without a handle, so they are kept by path.
+    The operations define no opendir, so libfuse answers OPENDIR and RELEASEDIR itself, in C.
+    Directories cannot go without an open the way files do: libfuse's readdir needs the
+    handle its own opendir made (a no-opendir ENOSYS crashes it), and it does not pass
+    cache_readdir on (libfuse 3.14), so the kernel asks for every listing again — two
+    READDIRPLUS per directory, each a filler call per entry from the kept listing.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._listings: collections.OrderedDict[bytes, list[Any]] = collections.OrderedDict()
+        self._listings: collections.OrderedDict[bytes, list[_Entry]] = collections.OrderedDict()
         self._listings_lock = threading.Lock()
         super().__init__(*args, **kwargs)  # mounts and runs the loop: everything above must exist first
 
-    def opendir(self, path: bytes, fip: Any) -> int:
-        return -errno.ENOSYS  # success, and the kernel opens this mount's directories itself from now on
-
-    def _listing(self, path: bytes, fip: Any) -> list[Any]:
+    def _listing(self, path: bytes, fip: Any) -> list[_Entry]:
         with self._listings_lock:
             items = self._listings.get(path)
             if items is not None:
                 self._listings.move_to_end(path)
                 return items
-        items = self.operations.readdir(path.decode(self.encoding, self.errors), 0)
+        items = self._entries(path, 0)
         with self._listings_lock:
             self._listings[path] = items  # a snapshot's listing never changes
             if len(self._listings) > _LISTINGS_KEPT:
@@ -509,7 +518,7 @@ class StagingFUSE(_FUSE):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._dir_handles = itertools.count(1)
-        self._listings: dict[int, list[Any] | None] = {}  # open directory handle → its listing, once built
+        self._listings: dict[int, list[_Entry] | None] = {}  # open directory handle → its listing, once built
         super().__init__(*args, **kwargs)  # mounts and runs the loop: everything above must exist first
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
@@ -527,11 +536,11 @@ class StagingFUSE(_FUSE):
         self._listings.pop(fip.contents.fh, None)
         return super().releasedir(path, fip)
 
-    def _listing(self, path: bytes, fip: Any) -> list[Any]:
+    def _listing(self, path: bytes, fip: Any) -> list[_Entry]:
         fh = fip.contents.fh
         items = self._listings.get(fh)
         if items is None:
-            items = self.operations.readdir(path.decode(self.encoding, self.errors), fh)
+            items = self._entries(path, fh)
             if fh in self._listings:
                 self._listings[fh] = items
         return items
