@@ -14,12 +14,10 @@ import shutil
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kacheryfs import manifest
-from kacheryfs import prefetch as prefetch_mod
 from kacheryfs.config import Config, load_config
 from kacheryfs.errors import ChannelUnavailable, ConfigError, HashMismatch, NotFound
 from kacheryfs.hashing import Digests, hash_file
@@ -29,6 +27,7 @@ from kacheryfs.store import LocalStore
 from kacheryfs.uri import KacheryURL, file_url, format_url
 
 if TYPE_CHECKING:
+    from kacheryfs import prefetch as prefetch_mod
     from kacheryfs.remote import HttpChannel
 
 _SETTINGS = ("fr", "to", "storage_dir", "use_hard_links", "channel_timeout", "config_file")
@@ -165,6 +164,8 @@ def _put_file(cfg: Config, store: LocalStore, path: Path) -> Digests:
         first = hash_file(path, md5=False)
     except FileNotFoundError as err:
         raise NotFound(f"no such file: {path}") from err
+    from concurrent.futures import ThreadPoolExecutor  # only uploads need it: commands start faster
+
     with ThreadPoolExecutor(1) as pool, progress_bar(first.size, f"upload to {channel.name}") as progress:
         upload = pool.submit(channel.upload, "sha1", first.sha1, path, first.size, progress)
         digests = store.put_file(path, hard_link=cfg.use_hard_links)
@@ -315,7 +316,7 @@ def load_dir(url: str, dest: str | os.PathLike[str], *, fr: Names = None, jobs: 
     node = res.dir_node(url)
     # Fetched in parallel first; a blob the cache could not keep is fetched again, alone,
     # when it is copied out, so only what fails then is an error.
-    _fetch_with_progress(res, prefetch_mod.blobs_of(res, [url]), jobs, strict=False)
+    _fetch_with_progress(res, [url], jobs, strict=False)
     tmp = dest.with_name(dest.name + ".kachery-partial")
     shutil.rmtree(tmp, ignore_errors=True)
     _materialize(node, tmp, res)
@@ -329,12 +330,15 @@ def prefetch(*urls: str, fr: Names = None, jobs: int = 8) -> prefetch_mod.Prefet
     Blobs already present are skipped, so calling it again resumes an interrupted prefetch.
     """
     res = resolver(fr)
-    return _fetch_with_progress(res, prefetch_mod.blobs_of(res, urls), jobs)
+    return _fetch_with_progress(res, urls, jobs)
 
 
 def _fetch_with_progress(
-    res: Resolver, refs: list[BlobRef], jobs: int, strict: bool = True
+    res: Resolver, urls: Sequence[str], jobs: int, strict: bool = True
 ) -> prefetch_mod.PrefetchResult:
+    from kacheryfs import prefetch as prefetch_mod  # here, not at the top: kachery-cat & co. start faster
+
+    refs = prefetch_mod.blobs_of(res, urls)
     total_bytes = sum(r.size or 0 for r in refs)
     with _files_progress_bar(len(refs), total_bytes) as progress:
         result = prefetch_mod.fetch_all(res, refs, jobs, progress)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +179,8 @@ def load_config(config_file: str | Path | None = None, env: Mapping[str, str] | 
     values: dict[str, Any] = {}
     candidate = path or default_config_path()
     if candidate.exists():
+        import tomllib  # here, not at the top: every command starts faster without it when there is no file
+
         try:
             data = tomllib.loads(candidate.read_text())
         except (tomllib.TOMLDecodeError, OSError) as err:

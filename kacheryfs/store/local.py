@@ -14,7 +14,6 @@ import fcntl
 import io
 import json
 import os
-import secrets
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
@@ -252,7 +251,7 @@ class LocalStore:
         """A fresh locked temp file in this store's filesystem (`md5=False`: sha1 only, the
         md5 index is then added later, see `add_md5`)."""
         while True:
-            path = self.root / TEMP_DIR / f"kfs-{secrets.token_hex(8)}{TEMP_SUFFIX}"
+            path = self.root / TEMP_DIR / f"kfs-{os.urandom(8).hex()}{TEMP_SUFFIX}"
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except OSError as err:
