@@ -27,7 +27,7 @@ from kacheryfs.store import LocalStore
 from kacheryfs.uri import KacheryURL, file_url, format_url
 
 if TYPE_CHECKING:
-    from kacheryfs import prefetch as prefetch_mod
+    from kacheryfs.parallel_fetch import PrefetchResult
     from kacheryfs.remote import HttpChannel
 
 _SETTINGS = ("fr", "to", "storage_dir", "use_hard_links", "channel_timeout", "config_file")
@@ -324,7 +324,7 @@ def load_dir(url: str, dest: str | os.PathLike[str], *, fr: Names = None, jobs: 
     return str(dest)
 
 
-def prefetch(*urls: str, fr: Names = None, jobs: int = 8) -> prefetch_mod.PrefetchResult:
+def prefetch(*urls: str, fr: Names = None, jobs: int = 8) -> PrefetchResult:
     """Fetch files or whole snapshots into the local store, `jobs` at a time, verified.
 
     Blobs already present are skipped, so calling it again resumes an interrupted prefetch.
@@ -333,15 +333,13 @@ def prefetch(*urls: str, fr: Names = None, jobs: int = 8) -> prefetch_mod.Prefet
     return _fetch_with_progress(res, urls, jobs)
 
 
-def _fetch_with_progress(
-    res: Resolver, urls: Sequence[str], jobs: int, strict: bool = True
-) -> prefetch_mod.PrefetchResult:
-    from kacheryfs import prefetch as prefetch_mod  # here, not at the top: kachery-cat & co. start faster
+def _fetch_with_progress(res: Resolver, urls: Sequence[str], jobs: int, strict: bool = True) -> PrefetchResult:
+    from kacheryfs.parallel_fetch import blobs_of, fetch_all  # here, not at the top: kachery-cat & co. start faster
 
-    refs = prefetch_mod.blobs_of(res, urls)
+    refs = blobs_of(res, urls)
     total_bytes = sum(r.size or 0 for r in refs)
     with _files_progress_bar(len(refs), total_bytes) as progress:
-        result = prefetch_mod.fetch_all(res, refs, jobs, progress)
+        result = fetch_all(res, refs, jobs, progress)
     if result.failed and strict:
         shown = "\n  ".join(result.failed[:20])
         raise ChannelUnavailable(f"{len(result.failed)} of {len(refs)} blob(s) could not be fetched:\n  {shown}")
