@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import signal
@@ -144,6 +146,64 @@ def tiny_fs(tmpfs):
 def test_disk_full_is_store_full_and_leaves_no_partial_blob(tmp_path, tiny_fs):
     src = tmp_path / "big"
     src.write_bytes(os.urandom(4 << 20))
+    store = LocalStore(tiny_fs / "s")
+    with pytest.raises(StoreFull, match="no space"):
+        store.put_file(src)
+    assert list((tiny_fs / "s" / "tmp").iterdir()) == []
+    assert not (tiny_fs / "s" / "sha1").exists()
+
+
+@pytest.fixture
+def small_direct(monkeypatch):
+    """The O_DIRECT copy for files from 1 MiB, in 1 MiB chunks: a ring of 8 buffers reused within 12 MiB."""
+    from kacheryfs.store import direct
+
+    monkeypatch.setattr(direct, "MIN_SIZE", 1 << 20)
+    monkeypatch.setattr(direct, "CHUNK", 1 << 20)
+    copies = []
+    real_copy = direct.copy
+
+    def spy(*args, **kwargs):
+        copies.append(result := real_copy(*args, **kwargs))
+        return result
+
+    monkeypatch.setattr(direct, "copy", spy)
+    return copies
+
+
+def test_a_large_file_is_copied_past_the_page_cache_with_its_digests(tmp_path, small_direct):
+    data = os.urandom((12 << 20) + 12345)  # an unaligned tail after a dozen chunks
+    src = tmp_path / "big"
+    src.write_bytes(data)
+    store = LocalStore(tmp_path / "s")
+    d = store.put_file(src)
+    assert small_direct and small_direct[0] == d  # the direct copy made this blob
+    assert (d.size, d.sha1, d.md5) == (len(data), hashlib.sha1(data).hexdigest(), hashlib.md5(data).hexdigest())
+    assert store.blob_path("sha1", d.sha1).read_bytes() == data
+
+
+def test_a_filesystem_refusing_direct_writes_gets_an_ordinary_copy(tmp_path, small_direct, monkeypatch):
+    real_pwrite = os.pwrite
+
+    def pwrite(fd, data, offset):  # what such a filesystem answers
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    data = os.urandom((3 << 20) + 7)
+    src = tmp_path / "big"
+    src.write_bytes(data)
+    store = LocalStore(tmp_path / "s")
+    d = store.put_file(src)
+    assert small_direct == [None]
+    assert d.sha1 == hashlib.sha1(data).hexdigest()
+    assert store.blob_path("sha1", d.sha1).read_bytes() == data
+
+
+def test_disk_full_during_a_direct_copy_leaves_no_partial_blob(tmp_path, tiny_fs, small_direct):
+    src = tmp_path / "big"
+    src.write_bytes(os.urandom(8 << 20))
     store = LocalStore(tiny_fs / "s")
     with pytest.raises(StoreFull, match="no space"):
         store.put_file(src)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from kacheryfs.errors import HashMismatch, NotFound, StoreError, StoreFull
 from kacheryfs.hashing import CHUNK, Digests, Hasher, hash_file, write_all
+from kacheryfs.store import direct
 from kacheryfs.store.cache import Cache, CacheLimits, blob_path
 from kacheryfs.uri import ALGORITHMS, check_hash, is_hash
 
@@ -48,6 +49,7 @@ class BlobWriter:
 
     def __init__(self, store: LocalStore, fd: int, path: Path, md5: bool = True) -> None:
         self.store, self.fd, self.path = store, fd, path
+        self._md5 = md5
         self._hasher = Hasher(md5=md5)
         self._digests: Digests | None = None
         self._written_back = 0  # bytes whose writeback to disk has been started
@@ -56,7 +58,7 @@ class BlobWriter:
     @property
     def size(self) -> int:
         """Bytes written so far."""
-        return self._hasher.size
+        return self._digests.size if self._digests is not None else self._hasher.size
 
     def write(self, chunk: bytes) -> None:
         """Append `chunk` (immutable bytes: the digest threads read it later)."""
@@ -81,10 +83,16 @@ class BlobWriter:
     def copy_file(self, src_fd: int, progress: Callable[[int], None] | None = None) -> None:
         """Append the rest of an open regular file, copied in the kernel where it can be.
 
-        The bytes are hashed as read back from our own temp file, never from the source, so
-        a source changed during the copy cannot put a blob under the wrong hash.
+        The bytes hashed are the bytes written (read back from our own temp file, or the very
+        buffers written), never re-read from the source, so a source changed during the copy
+        cannot put a blob under the wrong hash. A large file into a fresh writer is copied
+        past the page cache (`direct`); the rest by copy_file_range.
         """
         try:
+            if self._hasher.size == 0 and self._digests is None:
+                self._digests = direct.copy(src_fd, self.path, self.fd, md5=self._md5, progress=progress)
+                if self._digests is not None:
+                    return
             while True:
                 try:
                     copied = os.copy_file_range(src_fd, self.fd, _KERNEL_COPY)
