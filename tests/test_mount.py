@@ -11,6 +11,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -145,6 +146,21 @@ def test_blob_view_serves_a_file_under_its_extension(sample) -> None:
 def test_url_of_a_snapshot_file_and_directory(snap: Path, sample) -> None:
     assert url_of(snap) == sample[2]
     assert url_of(snap / "sub" / "deep" / "ünï cödé.txt").endswith("/ünï cödé.txt")
+
+
+def test_a_listing_read_once_is_kept_by_the_kernel(snap: Path, sample) -> None:
+    mount = sample[0]
+    pid = mount.status()["pid"]
+
+    def requests() -> int:  # the daemon reads each request from /dev/fuse with one read(2)
+        return int(re.search(r"^syscr: (\d+)$", Path(f"/proc/{pid}/io").read_text(), re.M).group(1))
+
+    expected = sorted(os.listdir(snap / "sub"))
+    before = requests()
+    for _ in range(50):
+        assert sorted(os.listdir(snap / "sub")) == expected
+    # An OPENDIR and a RELEASEDIR per listing; a listing read from the daemon again costs two READDIRs more.
+    assert requests() - before <= 50 * 2 + 10
 
 
 def test_view_directories_list_nothing(sample) -> None:

@@ -422,6 +422,26 @@ def _point_at_fd(bufpp: Any, fd: int, size: int, offset: int) -> None:
     ctypes.cast(bufpp, ctypes.POINTER(ctypes.c_void_p))[0] = addr
 
 
+# libfuse's low-level opendir, and the start of its private struct fuse_session (3.12–3.16),
+# checked against the public fuse_session_fd, the mountpoint and the ops it must hold before
+# it is written to.
+_LowLevelOpendir = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.POINTER(mfusepy.fuse_file_info))
+_WRITE_SLOT, _OPENDIR_SLOT = 16, 20  # in struct fuse_lowlevel_ops: init, destroy, lookup, … (only ever appended to)
+
+
+class _SessionHead(ctypes.Structure):
+    _fields_ = [
+        ("mountpoint", ctypes.c_void_p),
+        ("exited", ctypes.c_int),
+        ("fd", ctypes.c_int),
+        ("io", ctypes.c_void_p),
+        ("mo", ctypes.c_void_p),
+        ("debug", ctypes.c_int),
+        ("deny_others", ctypes.c_int),
+        ("op", ctypes.c_void_p * (_OPENDIR_SLOT + 2)),
+    ]
+
+
 _worker = threading.local()
 _keep_thread_state = ctypes.pythonapi.PyGILState_Ensure
 
@@ -485,19 +505,67 @@ class _FUSE(mfusepy.FUSE):
 
 
 class HashViewFUSE(_FUSE):
-    """The hash views' connection: a snapshot's listings, built once, are kept by path.
+    """The hash views' connection: every listing is kept by the kernel after its first read.
 
-    The operations define no opendir, so libfuse answers OPENDIR and RELEASEDIR itself, in C.
-    Directories cannot go without an open the way files do: libfuse's readdir needs the
-    handle its own opendir made (a no-opendir ENOSYS crashes it), and it does not pass
-    cache_readdir on (libfuse 3.14), so the kernel asks for every listing again — two
-    READDIRPLUS per directory, each a filler call per entry from the kept listing.
+    The operations define no opendir, so libfuse answers OPENDIR itself, in C; its high-level
+    API then never passes cache_readdir to the kernel (libfuse 3.14), and the kernel would
+    ask for every listing again at every open — two READDIRPLUS round trips per directory.
+    At INIT, before any other request, the session's low-level opendir is wrapped so that
+    its reply carries FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE (`_keep_listings_in_kernel`): a
+    snapshot's listings never change. Directories cannot go without an open the way files
+    do: libfuse's readdir needs the handle its opendir made (a no-opendir ENOSYS crashes it).
+    The listings read once are kept here too, by path, ready for the filler.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, operations: Any, mountpoint: str, *args: Any, **kwargs: Any) -> None:
         self._listings: collections.OrderedDict[bytes, list[_Entry]] = collections.OrderedDict()
         self._listings_lock = threading.Lock()
-        super().__init__(*args, **kwargs)  # mounts and runs the loop: everything above must exist first
+        self._mountpoint = os.path.abspath(mountpoint)
+        self._opendir: Any = None  # the wrapper libfuse calls: kept alive as long as the mount
+        super().__init__(operations, mountpoint, *args, **kwargs)  # mounts and runs the loop: all above first
+
+    def init_fuse_3(self, conn: Any, config: Any) -> None:
+        super().init_fuse_3(conn, config)
+        try:
+            kept = self._keep_listings_in_kernel()
+        except (AttributeError, OSError, ValueError) as err:
+            kept = False
+            log.debug("listings not cached by the kernel: %s", err)
+        if not kept:
+            log.info("this libfuse's session is not the one known: the kernel will ask for listings again")
+
+    def _keep_listings_in_kernel(self) -> bool:
+        """Wrap libfuse's low-level opendir of this session; False (nothing changed) if its layout is unknown."""
+        lib = mfusepy._libfuse
+        if not 312 <= lib.fuse_version() < 317:  # the layout of _SessionHead
+            return False
+        lib.fuse_get_session.restype, lib.fuse_get_session.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+        lib.fuse_session_fd.restype, lib.fuse_session_fd.argtypes = ctypes.c_int, [ctypes.c_void_p]
+        session = lib.fuse_get_session(lib.fuse_get_context().contents.fuse)
+        if not session:
+            return False
+        head = _SessionHead.from_address(session)
+        mounted_at = ctypes.string_at(head.mountpoint).decode(errors="replace") if head.mountpoint else ""
+        if head.fd != lib.fuse_session_fd(session) or mounted_at != self._mountpoint:
+            return False
+        ops = head.op
+        if not (ops[0] and ops[_OPENDIR_SLOT] and ops[_OPENDIR_SLOT + 1]) or ops[_WRITE_SLOT]:
+            return False  # not the high-level API's table: it sets init, opendir and readdir, and write_buf for write
+        original = _LowLevelOpendir(ops[_OPENDIR_SLOT])
+
+        def opendir(req: int, ino: int, fi: Any) -> None:
+            if not getattr(_worker, "pinned", False):
+                _keep_thread_state()  # as in _wrapper: this thread keeps its Python state
+                _worker.pinned = True
+            try:
+                fi.contents.cache_readdir = 1  # the kernel keeps the listing it reads…
+                fi.contents.keep_cache = 1  # …across opens too
+            finally:
+                original(req, ino, fi)  # replies: every OPENDIR gets its answer, whatever happened above
+
+        self._opendir = _LowLevelOpendir(opendir)
+        ops[_OPENDIR_SLOT] = ctypes.cast(self._opendir, ctypes.c_void_p).value
+        return True
 
     def _listing(self, path: bytes, fip: Any) -> list[_Entry]:
         with self._listings_lock:
