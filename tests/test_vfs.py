@@ -321,12 +321,13 @@ def test_reads_are_served_from_the_blob_descriptor(ops: HashViewOperations, snap
         ops.view.close_blob_fds()
 
 
-def test_init_sets_kernel_cache_timeouts_and_read_size(view: FileSystemView) -> None:
+def test_init_sets_kernel_cache_timeouts_read_size_and_splicing(view: FileSystemView) -> None:
     called: list[bool] = []
     ops = HashViewOperations(
         view, entry_timeout=7, attr_timeout=8, negative_timeout=2, on_init=lambda: called.append(1)
     )
-    conn, config = SimpleNamespace(max_read=0), SimpleNamespace()
+    conn, config = SimpleNamespace(max_read=0, capable=0xFFFF, want=1), SimpleNamespace()
     ops.init_with_config(conn, config)
     assert (config.entry_timeout, config.attr_timeout, config.negative_timeout) == (7, 8, 2)
     assert conn.max_read == 1 << 20 and called
+    assert conn.want == 1 | 1 << 7 | 1 << 8  # replies from descriptors are spliced (FUSE_CAP_SPLICE_WRITE, _MOVE)
