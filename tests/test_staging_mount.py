@@ -258,6 +258,45 @@ def test_a_file_open_for_writing_has_no_url_until_closed(mnt: Mount, work: Path)
     verify_store(mnt.storage)  # no blob took the later writes
 
 
+def cached_pages(fd: int) -> int:
+    """Pages of the file open as `fd` in the page cache: cachestat(2), Linux 6.5+."""
+
+    class Range(ctypes.Structure):
+        _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+    class Stat(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_uint64) for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    stat = Stat()
+    if libc.syscall(451, fd, ctypes.byref(Range(0, 0)), ctypes.byref(stat), 0) != 0:  # x86-64's cachestat
+        raise OSError(ctypes.get_errno(), "cachestat")
+    return stat.cache
+
+
+def test_a_write_only_copy_passes_the_mounts_page_cache_by_and_readers_see_every_byte(
+    mnt: Mount, work: Path, tmp_path: Path
+) -> None:
+    data = os.urandom(4 << 20)
+    (work / "f").touch()
+    reader = os.open(work / "f", os.O_RDONLY)  # opened first: an open drops the file's cached pages
+    try:
+        with open(work / "f", "wb") as w:
+            w.write(data)
+        # No copy of the bytes stayed in the mount's own page cache on their way to the staged file.
+        assert cached_pages(reader) == 0
+        assert os.pread(reader, len(data) + 1, 0) == data
+    finally:
+        os.close(reader)
+    with open(work / "g", "wb") as w:  # a reader beside a write-only handle sees what it wrote so far
+        w.write(b"a" * 5000)
+        w.flush()
+        assert (work / "g").read_bytes() == b"a" * 5000
+        w.write(b"b" * 10)
+        w.flush()
+        assert (work / "g").read_bytes() == b"a" * 5000 + b"b" * 10
+
+
 def test_hard_links_and_device_files_are_refused_with_eperm(mnt: Mount, work: Path) -> None:
     (work / "f").write_text("x")
     with pytest.raises(PermissionError):

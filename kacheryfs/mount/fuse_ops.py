@@ -213,6 +213,16 @@ class HashViewOperations(_Operations):
         return _statfs(self.view.resolver.store.root)  # the disk that holds the store
 
 
+def _writes_only(flags: int) -> bool:
+    """Whether the kernel may skip its page cache for this handle: written through, never read back.
+
+    A write-only open (cp, rsync, tar x) then costs no copy into pages of the mount's own
+    cache, which the bytes would only pass through on their way to the staged file. Handles
+    that may read or mmap keep the cache.
+    """
+    return flags & os.O_ACCMODE == os.O_WRONLY
+
+
 class StagingOperations(_Operations):
     """The writable staging area, mounted on its own at `<mnt>/staging` (under `StagingFUSE`).
 
@@ -237,6 +247,7 @@ class StagingOperations(_Operations):
     @_translated
     def open(self, path: str, fi: Any) -> int:
         fi.fh = self.staging.open(_rel(path), fi.flags, _caller())
+        fi.direct_io = _writes_only(fi.flags)
         return 0  # no keep_cache: staged files change
 
     @_translated
@@ -252,6 +263,7 @@ class StagingOperations(_Operations):
     @_staged
     def create(self, path: str, mode: int, fi: Any) -> int:
         fi.fh = self.staging.create(_rel(path), fi.flags, mode, _caller())
+        fi.direct_io = _writes_only(fi.flags)
         return 0
 
     @_staged
