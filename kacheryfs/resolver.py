@@ -211,7 +211,7 @@ class Resolver:
             bar = progress(size, f"{digest[:10]}… from {channel.name}") if progress else contextlib.nullcontext()
             # A blob fetched by sha1 is verified by sha1 alone; md5 (the slower digest) would
             # halve the download speed: the daemon indexes it afterwards (md5_index).
-            with self.store.writer(md5=alg == "md5") as writer, bar as received:
+            with self.store.writer(md5=alg == "md5", size_hint=size) as writer, bar as received:
                 try:
                     channel.fetch(alg, digest, writer, expected_size=size, progress=received)
                     digests = writer.commit(expect_alg=alg, expect_hash=digest, expect_size=size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import itertools
 import os
 import signal
 import stat
@@ -182,7 +183,7 @@ def test_a_large_file_is_copied_past_the_page_cache_with_its_digests(tmp_path, s
     assert store.blob_path("sha1", d.sha1).read_bytes() == data
 
 
-def test_a_filesystem_refusing_direct_writes_gets_an_ordinary_copy(tmp_path, small_direct, monkeypatch):
+def test_a_filesystem_refusing_direct_writes_gets_ordinary_writes(tmp_path, small_direct, monkeypatch):
     real_pwrite = os.pwrite
 
     def pwrite(fd, data, offset):  # what such a filesystem answers
@@ -196,9 +197,37 @@ def test_a_filesystem_refusing_direct_writes_gets_an_ordinary_copy(tmp_path, sma
     src.write_bytes(data)
     store = LocalStore(tmp_path / "s")
     d = store.put_file(src)
-    assert small_direct == [None]
+    assert small_direct == [d]  # the same copy, its writes made the ordinary way
     assert d.sha1 == hashlib.sha1(data).hexdigest()
     assert store.blob_path("sha1", d.sha1).read_bytes() == data
+
+
+def test_a_large_blob_written_in_pieces_goes_past_the_page_cache_too(tmp_path, small_direct):
+    data = os.urandom((9 << 20) + 4097)
+    store = LocalStore(tmp_path / "s")
+    with store.writer(size_hint=len(data)) as w:
+        assert w._sink is not None  # a download or an upload of this size: the O_DIRECT ring
+        pos = 0
+        for size in itertools.cycle((1, 65536, 3 << 20, 4095, 1 << 20)):  # pieces as a network gives them
+            w.write(data[pos : pos + size])
+            pos += size
+            if pos >= len(data):
+                break
+        assert w.size == len(data)
+        d = w.commit(expect_alg="sha1", expect_hash=hashlib.sha1(data).hexdigest(), expect_size=len(data))
+    assert d.md5 == hashlib.md5(data).hexdigest()
+    assert store.blob_path("sha1", d.sha1).read_bytes() == data
+
+
+def test_disk_full_while_writing_pieces_is_store_full_and_leaves_nothing(tmp_path, tiny_fs, small_direct):
+    store = LocalStore(tiny_fs / "s")
+    with pytest.raises(StoreFull, match="no space"):
+        with store.writer(size_hint=8 << 20) as w:
+            for _ in range(8):
+                w.write(os.urandom(1 << 20))
+            w.commit()
+    assert list((tiny_fs / "s" / "tmp").iterdir()) == []
+    assert not (tiny_fs / "s" / "sha1").exists()
 
 
 def test_disk_full_during_a_direct_copy_leaves_no_partial_blob(tmp_path, tiny_fs, small_direct):

@@ -86,7 +86,7 @@ class StorageServer:
 
     async def _receive(self, request: web.Request, alg: str, digest: str, size: int) -> None:
         # Disk writes and digests run off the event loop; at most one chunk is held in memory.
-        with await asyncio.to_thread(self.store.writer) as writer:
+        with await asyncio.to_thread(self.store.writer, size_hint=size) as writer:
             async for chunk in self._body(request, size):
                 await asyncio.to_thread(writer.write, chunk)
             await asyncio.to_thread(writer.commit, expect_alg=alg, expect_hash=digest, expect_size=size)

@@ -47,21 +47,32 @@ class BlobWriter:
     another process never deletes it while it is being written.
     """
 
-    def __init__(self, store: LocalStore, fd: int, path: Path, md5: bool = True) -> None:
+    def __init__(self, store: LocalStore, fd: int, path: Path, md5: bool = True, size_hint: int | None = None) -> None:
         self.store, self.fd, self.path = store, fd, path
         self._md5 = md5
         self._hasher = Hasher(md5=md5)
         self._digests: Digests | None = None
+        # A large blob written in pieces (a download, an upload) goes past the page cache, as copies do.
+        self._sink = direct.open_sink(path, fd, md5=md5) if (size_hint or 0) >= direct.MIN_SIZE else None
         self._written_back = 0  # bytes whose writeback to disk has been started
         self.closed = False
 
     @property
     def size(self) -> int:
         """Bytes written so far."""
-        return self._digests.size if self._digests is not None else self._hasher.size
+        if self._digests is not None:
+            return self._digests.size
+        return self._sink.size if self._sink is not None else self._hasher.size
 
     def write(self, chunk: bytes) -> None:
         """Append `chunk` (immutable bytes: the digest threads read it later)."""
+        if self._sink is not None:
+            try:
+                self._sink.write(chunk)
+            except OSError as err:
+                self.abort()
+                raise _io_error(err, f"writing {self.path}") from err
+            return
         self._hasher.update(chunk)
         try:
             write_all(self.fd, chunk)
@@ -89,7 +100,7 @@ class BlobWriter:
         past the page cache (`direct`); the rest by copy_file_range.
         """
         try:
-            if self._hasher.size == 0 and self._digests is None:
+            if self._hasher.size == 0 and self._digests is None and self._sink is None:
                 self._digests = direct.copy(src_fd, self.path, self.fd, md5=self._md5, progress=progress)
                 if self._digests is not None:
                     return
@@ -118,7 +129,11 @@ class BlobWriter:
         self, *, expect_alg: str | None = None, expect_hash: str | None = None, expect_size: int | None = None
     ) -> Digests:
         """fsync, check the expectations, and link the blob in under both of its hashes."""
-        digests = self._finish()
+        try:
+            digests = self._finish()
+        except OSError as err:
+            self.abort()
+            raise _io_error(err, f"writing {self.path}") from err
         try:
             if expect_size is not None and digests.size != expect_size:
                 raise HashMismatch(f"expected {expect_size} bytes, got {digests.size}")
@@ -137,14 +152,23 @@ class BlobWriter:
 
     def _finish(self) -> Digests:
         if self._digests is None:
-            self._digests = self._hasher.finish()
+            if self._sink is not None:
+                try:
+                    self._digests = self._sink.finish()
+                finally:
+                    self._sink.close()
+            else:
+                self._digests = self._hasher.finish()
         return self._digests
 
     def abort(self) -> None:
         """Close and remove the temp file (idempotent)."""
         if not self.closed:
             self.closed = True
-            self._finish()
+            if self._sink is not None and self._digests is None:
+                self._sink.close()  # its threads stop; what they had not written is not wanted
+            else:
+                self._finish()
             with suppress(OSError):
                 os.unlink(self.path)
             os.close(self.fd)
@@ -255,9 +279,10 @@ class LocalStore:
                     yield name, Path(dirpath) / name
 
     # -- writing -------------------------------------------------------------------
-    def writer(self, md5: bool = True) -> BlobWriter:
+    def writer(self, md5: bool = True, size_hint: int | None = None) -> BlobWriter:
         """A fresh locked temp file in this store's filesystem (`md5=False`: sha1 only, the
-        md5 index is then added later, see `add_md5`)."""
+        md5 index is then added later, see `add_md5`; `size_hint`: the bytes expected, so a
+        large blob can be written past the page cache)."""
         while True:
             path = self.root / TEMP_DIR / f"kfs-{os.urandom(8).hex()}{TEMP_SUFFIX}"
             try:
@@ -266,7 +291,12 @@ class LocalStore:
                 raise _io_error(err, f"creating a temp file in {self.root / TEMP_DIR}") from err
             fcntl.flock(fd, fcntl.LOCK_EX)
             if os.fstat(fd).st_nlink:
-                return BlobWriter(self, fd, path, md5)
+                try:
+                    return BlobWriter(self, fd, path, md5, size_hint)
+                except OSError as err:
+                    os.close(fd)
+                    os.unlink(path)
+                    raise _io_error(err, f"opening {path}") from err
             # another process's cleanup_temp locked and removed it between our open and flock
             os.close(fd)
 
