@@ -22,10 +22,12 @@ and mount is stopped, also on errors. Run as root (drop_caches, FUSE mounts).
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import datetime
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -1082,6 +1084,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def compile_package() -> None:
+    """Byte-compile the kacheryfs measured, as pip does at a regular install: an editable one
+    under PYTHONDONTWRITEBYTECODE would otherwise compile its changed modules at every start."""
+    spec = importlib.util.find_spec("kacheryfs")
+    if spec is not None and spec.submodule_search_locations:
+        for where in spec.submodule_search_locations:
+            compileall.compile_dir(where, quiet=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` blocks stop servers and mounts
@@ -1089,6 +1100,7 @@ def main(argv: list[str] | None = None) -> int:
     def out(line: str) -> None:
         print(line, flush=True)
 
+    compile_package()
     info = machine()
     started = datetime.datetime.now().astimezone()
     out(f"kacheryfs bench — {started:%Y-%m-%d %H:%M %Z} — commit {info['commit']}")
