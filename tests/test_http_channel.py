@@ -66,8 +66,22 @@ def put_on_server(server_dir: Path, data: bytes) -> str:
     return LocalStore(server_dir, clean=False).put_bytes(data).sha1
 
 
+@pytest.fixture(autouse=True, params=["through the page cache", "received in place"])
+def receive(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: blobs written the ordinary way, and read from the socket straight into
+    the O_DIRECT ring (direct.Sink) in 1 MiB buffers, as blobs of 64 MiB and more are."""
+    from kacheryfs.store import direct
+
+    if request.param == "received in place":
+        monkeypatch.setattr(direct, "MIN_SIZE", 1)
+        monkeypatch.setattr(direct, "CHUNK", 1 << 20)
+    else:
+        monkeypatch.setattr(direct, "MIN_SIZE", 1 << 62)
+    return request.param
+
+
 def fetch_into(channel: HttpChannel, local: LocalStore, digest: str, size: int | None = None, **kw: object) -> None:
-    with local.writer() as writer:
+    with local.writer(size_hint=size) as writer:
         channel.fetch("sha1", digest, writer, expected_size=size, **kw)  # type: ignore[arg-type]
         writer.commit(expect_alg="sha1", expect_hash=digest, expect_size=size)
 
@@ -99,6 +113,17 @@ def test_upload_and_fetch_report_progress(server: ServerProcess, local: LocalSto
     channel.upload("sha1", SHA1, data_file, len(DATA), progress=sent.append)
     fetch_into(channel, local, SHA1, progress=received.append)
     assert sum(sent) == sum(received) == len(DATA)
+
+
+def test_a_download_of_unknown_size_goes_in_place_once_its_length_is_known(
+    server: ServerProcess, server_dir: Path, local: LocalStore, receive: str
+) -> None:
+    digest = put_on_server(server_dir, DATA)
+    with local.writer() as writer:  # no size hint: a sha1:// URL names no size
+        lab(server.url).fetch("sha1", digest, writer)
+        assert (writer.space() is not None) == (receive == "received in place")  # from the Content-Length
+        writer.commit(expect_alg="sha1", expect_hash=digest, expect_size=len(DATA))
+    assert local.open("sha1", digest).read() == DATA
 
 
 def test_fetch_of_a_missing_blob_is_not_found(server: ServerProcess, local: LocalStore) -> None:
@@ -366,7 +391,7 @@ def test_download_from_a_killed_server_fails_and_stores_nothing(server_dir: Path
     put_on_server(server_dir, BIG)
     server = ServerProcess(server_dir)
     started = time.monotonic()
-    with pytest.raises(ChannelUnavailable), local.writer() as writer:
+    with pytest.raises(ChannelUnavailable), local.writer(size_hint=len(BIG)) as writer:
         lab(server.url, timeout=2).fetch("sha1", BIG_SHA1, writer, progress=lambda n: server.kill())
     assert time.monotonic() - started < 10
     assert list(local.iter_blobs()) == []

@@ -8,6 +8,8 @@ Messages name the channel URL but never the query, which holds the signature.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
 import random
 import re
@@ -15,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import requests
 
@@ -117,7 +119,29 @@ class HttpChannel:
             with self._request("GET", "get", alg, digest, headers=headers, stream=True, deadline=deadline) as response:
                 self._raise_for(response, "get")
                 skip = self._check_body(response, alg, digest, start, expected_size)
+                if start == 0 and response.status_code == 200 and expected_size is None:
+                    with contextlib.suppress(KeyError, ValueError):
+                        writer.expect_size(int(response.headers["Content-Length"]))
                 try:
+                    raw = _raw_body(response) if skip == 0 else None
+                    space = writer.space() if raw is not None else None
+                    while space is not None:
+                        # Received in place: straight into the buffer the digests and the disk write use.
+                        n = raw.readinto(space)
+                        del space  # the view goes before the writer may hand its buffer on
+                        if not n:
+                            if raw.length:  # http.client ends a cut-off body quietly: resume it
+                                raise http.client.IncompleteRead(b"", raw.length)
+                            return
+                        deadline = time.monotonic() + self.timeout
+                        if expected_size is not None and writer.size + n > expected_size:
+                            raise HashMismatch(
+                                f"{self._where('get')} sent more than the {expected_size} bytes of {alg}://{digest}"
+                            )
+                        writer.advance(n)
+                        if progress is not None:
+                            progress(n)
+                        space = writer.space()
                     for chunk in _body(response, skip):
                         deadline = time.monotonic() + self.timeout
                         if expected_size is not None and writer.size + len(chunk) > expected_size:
@@ -129,7 +153,7 @@ class HttpChannel:
                         if progress is not None:
                             progress(len(chunk))
                     return
-                except requests.RequestException as err:
+                except (requests.RequestException, OSError, http.client.HTTPException) as err:
                     # Resume from writer.size; give up after `retries` attempts that brought nothing.
                     failures = failures + 1 if writer.size == start else 0
                     if failures > self.retries:
@@ -271,6 +295,15 @@ class _FileBody:
                 self._progress(len(chunk))
 
 
+def _raw_body(response: requests.Response) -> Any:
+    """The http.client response under a streamed body, to read into our own buffers (readinto);
+    None when the body is encoded (then its decoded chunks come from iter_content)."""
+    if response.headers.get("Content-Encoding", "identity").lower() != "identity":
+        return None
+    raw = getattr(response.raw, "_fp", None)
+    return raw if callable(getattr(raw, "readinto", None)) else None
+
+
 def _body(response: requests.Response, skip: int) -> Iterator[bytes]:
     """The body's non-empty chunks, without its first `skip` bytes (a server that ignored our Range)."""
     for chunk in response.iter_content(CHUNK):
@@ -303,7 +336,7 @@ def _error_text(response: requests.Response) -> str:
         return response.reason or "no reason given"
 
 
-def _reason(err: requests.RequestException) -> str:
+def _reason(err: Exception) -> str:
     """What went wrong, without the request's query (it holds the signature)."""
     if isinstance(err, requests.ConnectTimeout):
         return "connection timed out"

@@ -65,16 +65,17 @@ def copy(
     try:
         offset = 0
         while not sink.failed:
-            buffer = sink.next_buffer()
+            space = sink.space()  # a whole buffer, page-aligned: what an O_DIRECT read needs
             try:
-                n = os.preadv(src, [buffer], offset)
+                n = os.preadv(src, [space], offset)
             except OSError as err:
                 if err.errno != errno.EINVAL or src == src_fd:
                     raise
                 os.close(src)
                 src = src_fd  # the source's filesystem opened O_DIRECT but cannot read so
-                n = os.preadv(src, [buffer], offset)
-            sink.filled(n)
+                n = os.preadv(src, [space], offset)
+            del space
+            sink.advance(n)
             offset += n
             if progress is not None and n:
                 progress(n)
@@ -96,7 +97,7 @@ def _direct_reader(fd: int) -> int:
 
 
 class Sink:
-    """Bytes appended in order (`write`, or a buffer filled in place), hashed and written by threads.
+    """Bytes appended in order (`write`, or received in place: `space`, `advance`), hashed and written by threads.
 
     Not thread-safe: one producer. `finish()` returns the Digests once everything is on its
     way to disk; `close()` (idempotent) stops the threads and releases the O_DIRECT descriptor.
@@ -146,18 +147,18 @@ class Sink:
             if self._fill == CHUNK:
                 self._submit()
 
-    def next_buffer(self) -> mmap.mmap:
-        """A free buffer to fill in place (then `filled(n)`): bytes appended with no copy."""
-        if self._current is not None:
-            raise RuntimeError("a partly filled buffer is pending: write() or filled() first")
-        self._current, self._fill = self._take(), 0
-        return self._buffers[self._current]
+    def space(self) -> memoryview:
+        """The free end of the buffer being filled, to receive bytes in place (then `advance`)."""
+        if self._current is None:
+            self._current, self._fill = self._take(), 0
+        return memoryview(self._buffers[self._current])[self._fill :]
 
-    def filled(self, n: int) -> None:
-        """The buffer from `next_buffer` holds `n` new bytes; it is handed on (a short one ends the sink)."""
-        self._fill = n
+    def advance(self, n: int) -> None:
+        """`n` bytes were put at the start of the last `space()`; a full buffer is handed on."""
+        self._fill += n
         self.size += n
-        self._submit()
+        if self._fill == CHUNK:
+            self._submit()
 
     def finish(self) -> Digests:
         """Hand on the last bytes, wait for every consumer, and give the digests (or raise their error)."""

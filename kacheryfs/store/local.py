@@ -84,6 +84,35 @@ class BlobWriter:
             _start_writeback(self.fd, self._written_back, pending)
             self._written_back = self._hasher.size
 
+    def expect_size(self, size: int) -> None:
+        """The blob will be `size` bytes (a download's Content-Length): a large one, of which
+        nothing is written yet, then goes past the page cache."""
+        if self._sink is None and self.size == 0 and self._digests is None and size >= direct.MIN_SIZE:
+            self._sink = direct.open_sink(self.path, self.fd, md5=self._md5)
+
+    def space(self) -> memoryview | None:
+        """Where the next bytes may be received in place (then `advance`), or None: use `write`.
+
+        Only a large blob written past the page cache has such room: a network read goes
+        straight into the buffer its digests and its disk write are made from.
+        """
+        if self._sink is None:
+            return None
+        try:
+            return self._sink.space()
+        except OSError as err:
+            self.abort()
+            raise _io_error(err, f"writing {self.path}") from err
+
+    def advance(self, n: int) -> None:
+        """`n` bytes were received at the start of the last `space()`."""
+        assert self._sink is not None
+        try:
+            self._sink.advance(n)
+        except OSError as err:
+            self.abort()
+            raise _io_error(err, f"writing {self.path}") from err
+
     def write_from(self, src: BinaryIO, progress: Callable[[int], None] | None = None) -> None:
         """Append everything `src` yields."""
         while chunk := src.read(CHUNK):
