@@ -88,7 +88,8 @@ class BlobWriter:
         """The blob will be `size` bytes (a download's Content-Length): a large one, of which
         nothing is written yet, then goes past the page cache."""
         if self._sink is None and self.size == 0 and self._digests is None and size >= direct.MIN_SIZE:
-            self._sink = direct.open_sink(self.path, self.fd, md5=self._md5)
+            with suppress(OSError):  # no O_DIRECT descriptor to be had: the ordinary writes do
+                self._sink = direct.open_sink(self.path, self.fd, md5=self._md5)
 
     def space(self) -> memoryview | None:
         """Where the next bytes may be received in place (then `advance`), or None: use `write`.
