@@ -219,6 +219,28 @@ def test_a_large_blob_written_in_pieces_goes_past_the_page_cache_too(tmp_path, s
     assert store.blob_path("sha1", d.sha1).read_bytes() == data
 
 
+def test_a_file_copied_into_a_writer_sized_for_the_ring_is_hashed_as_written(tmp_path, small_direct):
+    data = os.urandom((3 << 20) + 5)
+    (tmp_path / "f").write_bytes(data)
+    store = LocalStore(tmp_path / "s")
+    with store.writer(size_hint=len(data)) as w, open(tmp_path / "f", "rb") as src:
+        w.copy_file(src.fileno())
+        d = w.commit()
+    assert (d.size, d.sha1) == (len(data), hashlib.sha1(data).hexdigest())
+    assert store.blob_path("sha1", d.sha1).read_bytes() == data
+
+
+def test_nothing_more_can_be_written_once_a_copy_completed_the_blob(tmp_path, small_direct):
+    (tmp_path / "f").write_bytes(os.urandom(2 << 20))
+    store = LocalStore(tmp_path / "s")
+    with store.writer() as w, open(tmp_path / "f", "rb") as src:
+        w.copy_file(src.fileno())  # past the page cache: the digests are final
+        with pytest.raises(StoreError, match="complete"):
+            w.write(b"more")
+        d = w.commit()
+    assert store.blob_path("sha1", d.sha1).read_bytes() == (tmp_path / "f").read_bytes()
+
+
 def test_disk_full_while_writing_pieces_is_store_full_and_leaves_nothing(tmp_path, tiny_fs, small_direct):
     store = LocalStore(tiny_fs / "s")
     with pytest.raises(StoreFull, match="no space"):

@@ -536,7 +536,7 @@ class HashViewFUSE(_FUSE):
     def __init__(self, operations: Any, mountpoint: str, *args: Any, **kwargs: Any) -> None:
         self._listings: collections.OrderedDict[bytes, list[_Entry]] = collections.OrderedDict()
         self._listings_lock = threading.Lock()
-        self._mountpoint = os.path.abspath(mountpoint)
+        self._mountpoint = os.path.realpath(mountpoint)  # as libfuse keeps it
         self._opendir: Any = None  # the wrapper libfuse calls: kept alive as long as the mount
         super().__init__(operations, mountpoint, *args, **kwargs)  # mounts and runs the loop: all above first
 
@@ -544,7 +544,7 @@ class HashViewFUSE(_FUSE):
         super().init_fuse_3(conn, config)
         try:
             kept = self._keep_listings_in_kernel()
-        except (AttributeError, OSError, ValueError) as err:
+        except Exception as err:  # best effort: a failure here must not fail INIT
             kept = False
             log.debug("listings not cached by the kernel: %s", err)
         if not kept:

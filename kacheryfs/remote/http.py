@@ -127,7 +127,7 @@ class HttpChannel:
                     space = writer.space() if raw is not None else None
                     while space is not None:
                         # Received in place: straight into the buffer the digests and the disk write use.
-                        n = raw.readinto(space)
+                        n = raw.readinto(space[:CHUNK])  # a cut-off read loses at most this much
                         del space  # the view goes before the writer may hand its buffer on
                         if not n:
                             if raw.length:  # http.client ends a cut-off body quietly: resume it

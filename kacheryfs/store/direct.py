@@ -41,10 +41,14 @@ def open_sink(dst_path: Path, dst_fd: int, *, md5: bool = True, buffers: int = _
     try:
         out = os.open(dst_path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
     except OSError as err:
-        if err.errno == errno.EINVAL:
-            return None
+        if err.errno in (errno.EMFILE, errno.ENFILE):
+            raise
+        return None  # no O_DIRECT here: the ordinary writes do
+    try:
+        return Sink(out, dst_fd, md5, buffers)
+    except BaseException:
+        os.close(out)
         raise
-    return Sink(out, dst_fd, md5, buffers)
 
 
 def copy(
@@ -79,8 +83,8 @@ def copy(
             offset += n
             if progress is not None and n:
                 progress(n)
-            if n < CHUNK:
-                break  # a short read of a regular file: its end
+            if n == 0:
+                break  # its end; a short read before it (a network filesystem) goes on, unaligned reads buffered
         return sink.finish()
     finally:
         sink.close()

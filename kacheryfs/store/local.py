@@ -64,8 +64,13 @@ class BlobWriter:
             return self._digests.size
         return self._sink.size if self._sink is not None else self._hasher.size
 
+    def _check_open(self) -> None:
+        if self.closed or self._digests is not None:
+            raise StoreError(f"{self.path} is complete or aborted: nothing more can be written to it")
+
     def write(self, chunk: bytes) -> None:
         """Append `chunk` (immutable bytes: the digest threads read it later)."""
+        self._check_open()
         if self._sink is not None:
             try:
                 self._sink.write(chunk)
@@ -97,6 +102,7 @@ class BlobWriter:
         Only a large blob written past the page cache has such room: a network read goes
         straight into the buffer its digests and its disk write are made from.
         """
+        self._check_open()
         if self._sink is None:
             return None
         try:
@@ -122,15 +128,23 @@ class BlobWriter:
                 progress(len(chunk))
 
     def copy_file(self, src_fd: int, progress: Callable[[int], None] | None = None) -> None:
-        """Append the rest of an open regular file, copied in the kernel where it can be.
+        """Append the rest of an open regular file (all of it, from its start, into a fresh
+        writer), copied in the kernel or past the page cache where it can be.
 
         The bytes hashed are the bytes written (read back from our own temp file, or the very
         buffers written), never re-read from the source, so a source changed during the copy
         cannot put a blob under the wrong hash. A large file into a fresh writer is copied
         past the page cache (`direct`); the rest by copy_file_range.
         """
+        self._check_open()
+        if self._sink is not None:  # a writer sized for the ring: the file goes through it
+            while chunk := os.read(src_fd, CHUNK):
+                self.write(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+            return
         try:
-            if self._hasher.size == 0 and self._digests is None and self._sink is None:
+            if self._hasher.size == 0:
                 self._digests = direct.copy(src_fd, self.path, self.fd, md5=self._md5, progress=progress)
                 if self._digests is not None:
                     return
