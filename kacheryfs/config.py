@@ -49,7 +49,7 @@ class Config:
     entry_timeout: float = 86400.0
     attr_timeout: float = 86400.0
     negative_timeout: float = 5.0
-    readahead_kb: int = 1024
+    readahead_kb: int = 1008
     staging_dir: Path | None = None
     staging_to: str | None = None
     cache_max_size: int | None = None

@@ -150,6 +150,8 @@ def test_url_of_a_snapshot_file_and_directory(snap: Path, sample) -> None:
 
 def test_a_listing_read_once_is_kept_by_the_kernel(snap: Path, sample) -> None:
     mount = sample[0]
+    if "the kernel will ask for listings again" in mount.log_text():
+        pytest.skip("this libfuse's private session layout is not one the mount knows: listings are not kept")
     pid = mount.status()["pid"]
 
     def requests() -> int:  # the daemon reads each request from /dev/fuse with one read(2)
@@ -161,6 +163,21 @@ def test_a_listing_read_once_is_kept_by_the_kernel(snap: Path, sample) -> None:
         assert sorted(os.listdir(snap / "sub")) == expected
     # An OPENDIR and a RELEASEDIR per listing; a listing read from the daemon again costs two READDIRs more.
     assert requests() - before <= 50 * 2 + 10
+
+
+def test_a_blobs_bytes_are_spliced_to_the_kernel_not_read_by_the_daemon(mounted: Mount) -> None:
+    data = os.urandom(16 << 20)
+    digest = LocalStore(mounted.storage).put_bytes(data).sha1
+    pid = mounted.status()["pid"]
+
+    def bytes_read() -> int:  # read(2) and pread(2) count here; splice(2) does not
+        return int(re.search(r"^rchar: (\d+)$", Path(f"/proc/{pid}/io").read_text(), re.M).group(1))
+
+    before = bytes_read()
+    with open(mounted.mountpoint / "sha1" / digest, "rb", buffering=0) as f:
+        assert f.read() == data
+    # The requests themselves are read (~100 bytes each); a read that fell back to pread would add the 16 MiB.
+    assert bytes_read() - before < 1 << 20
 
 
 def test_view_directories_list_nothing(sample) -> None:

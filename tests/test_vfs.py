@@ -21,7 +21,7 @@ import pytest
 from kacheryfs import manifest, vfs
 from kacheryfs.errors import ChannelUnavailable, InvalidURL, IsADirectory, NotADirectory, NotFound
 from kacheryfs.manifest import DirNode, FileEntry
-from kacheryfs.mount.fuse_ops import BLOCK_SIZE, FIXED_TIME_NS, HashViewOperations, _FuseBufvec
+from kacheryfs.mount.fuse_ops import BLOCK_SIZE, FIXED_TIME_NS, MAX_READ, HashViewOperations, _FuseBufvec
 from kacheryfs.resolver import Resolver
 from kacheryfs.store import BlobWriter, LocalStore
 from kacheryfs.vfs import PID_XATTR, STATUS_XATTR, FileSystemView
@@ -329,5 +329,5 @@ def test_init_sets_kernel_cache_timeouts_read_size_and_splicing(view: FileSystem
     conn, config = SimpleNamespace(max_read=0, capable=0xFFFF, want=1), SimpleNamespace()
     ops.init_with_config(conn, config)
     assert (config.entry_timeout, config.attr_timeout, config.negative_timeout) == (7, 8, 2)
-    assert conn.max_read == 1 << 20 and called
+    assert conn.max_read == MAX_READ == 1008 << 10 and called
     assert conn.want == 1 | 1 << 7 | 1 << 8  # replies from descriptors are spliced (FUSE_CAP_SPLICE_WRITE, _MOVE)
