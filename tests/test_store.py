@@ -292,3 +292,29 @@ def test_a_file_changed_while_hashed_for_a_hard_link_is_copied_not_linked(tmp_pa
     blob = store.blob_path("sha1", d.sha1)
     assert hashlib.sha1(blob.read_bytes()).hexdigest() == d.sha1
     assert not store.has("sha1", hashlib.sha1(b"before").hexdigest())
+
+
+def test_a_sink_whose_threads_cannot_all_start_stops_the_ones_that_did(tmp_path, monkeypatch) -> None:
+    import threading
+
+    from kacheryfs.store import direct
+
+    real_start, started = threading.Thread.start, []
+
+    def start(self: threading.Thread) -> None:
+        if len(started) == 2:
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+        started.append(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    path = tmp_path / "t"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(RuntimeError, match="can't start"):
+            direct.open_sink(path, fd)
+    finally:
+        os.close(fd)
+    for t in started:
+        t.join(timeout=5)
+        assert not t.is_alive()

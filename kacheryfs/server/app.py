@@ -86,10 +86,14 @@ class StorageServer:
 
     async def _receive(self, request: web.Request, alg: str, digest: str, size: int) -> None:
         # Disk writes and digests run off the event loop; at most one chunk is held in memory.
-        with await asyncio.to_thread(self.store.writer, size_hint=size) as writer:
+        writer = await asyncio.to_thread(self.store.writer, size_hint=size)
+        try:
             async for chunk in self._body(request, size):
                 await asyncio.to_thread(writer.write, chunk)
             await asyncio.to_thread(writer.commit, expect_alg=alg, expect_hash=digest, expect_size=size)
+        finally:
+            # Off the loop too: aborting a large upload waits for its digest and writer threads.
+            await asyncio.shield(asyncio.to_thread(writer.abort))
 
     async def _body(self, request: web.Request, size: int) -> AsyncIterator[bytes]:
         """The upload body in chunks of about CHUNK bytes; 408 when it stalls for `stall_timeout`."""

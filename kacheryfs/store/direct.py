@@ -129,9 +129,13 @@ class Sink:
             threading.Thread(target=self._consume, args=(w, q), name="kachery-direct", daemon=True)
             for w, q in zip(work, self._queues, strict=True)
         ]
-        for t in self._threads:
-            t.start()
         self._closed = False
+        try:
+            for t in self._threads:
+                t.start()
+        except BaseException:
+            self._stop()  # the ones started wait for work that will never come
+            raise
 
     @property
     def failed(self) -> bool:
@@ -204,7 +208,8 @@ class Sink:
             for q in self._queues:
                 q.put(None)
             for t in self._threads:
-                t.join()
+                if t.ident is not None:  # started (a failed start leaves the rest unstarted)
+                    t.join()
 
     def _consume(
         self, work: Callable[[memoryview, int], None], q: queue.SimpleQueue[tuple[int, int, int] | None]
