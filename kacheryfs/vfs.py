@@ -156,6 +156,7 @@ class FileSystemView:
         self._started = time.time()
         self._blob_fds: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
         self._blob_fds_lock = threading.Lock()
+        self._blob_keys: dict[str, tuple[str, str]] = {}  # path → the blob it names (forever)
         self._retired_fds: collections.deque[tuple[float, int]] = collections.deque()
         self.ready = threading.Event()  # set once the whole mount answers (staging included)
         self._warmed: dict[str, None] = {}  # snapshot directories whose small files were read ahead
@@ -237,8 +238,18 @@ class FileSystemView:
         let-gos: libfuse may still be reading from it for a reply on another thread, and its
         number must not be reused meanwhile.
         """
+        key = self._blob_keys.get(path)  # a read of a blob already open: no stat of the store
+        if key is not None:
+            with self._blob_fds_lock:
+                fd = self._blob_fds.get(key)
+                if fd is not None:
+                    self._blob_fds.move_to_end(key)
+                    return fd
         info = self.stat(path)
         key = (info.alg, info.digest)
+        if len(self._blob_keys) >= _SNAPSHOT_INFOS:
+            self._blob_keys.clear()
+        self._blob_keys[path] = key
         with self._blob_fds_lock:
             fd = self._blob_fds.get(key)
             if fd is not None:

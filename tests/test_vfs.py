@@ -148,6 +148,22 @@ def test_reads_share_one_kept_descriptor_per_blob(view: FileSystemView, snapshot
     assert not _is_open_on(fd, sha1(BIG))
 
 
+def test_a_read_of_a_blob_already_open_looks_nothing_up(
+    view: FileSystemView, snapshot: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = f"/sha1dir/{snapshot}/sub/big.bin"
+    fd = view.blob_fd(path)
+
+    def no_stat(path: str) -> None:
+        raise AssertionError(f"stat({path}) on a read of an open blob")
+
+    monkeypatch.setattr(view, "stat", no_stat)
+    assert view.blob_fd(path) == fd  # every read after the first: no stat of the store's blob
+    view.close_blob_fds()
+    with pytest.raises(AssertionError, match="on a read of an open blob"):
+        view.blob_fd(path)  # let go of: looked up again
+
+
 def test_kept_descriptors_are_bounded_and_closed_only_after_a_grace(view: FileSystemView, store: LocalStore) -> None:
     digests = [store.put_bytes(b"%d" % i).sha1 for i in range(vfs._BLOB_FDS + 1)]
     first = view.blob_fd(f"/sha1/{digests[0]}")
