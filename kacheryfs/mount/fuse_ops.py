@@ -109,7 +109,7 @@ def _staged(method: F) -> F:
 
 
 class _Operations(mfusepy.Operations):
-    """What both connections share: kernel cache timeouts, 1 MiB reads, nanosecond times."""
+    """What both connections share: kernel cache timeouts, reads of ~1 MiB (MAX_READ), nanosecond times."""
 
     use_ns = True  # timestamps in nanoseconds (mfusepy's future default)
 
