@@ -239,22 +239,17 @@ class FileSystemView:
         number must not be reused meanwhile.
         """
         key = self._blob_keys.get(path)  # a read of a blob already open: no stat of the store
-        if key is not None:
-            with self._blob_fds_lock:
-                fd = self._blob_fds.get(key)
-                if fd is not None:
-                    self._blob_fds.move_to_end(key)
-                    return fd
+        fd = self._kept_fd(key) if key is not None else None
+        if fd is not None:
+            return fd
         info = self.stat(path)
         key = (info.alg, info.digest)
         if len(self._blob_keys) >= _SNAPSHOT_INFOS:
             self._blob_keys.clear()
         self._blob_keys[path] = key
-        with self._blob_fds_lock:
-            fd = self._blob_fds.get(key)
-            if fd is not None:
-                self._blob_fds.move_to_end(key)
-                return fd
+        fd = self._kept_fd(key)  # the same blob, open under another name
+        if fd is not None:
+            return fd
         if info.size < _SIBLING_MAX:
             self._warm_siblings(path)
         fd = self.open(path)  # outside the lock: it may wait for a download
@@ -268,6 +263,13 @@ class FileSystemView:
                 self._retired_fds.append((time.monotonic(), self._blob_fds.popitem(last=False)[1]))
             self._close_retired(time.monotonic() - _FD_GRACE)
         return fd
+
+    def _kept_fd(self, key: tuple[str, str]) -> int | None:
+        with self._blob_fds_lock:
+            fd = self._blob_fds.get(key)
+            if fd is not None:
+                self._blob_fds.move_to_end(key)
+            return fd
 
     def _warm_siblings(self, path: str) -> None:
         """On the first read of a small file in a snapshot directory, read its small siblings

@@ -138,10 +138,8 @@ class BlobWriter:
         """
         self._check_open()
         if self._sink is not None:  # a writer sized for the ring: the file goes through it
-            while chunk := os.read(src_fd, CHUNK):
-                self.write(chunk)
-                if progress is not None:
-                    progress(len(chunk))
+            with os.fdopen(os.dup(src_fd), "rb") as src:
+                self.write_from(src, progress)  # type: ignore[arg-type]
             return
         try:
             if self._hasher.size == 0:
