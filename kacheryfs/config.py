@@ -50,6 +50,7 @@ class Config:
     attr_timeout: float = 86400.0
     negative_timeout: float = 5.0
     readahead_kb: int = 1008
+    passthrough: bool = True
     staging_dir: Path | None = None
     staging_to: str | None = None
     cache_max_size: int | None = None
@@ -118,6 +119,7 @@ _SECTIONS: dict[str, dict[str, Any]] = {
     "mount": {
         "mountpoint": Path, "allow_other": bool, "log_file": Path, "log_level": str, "entry_timeout": float,
         "attr_timeout": float, "negative_timeout": float, "fetch_timeout": float, "readahead_kb": int,
+        "passthrough": bool,
     },
     "staging": {"dir": ("staging_dir", Path), "to": ("staging_to", str)},
     "cache": {

@@ -19,7 +19,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -167,6 +167,8 @@ class FileSystemView:
         self._counting = False
         self._usage_lock = threading.Lock()
         self.recent_errors: collections.deque[str] = collections.deque(maxlen=_RECENT_ERRORS)
+        # Set by the mount when the kernel reads blobs' files itself (passthrough): how many it holds.
+        self.kernel_reads: Sized | None = None
 
     # -- what is at a path -----------------------------------------------------------
     def stat(self, path: str) -> FileInfo:
@@ -208,14 +210,30 @@ class FileSystemView:
         entries += [(name, _dir_info(info.url.child(name), sub)) for name, sub in node.dirs.items()]
         return entries
 
+    def blob_of(self, path: str) -> tuple[str, str]:
+        """(alg, digest) of the blob behind a file's path (a dict hit after the first time)."""
+        key = self._blob_keys.get(path)
+        if key is None:
+            info = self.stat(path)
+            if info.is_dir:
+                raise IsADirectory(f"{path} is a directory")
+            key = (info.alg, info.digest)
+            if len(self._blob_keys) >= _SNAPSHOT_INFOS:
+                self._blob_keys.clear()
+            self._blob_keys[path] = key
+        return key
+
     def open(self, path: str) -> int:
         """A new read-only descriptor on the blob behind `path`, fetched and verified first if needed.
 
-        Its shared lock keeps the blob from eviction until it is closed.
+        Its shared lock keeps the blob from eviction until it is closed. The first open of a
+        small file in a snapshot directory reads its small siblings ahead (`_warm_siblings`).
         """
         info = self.stat(path)
         if info.is_dir:
             raise IsADirectory(f"{path} is a directory")
+        if info.size < _SIBLING_MAX:
+            self._warm_siblings(path)
         store = self.resolver.store
         try:
             fd = store.open_fd(info.alg, info.digest)
@@ -230,28 +248,18 @@ class FileSystemView:
         return fd
 
     def blob_fd(self, path: str) -> int:
-        """The descriptor reads of `path` are served from: one per blob, kept while it is read.
+        """The descriptor the daemon's reads of `path` are served from: one per blob, kept while it is read.
 
-        The mount never hears of opens and closes (FUSE's no-open mode), so descriptors are
-        kept for the last _BLOB_FDS blobs read; the lock each holds keeps those from eviction.
-        A descriptor let go is closed only after _FD_GRACE seconds or _FDS_RETIRED later
-        let-gos: libfuse may still be reading from it for a reply on another thread, and its
-        number must not be reused meanwhile.
+        Without passthrough the mount never hears of opens and closes (FUSE's no-open mode),
+        so descriptors are kept for the last _BLOB_FDS blobs read; the lock each holds keeps
+        those from eviction. A descriptor let go is closed only after _FD_GRACE seconds or
+        _FDS_RETIRED later let-gos: libfuse may still be reading from it for a reply on
+        another thread, and its number must not be reused meanwhile.
         """
-        key = self._blob_keys.get(path)  # a read of a blob already open: no stat of the store
-        fd = self._kept_fd(key) if key is not None else None
+        key = self.blob_of(path)
+        fd = self._kept_fd(key)  # a read of a blob already open (under any name): no stat of the store
         if fd is not None:
             return fd
-        info = self.stat(path)
-        key = (info.alg, info.digest)
-        if len(self._blob_keys) >= _SNAPSHOT_INFOS:
-            self._blob_keys.clear()
-        self._blob_keys[path] = key
-        fd = self._kept_fd(key)  # the same blob, open under another name
-        if fd is not None:
-            return fd
-        if info.size < _SIBLING_MAX:
-            self._warm_siblings(path)
         fd = self.open(path)  # outside the lock: it may wait for a download
         with self._blob_fds_lock:
             known = self._blob_fds.get(key)
@@ -352,7 +360,9 @@ class FileSystemView:
             "cache_bytes": usage.total_bytes if usage else None,
             "cache_max_bytes": store.cache.limits.max_size,
             "channels": [c.name for c in self.resolver.channels],
-            "open_files": len(self._blob_fds),  # blobs being read (kept descriptors)
+            # blobs being read: kept descriptors, or backing files the kernel reads itself
+            "open_files": len(self._blob_fds if self.kernel_reads is None else self.kernel_reads),
+            "reads": "daemon" if self.kernel_reads is None else "kernel (passthrough)",
             "fetch_timeout_s": self.fetch_timeout,
             **self.resolver.stats.as_dict(),
             "recent_errors": list(self.recent_errors),

@@ -148,12 +148,29 @@ def mounted(tmp_path: Path) -> Iterator[Mount]:
         yield mount
 
 
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mount, Path, str]]:
-    """(mount, original tree, its sha1dir URL): the sample tree stored and mounted, shared by a module."""
+DAEMON_READS = "[mount]\npassthrough = false\n"  # config: the daemon serves reads itself, as without passthrough
+
+
+def require_passthrough(mount: Mount) -> None:
+    """Skip unless the kernel reads `mount`'s blobs itself; in CI (root, Linux 6.18) fail instead."""
+    if mount.status()["reads"] != "kernel (passthrough)":
+        reason = f"no kernel passthrough here (root and Linux >= 6.9 needed): {mount.log_text()[-300:]}"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs as root on a kernel with passthrough: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module", params=["kernel reads", "daemon reads"])
+def sample(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Mount, Path, str]]:
+    """(mount, original tree, its sha1dir URL): the sample tree stored and mounted, shared by a module.
+
+    Twice: with kernel passthrough (where this machine has it) and with the daemon serving reads.
+    """
     base = tmp_path_factory.mktemp("sample")
     tree = write_sample_tree(base / "ds001")
     storage = base / "storage"
     url = store_tree(LocalStore(storage), tree)
-    with mounted_at(base, storage) as mount:
+    with mounted_at(base, storage, DAEMON_READS if request.param == "daemon reads" else "") as mount:
         yield mount, tree, url

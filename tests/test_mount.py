@@ -18,7 +18,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from fixtures_mount import Mount, is_mounted, kacheryfs, mounted_at, require_fuse, wait_until
+from fixtures_mount import (
+    DAEMON_READS,
+    Mount,
+    is_mounted,
+    kacheryfs,
+    mounted_at,
+    require_fuse,
+    require_passthrough,
+    wait_until,
+)
 
 from kacheryfs.mount.paths import url_of
 from kacheryfs.store import LocalStore
@@ -168,19 +177,66 @@ def test_a_listing_read_once_is_kept_by_the_kernel(snap: Path, sample) -> None:
     assert requests() - before <= 50 * 2 + 10
 
 
-def test_a_blobs_bytes_are_spliced_to_the_kernel_not_read_by_the_daemon(mounted: Mount) -> None:
+def _io_counter(pid: object, name: str) -> int:
+    """One of the daemon's I/O counters: rchar counts bytes read(2) and pread(2) (not spliced), syscr the calls."""
+    return int(re.search(rf"^{name}: (\d+)$", Path(f"/proc/{pid}/io").read_text(), re.M).group(1))
+
+
+def test_a_blobs_bytes_are_spliced_to_the_kernel_not_read_by_the_daemon(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    data = os.urandom(16 << 20)
+    digest = LocalStore(storage).put_bytes(data).sha1
+    with mounted_at(tmp_path, storage, DAEMON_READS) as mounted:
+        pid = mounted.status()["pid"]
+        before = _io_counter(pid, "rchar")
+        with open(mounted.mountpoint / "sha1" / digest, "rb", buffering=0) as f:
+            assert f.read() == data
+        # The requests themselves are read (~100 bytes each); a read that fell back to pread would add the 16 MiB.
+        assert _io_counter(pid, "rchar") - before < 1 << 20
+        assert mounted.status()["reads"] == "daemon"
+
+
+def test_with_passthrough_the_kernel_reads_a_blob_without_the_daemon(mounted: Mount) -> None:
     data = os.urandom(16 << 20)
     digest = LocalStore(mounted.storage).put_bytes(data).sha1
+    (mounted.mountpoint / "sha1" / f"{digest}.warm").read_bytes()[:1]  # the first open decides the mode
+    require_passthrough(mounted)
     pid = mounted.status()["pid"]
-
-    def bytes_read() -> int:  # read(2) and pread(2) count here; splice(2) does not
-        return int(re.search(r"^rchar: (\d+)$", Path(f"/proc/{pid}/io").read_text(), re.M).group(1))
-
-    before = bytes_read()
-    with open(mounted.mountpoint / "sha1" / digest, "rb", buffering=0) as f:
+    before = _io_counter(pid, "syscr")
+    with open(mounted.mountpoint / "sha1" / f"{digest}.bin", "rb", buffering=0) as f:
         assert f.read() == data
-    # The requests themselves are read (~100 bytes each); a read that fell back to pread would add the 16 MiB.
-    assert bytes_read() - before < 1 << 20
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+            assert mapped[-4096:] == data[-4096:]
+    # LOOKUP, OPEN, RELEASE and a few more; the daemon serving the reads would add 17 READs at least.
+    assert _io_counter(pid, "syscr") - before < 12
+
+
+def test_one_blob_under_three_names_reads_through_all_at_once(mounted: Mount) -> None:
+    data = os.urandom(3 << 20)
+    digests = LocalStore(mounted.storage).put_bytes(data)
+    names = [f"sha1/{digests.sha1}.a", f"sha1/{digests.sha1}.b", f"md5/{digests.md5}"]
+    files = [open(mounted.mountpoint / name, "rb", buffering=0) for name in names]  # noqa: SIM115
+    try:
+        chunks: list[list[bytes]] = [[] for _ in files]
+        for _ in range(3):
+            for f, got in zip(files, chunks, strict=True):
+                got.append(f.read(1 << 20))
+        assert all(b"".join(got) == data for got in chunks)
+    finally:
+        for f in files:
+            f.close()
+
+
+def test_blobs_opened_before_keep_their_backing_file(mounted: Mount) -> None:
+    store = LocalStore(mounted.storage)
+    digests = [store.put_bytes(b"blob %d" % i).sha1 for i in range(300)]
+    with open(mounted.mountpoint / "sha1" / digests[0], "rb") as held:
+        for _ in range(2):  # the second time, each open is answered from its inode alone
+            for i, digest in enumerate(digests):
+                assert (mounted.mountpoint / "sha1" / digest).read_bytes() == b"blob %d" % i
+        require_passthrough(mounted)
+        assert mounted.status()["open_files"] == 300
+        assert held.read() == b"blob 0"
 
 
 def test_view_directories_list_nothing(sample) -> None:
@@ -244,6 +300,7 @@ def test_status_reports_cache_and_counters(sample) -> None:
     assert "local store" in text and "hits / misses" in text
     status = json.loads(mount.cli("status", str(mount.mountpoint), "--json").stdout)
     assert status["cache_blobs"] >= 6 and status["hits"] >= 1
+    assert f"reads           by the {status['reads']}" in text
 
 
 # -- mounting and unmounting -------------------------------------------------------------

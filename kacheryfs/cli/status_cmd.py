@@ -39,6 +39,7 @@ def _format(mountpoint: Path, s: dict[str, Any]) -> str:
             "size being counted" if s["cache_blobs"] is None else f"{s['cache_blobs']} blobs, {human(s['cache_bytes'])}"
         ),
         f"channels        {', '.join(s['channels']) or 'none (local store only)'}",
+        f"reads           by the {s['reads']}",
         f"open files      {s['open_files']}",
         f"hits / misses   {s['hits']} / {s['misses']}",
         f"fetching now    {s['fetches_in_progress']}",

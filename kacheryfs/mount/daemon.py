@@ -220,7 +220,7 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
 
     def hash_views() -> None:
         try:
-            ops = HashViewOperations(view, on_init=on_hash_views_init, **timeouts)
+            ops = HashViewOperations(view, on_init=on_hash_views_init, use_passthrough=config.passthrough, **timeouts)
             HashViewFUSE(ops, str(mountpoint), ro=True, **run, **fuse_options)  # type: ignore[arg-type]
         except BaseException as err:  # handed to the main thread
             failure.append(err)

@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 import mfusepy
 
 from kacheryfs.errors import InvalidURL, KacheryError, NotFound
+from kacheryfs.mount.passthrough import REOPENED, Passthrough, Unavailable, may_register_backing_files
+from kacheryfs.mount.session import KNOWN_VERSIONS, OPEN_SLOT, OPENDIR_SLOT, RELEASE_SLOT, Session, pin_thread_state
 from kacheryfs.staging import StagingArea
 from kacheryfs.vfs import XATTR_PREFIX, FileInfo, FileSystemView
 
@@ -143,16 +145,20 @@ class _Operations(mfusepy.Operations):
 class HashViewOperations(_Operations):
     """The read-only hash views (mount with `raw_fi=True`, read-only, under `HashViewFUSE`).
 
-    Nothing here ever changes, so the kernel is told to stop asking: the first open answers
-    ENOSYS, which the kernel takes as "this filesystem needs no open" — from then on opens,
-    closes and their flushes cost no request at all and the page cache is kept across opens
-    (FUSE's no-open mode). Reads then come without a handle: the view keeps one descriptor
-    per blob being read (`FileSystemView.blob_fd`).
+    Nothing here ever changes. Where the kernel can read a blob's file itself (passthrough,
+    `kacheryfs.mount.passthrough`), each open names the store's file and no read ever comes
+    here. Elsewhere the kernel is told to stop asking: the first open answers ENOSYS, which
+    the kernel takes as "this filesystem needs no open" — from then on opens, closes and
+    their flushes cost no request at all and the page cache is kept across opens (FUSE's
+    no-open mode). Reads then come without a handle: the view keeps one descriptor per blob
+    being read (`FileSystemView.blob_fd`).
     """
 
-    def __init__(self, view: FileSystemView, **kwargs: Any) -> None:
+    def __init__(self, view: FileSystemView, *, use_passthrough: bool = True, **kwargs: Any) -> None:
         super().__init__(view, **kwargs)
         self._uid, self._gid = os.getuid(), os.getgid()
+        self.wants_passthrough = use_passthrough and _passthrough_possible()
+        self.passthrough: Passthrough | None = None  # set at INIT when the session allows it
 
     def attrs(self, info: FileInfo) -> dict[str, int]:
         """The stat fields of one path: read-only modes, fixed times, blocks that make `du` right."""
@@ -185,10 +191,27 @@ class HashViewOperations(_Operations):
     def open(self, path: str, fi: Any) -> int:
         if fi.flags & os.O_ACCMODE != os.O_RDONLY:
             raise mfusepy.FuseOSError(errno.EROFS)  # content-addressed files cannot change
-        # The first open of the mount's life lands here: fetch (so its errors show at open, as
-        # they would anywhere), then ENOSYS, which the kernel takes as success plus "never again".
+        kernel = self.passthrough
+        if kernel is not None:
+            try:
+                # No keep_cache: the kernel refuses passthrough with any open flag but a few.
+                fi.fh = kernel.open(self.view.blob_of(path), lambda: self.view.open(path))
+                self.view.kernel_reads = kernel  # `kacheryfs status` says who reads
+                return 0
+            except Unavailable as err:
+                log.info("kernel passthrough off (%s): reads are served by the daemon", err)
+                self.passthrough = self.view.kernel_reads = None
+        # The first open of a mount without passthrough lands here: fetch (so its errors show at
+        # open, as they would anywhere), then ENOSYS, which the kernel takes as success plus
+        # "never again".
         self.view.blob_fd(path)
         raise mfusepy.FuseOSError(errno.ENOSYS)
+
+    def release(self, path: str, fi: Any) -> int:
+        kernel = self.passthrough
+        if kernel is not None:
+            kernel.release(fi.fh)
+        return 0
 
     @_translated
     def read_buf(self, path: str, bufpp: Any, size: int, offset: int, fi: Any) -> int:
@@ -216,6 +239,11 @@ class HashViewOperations(_Operations):
     @_translated
     def statfs(self, path: str) -> dict[str, int]:
         return _statfs(self.view.resolver.store.root)  # the disk that holds the store
+
+
+def _passthrough_possible() -> bool:
+    """Whether this daemon may ask for kernel passthrough: a known libfuse session, and the right to register files."""
+    return mfusepy._libfuse.fuse_version() in KNOWN_VERSIONS and may_register_backing_files()
 
 
 def _writes_only(flags: int) -> bool:
@@ -443,28 +471,15 @@ def _point_at_fd(bufpp: Any, fd: int, size: int, offset: int) -> None:
     ctypes.cast(bufpp, ctypes.POINTER(ctypes.c_void_p))[0] = addr
 
 
-# libfuse's low-level opendir, and the start of its private struct fuse_session (3.12–3.16),
-# checked against the public fuse_session_fd, the mountpoint and the ops it must hold before
-# it is written to.
-_LowLevelOpendir = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.POINTER(mfusepy.fuse_file_info))
-_WRITE_SLOT, _OPENDIR_SLOT = 16, 20  # in struct fuse_lowlevel_ops: init, destroy, lookup, … (only ever appended to)
-
-
-class _SessionHead(ctypes.Structure):
-    _fields_ = [
-        ("mountpoint", ctypes.c_void_p),
-        ("exited", ctypes.c_int),
-        ("fd", ctypes.c_int),
-        ("io", ctypes.c_void_p),
-        ("mo", ctypes.c_void_p),
-        ("debug", ctypes.c_int),
-        ("deny_others", ctypes.c_int),
-        ("op", ctypes.c_void_p * (_OPENDIR_SLOT + 2)),
-    ]
-
-
-_worker = threading.local()
-_keep_thread_state = ctypes.pythonapi.PyGILState_Ensure
+# libfuse's low-level open, release and opendir (the slots HashViewFUSE wraps): request, inode, file info.
+_LowLevelFileOp = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.POINTER(mfusepy.fuse_file_info))
+_libfuse = mfusepy._libfuse
+_libfuse.fuse_reply_buf.restype, _libfuse.fuse_reply_buf.argtypes = (
+    ctypes.c_int,
+    [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t],
+)
+_libfuse.fuse_reply_err.restype, _libfuse.fuse_reply_err.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_int]
+_INODES_KEPT = 100_000  # inodes whose blob is remembered for opens answered at the low level
 
 
 class _FUSE(mfusepy.FUSE):
@@ -476,13 +491,7 @@ class _FUSE(mfusepy.FUSE):
     """
 
     def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
-        if not getattr(_worker, "pinned", False):
-            # ctypes gives each callback from a libfuse thread a fresh Python thread state and
-            # frees it on return (an mmap, a munmap and more per request: ~40 % of the time of
-            # opening a cached file). One extra reference, never released, keeps this thread's
-            # state for all its later callbacks; the daemon keeps its threads (max_idle_threads).
-            _keep_thread_state()
-            _worker.pinned = True
+        pin_thread_state()
         return super()._wrapper(func, *args, **kwargs)
 
     def getxattr(self, path: bytes, name: bytes, value: Any, size: int, *args: Any) -> int:
@@ -526,7 +535,7 @@ class _FUSE(mfusepy.FUSE):
 
 
 class HashViewFUSE(_FUSE):
-    """The hash views' connection: every listing is kept by the kernel after its first read.
+    """The hash views' connection: listings kept by the kernel, and opens of known blobs answered at once.
 
     The operations define no opendir, so libfuse answers OPENDIR itself, in C; its high-level
     API then never passes cache_readdir to the kernel (libfuse 3.14), and the kernel would
@@ -536,57 +545,116 @@ class HashViewFUSE(_FUSE):
     snapshot's listings never change. Directories cannot go without an open the way files
     do: libfuse's readdir needs the handle its opendir made (a no-opendir ENOSYS crashes it).
     The listings read once are kept here too, by path, ready for the filler.
+
+    With kernel passthrough every open of a file comes here (`HashViewOperations.open`).
+    The first open of an inode takes the high-level way (its path, the view, the blob's
+    backing file); later opens of it, while the blob's backing file is registered, are
+    answered by the low-level open itself from the inode alone (`_answer_known_opens`):
+    a dict lookup and a reply, a third of the daemon's time per open of a cached file.
     """
 
     def __init__(self, operations: Any, mountpoint: str, *args: Any, **kwargs: Any) -> None:
         self._listings: collections.OrderedDict[bytes, list[_Entry]] = collections.OrderedDict()
         self._listings_lock = threading.Lock()
         self._mountpoint = os.path.realpath(mountpoint)  # as libfuse keeps it
-        self._opendir: Any = None  # the wrapper libfuse calls: kept alive as long as the mount
+        self._low_level: list[Any] = []  # the wrappers libfuse calls: kept alive as long as the mount
+        self._blob_of_inode: dict[int, Any] = {}  # inode → the blob its first open named
+        self._opening: dict[int, int] = {}  # thread → the inode whose open it passes to the high level
         super().__init__(operations, mountpoint, *args, **kwargs)  # mounts and runs the loop: all above first
 
     def init_fuse_3(self, conn: Any, config: Any) -> None:
         super().init_fuse_3(conn, config)
         try:
-            kept = self._keep_listings_in_kernel()
+            session = Session.current(self._mountpoint)
         except Exception as err:  # best effort: a failure here must not fail INIT
-            kept = False
-            log.debug("listings not cached by the kernel: %s", err)
-        if not kept:
+            session = None
+            log.debug("libfuse's session not found: %s", err)
+        if session is None:
             log.info("this libfuse's session is not the one known: the kernel will ask for listings again")
+            return
+        self._keep_listings_in_kernel(session)
+        operations = self.operations
+        if operations.wants_passthrough:
+            operations.passthrough = Passthrough.install(session)
+            if operations.passthrough is not None:
+                self._answer_known_opens(session, operations.passthrough)
 
-    def _keep_listings_in_kernel(self) -> bool:
-        """Wrap libfuse's low-level opendir of this session; False (nothing changed) if its layout is unknown."""
-        lib = mfusepy._libfuse
-        if not 312 <= lib.fuse_version() < 317:  # the layout of _SessionHead
-            return False
-        lib.fuse_get_session.restype, lib.fuse_get_session.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
-        lib.fuse_session_fd.restype, lib.fuse_session_fd.argtypes = ctypes.c_int, [ctypes.c_void_p]
-        session = lib.fuse_get_session(lib.fuse_get_context().contents.fuse)
-        if not session:
-            return False
-        head = _SessionHead.from_address(session)
-        mounted_at = ctypes.string_at(head.mountpoint).decode(errors="replace") if head.mountpoint else ""
-        if head.fd != lib.fuse_session_fd(session) or mounted_at != self._mountpoint:
-            return False
-        ops = head.op
-        if not (ops[0] and ops[_OPENDIR_SLOT] and ops[_OPENDIR_SLOT + 1]) or ops[_WRITE_SLOT]:
-            return False  # not the high-level API's table: it sets init, opendir and readdir, and write_buf for write
-        original = _LowLevelOpendir(ops[_OPENDIR_SLOT])
+    def _wrap(self, session: Session, slot: int, wrapper: Callable[[Any], Callable[..., None]]) -> None:
+        """Replace a low-level op of the session by `wrapper(original)`."""
+        original = _LowLevelFileOp(session.ops[slot])
+        callback = _LowLevelFileOp(wrapper(original))
+        self._low_level.append(callback)
+        session.ops[slot] = ctypes.cast(callback, ctypes.c_void_p).value
 
-        def opendir(req: int, ino: int, fi: Any) -> None:
-            if not getattr(_worker, "pinned", False):
-                _keep_thread_state()  # as in _wrapper: this thread keeps its Python state
-                _worker.pinned = True
-            try:
-                fi.contents.cache_readdir = 1  # the kernel keeps the listing it reads…
-                fi.contents.keep_cache = 1  # …across opens too
-            finally:
-                original(req, ino, fi)  # replies: every OPENDIR gets its answer, whatever happened above
+    def _keep_listings_in_kernel(self, session: Session) -> None:
+        """Wrap libfuse's low-level opendir of this session."""
 
-        self._opendir = _LowLevelOpendir(opendir)
-        ops[_OPENDIR_SLOT] = ctypes.cast(self._opendir, ctypes.c_void_p).value
-        return True
+        def wrapper(original: Any) -> Callable[..., None]:
+            def opendir(req: int, ino: int, fi: Any) -> None:
+                pin_thread_state()  # as in _wrapper
+                try:
+                    fi.contents.cache_readdir = 1  # the kernel keeps the listing it reads…
+                    fi.contents.keep_cache = 1  # …across opens too
+                finally:
+                    original(req, ino, fi)  # replies: every OPENDIR gets its answer, whatever happened above
+
+            return opendir
+
+        self._wrap(session, OPENDIR_SLOT, wrapper)
+
+    def _answer_known_opens(self, session: Session, kernel: Passthrough) -> None:
+        """Wrap libfuse's low-level open and release: an inode opened before is answered from its blob alone."""
+        blob_of_inode, opening = self._blob_of_inode, self._opening
+
+        def open_wrapper(original: Any) -> Callable[..., None]:
+            def open_(req: int, ino: int, fi: Any) -> None:
+                pin_thread_state()
+                blob = blob_of_inode.get(ino)
+                if blob is not None and self.operations.passthrough is kernel:
+                    try:
+                        reply = kernel.reopen(blob)
+                    except Exception:
+                        log.exception("open of inode %d from its blob", ino)
+                        reply = None
+                    if reply is not None:
+                        _libfuse.fuse_reply_buf(req, reply, len(reply))
+                        return
+                opening[threading.get_ident()] = ino  # for `open` below: the inode of this path
+                try:
+                    original(req, ino, fi)
+                finally:
+                    opening.pop(threading.get_ident(), None)
+
+            return open_
+
+        def release_wrapper(original: Any) -> Callable[..., None]:
+            def release(req: int, ino: int, fi: Any) -> None:
+                pin_thread_state()
+                handle = fi.contents.fh
+                if not handle & REOPENED:
+                    original(req, ino, fi)  # opened by the high level: it undoes its own count
+                    return
+                try:
+                    kernel.release(handle)
+                finally:
+                    _libfuse.fuse_reply_err(req, 0)
+
+            return release
+
+        self._wrap(session, OPEN_SLOT, open_wrapper)
+        self._wrap(session, RELEASE_SLOT, release_wrapper)
+
+    def open(self, path: bytes, fip: Any) -> int:
+        result = super().open(path, fip)
+        kernel = self.operations.passthrough
+        ino = self._opening.get(threading.get_ident())
+        if result == 0 and kernel is not None and ino is not None:
+            blob = kernel.blob_of(fip.contents.fh)
+            if blob is not None:
+                if len(self._blob_of_inode) >= _INODES_KEPT:
+                    self._blob_of_inode.clear()
+                self._blob_of_inode[ino] = blob  # a path's blob never changes, nor an inode's path
+        return result
 
     def _listing(self, path: bytes, fip: Any) -> list[_Entry]:
         with self._listings_lock:
