@@ -120,6 +120,14 @@ def _read_ahead(blob: os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def _in_page_cache(fd: int) -> bool:
+    """Whether the first byte of a file is in the page cache (one read that may not wait for the disk)."""
+    try:
+        return os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT) >= 0
+    except OSError:
+        return False  # EAGAIN: it would have to wait; anything else: cannot tell, so take it as cold
+
+
 def split_path(path: str) -> list[str]:
     """'/sha1dir/H.x/a/b' → ['sha1dir', 'H.x', 'a', 'b']."""
     return [p for p in path.split("/") if p]
@@ -227,13 +235,12 @@ class FileSystemView:
         """A new read-only descriptor on the blob behind `path`, fetched and verified first if needed.
 
         Its shared lock keeps the blob from eviction until it is closed. The first open of a
-        small file in a snapshot directory reads its small siblings ahead (`_warm_siblings`).
+        small file in a snapshot directory that is not in the page cache reads its small
+        siblings ahead (`_warm_siblings`).
         """
         info = self.stat(path)
         if info.is_dir:
             raise IsADirectory(f"{path} is a directory")
-        if info.size < _SIBLING_MAX:
-            self._warm_siblings(path)
         store = self.resolver.store
         try:
             fd = store.open_fd(info.alg, info.digest)
@@ -241,6 +248,10 @@ class FileSystemView:
         except NotFound:
             self._bounded(str(info.url), self.resolver.ensure, info.alg, info.digest, info.size)
             fd = store.open_fd(info.alg, info.digest)
+        if 0 < info.size < _SIBLING_MAX and not _in_page_cache(fd):
+            # Read ahead only from a cold store: from a warm one it costs a file its first open's
+            # time again (a thread pool opening 100 siblings beside the request).
+            self._warm_siblings(path)
         if info.size >= _LARGE_FILE:
             # FUSE sends reads from several threads at once, slightly out of order, which halves
             # the disk's own readahead; the file is read front to back, so say so.

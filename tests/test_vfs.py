@@ -189,6 +189,19 @@ def test_the_first_read_in_a_snapshot_directory_reads_its_small_siblings_ahead(
     view.close_blob_fds()
 
 
+def test_a_snapshot_directory_already_in_the_page_cache_is_not_read_ahead(
+    view: FileSystemView, store: LocalStore
+) -> None:
+    blobs = [store.put_bytes(os.urandom(8192)) for _ in range(3)]
+    root = DirNode(files={f"f{i}": FileEntry(b.size, b.sha1) for i, b in enumerate(blobs)})
+    snap = store.put_bytes(manifest.serialize(root)).sha1
+    for b in blobs:
+        store.blob_path("sha1", b.sha1).read_bytes()  # in the page cache
+    view.blob_fd(f"/sha1dir/{snap}/f0")
+    assert view._warm_pool is None  # no thread was started to read anything ahead
+    view.close_blob_fds()
+
+
 def _drop_from_page_cache(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
