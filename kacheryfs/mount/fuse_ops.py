@@ -550,7 +550,8 @@ class HashViewFUSE(_FUSE):
     The first open of an inode takes the high-level way (its path, the view, the blob's
     backing file); later opens of it, while the blob's backing file is registered, are
     answered by the low-level open itself from the inode alone (`_answer_known_opens`):
-    a dict lookup and a reply, a third of the daemon's time per open of a cached file.
+    a dict lookup and a reply (here ~100 µs an open of a cached file, against 220–400 µs the
+    high-level way).
     """
 
     def __init__(self, operations: Any, mountpoint: str, *args: Any, **kwargs: Any) -> None:
@@ -610,7 +611,8 @@ class HashViewFUSE(_FUSE):
             def open_(req: int, ino: int, fi: Any) -> None:
                 pin_thread_state()
                 blob = blob_of_inode.get(ino)
-                if blob is not None and self.operations.passthrough is kernel:
+                read_only = fi.contents.flags & os.O_ACCMODE == os.O_RDONLY  # else the high level refuses it
+                if blob is not None and read_only and self.operations.passthrough is kernel:
                     try:
                         reply = kernel.reopen(blob)
                     except Exception:

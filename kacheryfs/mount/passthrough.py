@@ -5,9 +5,9 @@ the kernel then serves that file's reads, splices and mmaps from the backing fil
 page cache and readahead, and no byte and no read request passes through the daemon. For
 a blob that is the store's own file, so a mounted path reads as fast as the store does.
 
-libfuse 3.14–3.16 (Debian 12's is 3.14) cannot ask for it: passthrough came with libfuse
-3.16's low-level API, and no Python binding exposes that. Both things it needs are on the
-wire, though, and libfuse lets a session send its replies through a custom I/O hook
+libfuse 3.14 (Debian 12's) cannot ask for it, and no Python binding exposes the
+passthrough API of later libfuse versions. Both things it needs are on the wire, though,
+and libfuse 3.14–3.16 lets a session send its replies through a custom I/O hook
 (`fuse_session_custom_io`), so this module does it there: the INIT reply gets the
 FUSE_PASSTHROUGH flag and a stack depth, and each OPEN reply the operations mark gets
 FOPEN_PASSTHROUGH and the id of a backing file registered with
