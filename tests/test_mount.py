@@ -215,7 +215,7 @@ def test_one_blob_under_three_names_reads_through_all_at_once(mounted: Mount) ->
     data = os.urandom(3 << 20)
     digests = LocalStore(mounted.storage).put_bytes(data)
     names = [f"sha1/{digests.sha1}.a", f"sha1/{digests.sha1}.b", f"md5/{digests.md5}"]
-    files = [open(mounted.mountpoint / name, "rb", buffering=0) for name in names]  # noqa: SIM115
+    files = [open(mounted.mountpoint / name, "rb", buffering=0) for name in names]
     try:
         chunks: list[list[bytes]] = [[] for _ in files]
         for _ in range(3):

@@ -175,28 +175,33 @@ def test_kept_descriptors_are_bounded_and_closed_only_after_a_grace(view: FileSy
     assert not _is_open_on(first, digests[0])
 
 
+def _snapshot_of_small_files(store: LocalStore, cached: bool) -> tuple[str, list[Path]]:
+    """A snapshot of three files of 8 KiB stored in `store` (its sha1, their blobs), in the page cache or not."""
+    blobs = [store.put_bytes(os.urandom(8192)) for _ in range(3)]
+    root = DirNode(files={f"f{i}": FileEntry(b.size, b.sha1) for i, b in enumerate(blobs)})
+    paths = [store.blob_path("sha1", b.sha1) for b in blobs]
+    for path in paths:
+        if cached:
+            path.read_bytes()
+        else:
+            _drop_from_page_cache(path)
+    return store.put_bytes(manifest.serialize(root)).sha1, paths
+
+
 def test_the_first_read_in_a_snapshot_directory_reads_its_small_siblings_ahead(
     view: FileSystemView, store: LocalStore
 ) -> None:
-    blobs = [store.put_bytes(os.urandom(8192)) for _ in range(3)]
-    root = DirNode(files={f"f{i}": FileEntry(b.size, b.sha1) for i, b in enumerate(blobs)})
-    snap = store.put_bytes(manifest.serialize(root)).sha1
-    for b in blobs:
-        _drop_from_page_cache(store.blob_path("sha1", b.sha1))
+    snap, blobs = _snapshot_of_small_files(store, cached=False)
     view.blob_fd(f"/sha1dir/{snap}/f0")
     view._warm_pool.shutdown(wait=True)  # type: ignore[union-attr]
-    assert all(_resident_bytes(store.blob_path("sha1", b.sha1)) == 8192 for b in blobs[1:])
+    assert all(_resident_bytes(blob) == 8192 for blob in blobs[1:])
     view.close_blob_fds()
 
 
 def test_a_snapshot_directory_already_in_the_page_cache_is_not_read_ahead(
     view: FileSystemView, store: LocalStore
 ) -> None:
-    blobs = [store.put_bytes(os.urandom(8192)) for _ in range(3)]
-    root = DirNode(files={f"f{i}": FileEntry(b.size, b.sha1) for i, b in enumerate(blobs)})
-    snap = store.put_bytes(manifest.serialize(root)).sha1
-    for b in blobs:
-        store.blob_path("sha1", b.sha1).read_bytes()  # in the page cache
+    snap, _ = _snapshot_of_small_files(store, cached=True)
     view.blob_fd(f"/sha1dir/{snap}/f0")
     assert view._warm_pool is None  # no thread was started to read anything ahead
     view.close_blob_fds()
