@@ -11,10 +11,12 @@ import hashlib
 import json
 import mmap
 import os
+import random
 import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -237,6 +239,29 @@ def test_blobs_opened_before_keep_their_backing_file(mounted: Mount) -> None:
         require_passthrough(mounted)
         assert mounted.status()["open_files"] == 300
         assert held.read() == b"blob 0"
+
+
+def test_many_threads_opening_the_same_blobs_all_read_them_right(mounted: Mount) -> None:
+    store = LocalStore(mounted.storage)
+    contents = [os.urandom(1000 + i) for i in range(100)]
+    paths = [mounted.mountpoint / "sha1" / store.put_bytes(data).sha1 for data in contents]
+    wrong: list[object] = []
+
+    def reader(seed: int) -> None:  # first opens racing each other, then opens of blobs held
+        for i in random.Random(seed).choices(range(len(paths)), k=300):
+            try:
+                if paths[i].read_bytes() != contents[i]:
+                    wrong.append(i)
+            except OSError as err:
+                wrong.append(err)
+
+    threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads) and wrong == []
+    assert mounted.status()["errors"] == 0
 
 
 def test_view_directories_list_nothing(sample) -> None:
