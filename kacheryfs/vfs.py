@@ -177,6 +177,7 @@ class FileSystemView:
         self.recent_errors: collections.deque[str] = collections.deque(maxlen=_RECENT_ERRORS)
         # Set by the mount when the kernel reads blobs' files itself (passthrough): how many it holds.
         self.kernel_reads: Sized | None = None
+        self.daemon_reads_why = ""  # otherwise, why not
 
     # -- what is at a path -----------------------------------------------------------
     def stat(self, path: str) -> FileInfo:
@@ -374,6 +375,7 @@ class FileSystemView:
             # blobs being read: kept descriptors, or backing files the kernel reads itself
             "open_files": len(self._blob_fds if self.kernel_reads is None else self.kernel_reads),
             "reads": "daemon" if self.kernel_reads is None else "kernel (passthrough)",
+            "reads_why": self.daemon_reads_why if self.kernel_reads is None else "",
             "fetch_timeout_s": self.fetch_timeout,
             **self.resolver.stats.as_dict(),
             "recent_errors": list(self.recent_errors),

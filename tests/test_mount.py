@@ -195,7 +195,12 @@ def test_a_blobs_bytes_are_spliced_to_the_kernel_not_read_by_the_daemon(tmp_path
             assert f.read() == data
         # The requests themselves are read (~100 bytes each); a read that fell back to pread would add the 16 MiB.
         assert _io_counter(pid, "rchar") - before < 1 << 20
-        assert mounted.status()["reads"] == "daemon"
+        status = mounted.status()
+        assert status["reads"] == "daemon" and status["reads_why"] == "[mount] passthrough = false"
+        assert (
+            "by the daemon (passthrough off: [mount] passthrough = false)"
+            in mounted.cli("status", str(mounted.mountpoint)).stdout
+        )
 
 
 def test_with_passthrough_the_kernel_reads_a_blob_without_the_daemon(mounted: Mount) -> None:
@@ -321,6 +326,7 @@ def test_writes_are_refused(snap: Path) -> None:
 
 def test_status_reports_cache_and_counters(sample) -> None:
     mount = sample[0]
+    assert (mount.path(sample[2]) / "a.txt").read_text() == "hello kachery\n"  # a hit at least
     text = mount.cli("status", str(mount.mountpoint)).stdout
     assert "local store" in text and "hits / misses" in text
     status = json.loads(mount.cli("status", str(mount.mountpoint), "--json").stdout)

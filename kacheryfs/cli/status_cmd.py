@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _format(mountpoint: Path, s: dict[str, Any]) -> str:
+    why_daemon = f" (passthrough off: {s['reads_why']})" if s.get("reads_why") else ""
     lines = [
         f"mount           {mountpoint} (daemon pid {s['pid']}, up {s['uptime_s']:.0f} s)",
         f"local store     {s['storage_dir']}: "
@@ -39,7 +40,7 @@ def _format(mountpoint: Path, s: dict[str, Any]) -> str:
             "size being counted" if s["cache_blobs"] is None else f"{s['cache_blobs']} blobs, {human(s['cache_bytes'])}"
         ),
         f"channels        {', '.join(s['channels']) or 'none (local store only)'}",
-        f"reads           by the {s['reads']}",
+        f"reads           by the {s['reads']}{why_daemon}",
         f"blobs held      {s['open_files']} (being read or read last; kept from eviction)",
         f"hits / misses   {s['hits']} / {s['misses']}",
         f"fetching now    {s['fetches_in_progress']}",

@@ -157,8 +157,16 @@ class HashViewOperations(_Operations):
     def __init__(self, view: FileSystemView, *, use_passthrough: bool = True, **kwargs: Any) -> None:
         super().__init__(view, **kwargs)
         self._uid, self._gid = os.getuid(), os.getgid()
-        self.wants_passthrough = use_passthrough and _passthrough_possible()
         self.passthrough: Passthrough | None = None  # set at INIT when the session allows it
+        self.no_passthrough(_why_no_passthrough(use_passthrough))
+
+    def no_passthrough(self, why: str | None) -> None:
+        """Go without kernel passthrough, for the reason given (None: it may still be had)."""
+        self.wants_passthrough = why is None
+        if why is not None:
+            self.passthrough = self.view.kernel_reads = None
+            self.view.daemon_reads_why = why
+            log.info("kernel passthrough off (%s): reads are served by the daemon", why)
 
     def attrs(self, info: FileInfo) -> dict[str, int]:
         """The stat fields of one path: read-only modes, fixed times, blocks that make `du` right."""
@@ -199,8 +207,7 @@ class HashViewOperations(_Operations):
                 self.view.kernel_reads = kernel  # `kacheryfs status` says who reads
                 return 0
             except Unavailable as err:
-                log.info("kernel passthrough off (%s): reads are served by the daemon", err)
-                self.passthrough = self.view.kernel_reads = None
+                self.no_passthrough(str(err))
         # The first open of a mount without passthrough lands here: fetch (so its errors show at
         # open, as they would anywhere), then ENOSYS, which the kernel takes as success plus
         # "never again".
@@ -241,9 +248,16 @@ class HashViewOperations(_Operations):
         return _statfs(self.view.resolver.store.root)  # the disk that holds the store
 
 
-def _passthrough_possible() -> bool:
-    """Whether this daemon may ask for kernel passthrough: a known libfuse session, and the right to register files."""
-    return mfusepy._libfuse.fuse_version() in KNOWN_VERSIONS and may_register_backing_files()
+def _why_no_passthrough(wanted: bool) -> str | None:
+    """Why this daemon cannot ask for kernel passthrough; None if it may."""
+    if not wanted:
+        return "[mount] passthrough = false"
+    version = mfusepy._libfuse.fuse_version()
+    if version not in KNOWN_VERSIONS:
+        return f"libfuse {version // 100}.{version % 100} is not one whose session this daemon knows"
+    if not may_register_backing_files():
+        return "the daemon needs CAP_SYS_ADMIN: run it as root"
+    return None
 
 
 def _writes_only(flags: int) -> bool:
@@ -570,14 +584,17 @@ class HashViewFUSE(_FUSE):
         except Exception as err:  # best effort: a failure here must not fail INIT
             session = None
             log.debug("libfuse's session not found: %s", err)
+        operations = self.operations
         if session is None:
             log.info("this libfuse's session is not the one known: the kernel will ask for listings again")
+            operations.no_passthrough("this libfuse's session is not the one known")
             return
         self._keep_listings_in_kernel(session)
-        operations = self.operations
         if operations.wants_passthrough:
             operations.passthrough = Passthrough.install(session)
-            if operations.passthrough is not None:
+            if operations.passthrough is None:
+                operations.no_passthrough("libfuse's I/O hook is taken")
+            else:
                 self._answer_known_opens(session, operations.passthrough)
 
     def _wrap(self, session: Session, slot: int, wrapper: Callable[[Any], Callable[..., None]]) -> None:

@@ -216,7 +216,7 @@ class Passthrough:
         except OSError as err:
             if not self.working:
                 self.stop()
-                raise Unavailable(f"the kernel refused a backing file ({err.strerror})") from err
+                raise Unavailable(f"the kernel refused a backing file: {err.strerror} (it needs Linux >= 6.9)") from err
             raise
         finally:
             os.close(fd)  # the kernel holds the file now, and with it the blob's lock
