@@ -373,7 +373,7 @@ class FileSystemView:
             "cache_max_bytes": store.cache.limits.max_size,
             "channels": [c.name for c in self.resolver.channels],
             # blobs being read: kept descriptors, or backing files the kernel reads itself
-            "open_files": len(self._blob_fds if self.kernel_reads is None else self.kernel_reads),
+            "blobs_held": len(self._blob_fds if self.kernel_reads is None else self.kernel_reads),
             "reads": "daemon" if self.kernel_reads is None else "kernel (passthrough)",
             "reads_why": self.daemon_reads_why if self.kernel_reads is None else "",
             "fetch_timeout_s": self.fetch_timeout,

@@ -173,4 +173,7 @@ def sample(
     storage = base / "storage"
     url = store_tree(LocalStore(storage), tree)
     with mounted_at(base, storage, DAEMON_READS if request.param == "daemon reads" else "") as mount:
+        if request.param == "kernel reads":
+            (mount.path(url) / "a.txt").read_bytes()  # the first open decides the mode
+            require_passthrough(mount)  # else this half would only run the other one again
         yield mount, tree, url

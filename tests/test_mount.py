@@ -242,7 +242,7 @@ def test_blobs_opened_before_keep_their_backing_file(mounted: Mount) -> None:
             for i, digest in enumerate(digests):
                 assert (mounted.mountpoint / "sha1" / digest).read_bytes() == b"blob %d" % i
         require_passthrough(mounted)
-        assert mounted.status()["open_files"] == 300
+        assert mounted.status()["blobs_held"] == 300
         assert held.read() == b"blob 0"
 
 

@@ -10,6 +10,7 @@ import ctypes
 import itertools
 import os
 import struct
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -51,11 +52,11 @@ def flags_and_depth(payload: bytes) -> tuple[int, int]:
     return flags | flags2 << 32, depth
 
 
-def test_the_init_reply_asks_for_passthrough_with_a_stack_depth_of_one() -> None:
+def test_the_init_reply_asks_for_passthrough_with_a_stack_depth_of_two() -> None:
     reply = Reply(init_out(FUSE_INIT_EXT | 0xF039))
     assert _amend_init(*reply.args())
     flags, depth = flags_and_depth(reply.bytes())
-    assert flags == FUSE_INIT_EXT | 0xF039 | FUSE_PASSTHROUGH and depth == 1
+    assert flags == FUSE_INIT_EXT | 0xF039 | FUSE_PASSTHROUGH and depth == 2  # a store on overlayfs may back files
     assert reply.bytes()[:12] == init_out(0)[:12]  # version and readahead untouched
 
 
@@ -176,3 +177,34 @@ def test_a_kernel_without_passthrough_refuses_the_first_backing_file(monkeypatch
     with pytest.raises(passthrough.Unavailable, match="refused"):
         pt.open("b", opener(blob))
     assert not pt.working and pt.reopen("b") is None
+
+
+def _written(pt: passthrough.Passthrough, reply: Reply) -> bytes:
+    """What the hook writes to a pipe for `reply`: the header and the payload, as the kernel reads them."""
+    read_end, write_end = os.pipe()
+    try:
+        assert pt._writev(write_end, *reply.args(), None) == 16 + len(reply.bytes())
+        return os.read(read_end, 4096)[16:]
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_the_hook_amends_the_init_reply_once_and_only_the_open_reply_of_the_thread_that_marked_it(
+    kernel: FakeKernel, tmp_path: Path
+) -> None:
+    pt = passthrough.Passthrough(SimpleNamespace(fd=-1))
+    assert flags_and_depth(_written(pt, Reply(init_out(FUSE_INIT_EXT))))[0] & FUSE_PASSTHROUGH
+    assert not flags_and_depth(_written(pt, Reply(init_out(FUSE_INIT_EXT))))[0] & FUSE_PASSTHROUGH
+    (blob,) = blobs(tmp_path, 10)
+    handle = pt.open("b", opener(blob))  # this thread's next reply is the open's
+    others: list[bytes] = []
+    thread = threading.Thread(target=lambda: others.append(_written(pt, Reply(struct.pack("<QIi", handle, 0, 0)))))
+    thread.start()
+    thread.join()
+    assert struct.unpack("<QIi", others[0]) == (handle, 0, 0)  # another thread's reply: left as it is
+    assert (
+        struct.unpack("<QIi", _written(pt, Reply(struct.pack("<QIi", handle, 0, 0))))[1]
+        == FOPEN_PASSTHROUGH | FOPEN_NOFLUSH
+    )
+    assert struct.unpack("<QIi", _written(pt, Reply(struct.pack("<QIi", handle, 0, 0))))[1] == 0  # once

@@ -22,6 +22,7 @@ from kacheryfs import manifest, vfs
 from kacheryfs.errors import ChannelUnavailable, InvalidURL, IsADirectory, NotADirectory, NotFound
 from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.mount.fuse_ops import BLOCK_SIZE, FIXED_TIME_NS, MAX_READ, HashViewOperations, _FuseBufvec
+from kacheryfs.mount.passthrough import Unavailable
 from kacheryfs.resolver import Resolver
 from kacheryfs.store import BlobWriter, LocalStore
 from kacheryfs.vfs import PID_XATTR, STATUS_XATTR, FileSystemView
@@ -142,9 +143,9 @@ def test_reads_share_one_kept_descriptor_per_blob(view: FileSystemView, snapshot
     fd = view.blob_fd(f"/sha1dir/{snapshot}/sub/big.bin")
     assert view.blob_fd(f"/sha1/{sha1(BIG)}.bin") == fd  # the same blob under another name
     assert os.pread(fd, 10, 5) == BIG[5:15]
-    assert view.status()["open_files"] == 1
+    assert view.status()["blobs_held"] == 1
     view.close_blob_fds()
-    assert view.status()["open_files"] == 0
+    assert view.status()["blobs_held"] == 0
     assert not _is_open_on(fd, sha1(BIG))
 
 
@@ -169,7 +170,7 @@ def test_kept_descriptors_are_bounded_and_closed_only_after_a_grace(view: FileSy
     first = view.blob_fd(f"/sha1/{digests[0]}")
     for digest in digests[1:]:
         view.blob_fd(f"/sha1/{digest}")
-    assert view.status()["open_files"] == vfs._BLOB_FDS
+    assert view.status()["blobs_held"] == vfs._BLOB_FDS
     assert _is_open_on(first, digests[0])  # let go of, but a reply may still be read from it: not closed yet
     view.close_blob_fds()
     assert not _is_open_on(first, digests[0])
@@ -336,9 +337,27 @@ def test_an_unexpected_exception_is_logged_and_becomes_eio(
 def test_the_first_open_fetches_then_tells_the_kernel_no_open_is_needed(ops: HashViewOperations, snapshot: str) -> None:
     fi = SimpleNamespace(flags=os.O_RDONLY, fh=0)
     assert fuse_errno(ops.open, f"/sha1dir/{snapshot}/sub/big.bin", fi) == errno.ENOSYS
-    assert ops.view.status()["open_files"] == 1  # the blob's descriptor, kept for the reads to come
+    assert ops.view.status()["blobs_held"] == 1  # the blob's descriptor, kept for the reads to come
     assert fuse_errno(ops.open, f"/sha1dir/{snapshot}/sub/big.bin", SimpleNamespace(flags=os.O_RDWR)) == errno.EROFS
     assert fuse_errno(ops.flush, f"/sha1dir/{snapshot}/sub/big.bin", fi) == errno.ENOSYS
+
+
+def test_a_kernel_that_refuses_passthrough_gets_the_no_open_mode_and_status_says_why(
+    ops: HashViewOperations, snapshot: str
+) -> None:
+    class Refusing:
+        def open(self, blob: object, open_blob: object) -> int:
+            raise Unavailable("the kernel refused a backing file (EPERM)")
+
+        def __len__(self) -> int:
+            return 0
+
+    ops.use_passthrough(Refusing())  # type: ignore[arg-type]
+    assert ops.view.status()["reads"] == "kernel (passthrough)"
+    fi = SimpleNamespace(flags=os.O_RDONLY, fh=0)
+    assert fuse_errno(ops.open, f"/sha1dir/{snapshot}/sub/big.bin", fi) == errno.ENOSYS
+    status = ops.view.status()
+    assert status["reads"] == "daemon" and "EPERM" in status["reads_why"] and ops.passthrough is None
 
 
 def test_reads_are_served_from_the_blob_descriptor(ops: HashViewOperations, snapshot: str) -> None:

@@ -41,7 +41,7 @@ def _format(mountpoint: Path, s: dict[str, Any]) -> str:
         ),
         f"channels        {', '.join(s['channels']) or 'none (local store only)'}",
         f"reads           by the {s['reads']}{why_daemon}",
-        f"blobs held      {s['open_files']} (being read or read last; kept from eviction)",
+        f"blobs held      {s['blobs_held']} (being read or read last; kept from eviction)",
         f"hits / misses   {s['hits']} / {s['misses']}",
         f"fetching now    {s['fetches_in_progress']}",
         f"fetch errors    {s['errors']}",

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import mfusepy
 
 from kacheryfs.errors import InvalidURL, KacheryError, NotFound
-from kacheryfs.mount.passthrough import REOPENED, Passthrough, Unavailable, may_register_backing_files
+from kacheryfs.mount.passthrough import KEPT_BYTES, REOPENED, Passthrough, Unavailable, may_register_backing_files
 from kacheryfs.mount.session import KNOWN_VERSIONS, OPEN_SLOT, OPENDIR_SLOT, RELEASE_SLOT, Session, pin_thread_state
 from kacheryfs.staging import StagingArea
 from kacheryfs.vfs import XATTR_PREFIX, FileInfo, FileSystemView
@@ -158,7 +158,12 @@ class HashViewOperations(_Operations):
         super().__init__(view, **kwargs)
         self._uid, self._gid = os.getuid(), os.getgid()
         self.passthrough: Passthrough | None = None  # set at INIT when the session allows it
+        self._backing_files: Passthrough | None = None  # the same, never unset: it lets go of files opened
         self.no_passthrough(_why_no_passthrough(use_passthrough))
+
+    def use_passthrough(self, kernel: Passthrough) -> None:
+        """Open files through `kernel` from now on (at INIT, once its hook is installed)."""
+        self.passthrough = self._backing_files = self.view.kernel_reads = kernel
 
     def no_passthrough(self, why: str | None) -> None:
         """Go without kernel passthrough, for the reason given (None: it may still be had)."""
@@ -197,14 +202,13 @@ class HashViewOperations(_Operations):
 
     @_translated
     def open(self, path: str, fi: Any) -> int:
-        if fi.flags & os.O_ACCMODE != os.O_RDONLY:
+        if not _read_only(fi.flags):
             raise mfusepy.FuseOSError(errno.EROFS)  # content-addressed files cannot change
         kernel = self.passthrough
         if kernel is not None:
             try:
                 # No keep_cache: the kernel refuses passthrough with any open flag but a few.
                 fi.fh = kernel.open(self.view.blob_of(path), lambda: self.view.open(path))
-                self.view.kernel_reads = kernel  # `kacheryfs status` says who reads
                 return 0
             except Unavailable as err:
                 self.no_passthrough(str(err))
@@ -215,9 +219,8 @@ class HashViewOperations(_Operations):
         raise mfusepy.FuseOSError(errno.ENOSYS)
 
     def release(self, path: str, fi: Any) -> int:
-        kernel = self.passthrough
-        if kernel is not None:
-            kernel.release(fi.fh)
+        if self._backing_files is not None:
+            self._backing_files.release(fi.fh)  # a handle it does not know is nothing to it
         return 0
 
     @_translated
@@ -258,6 +261,11 @@ def _why_no_passthrough(wanted: bool) -> str | None:
     if not may_register_backing_files():
         return "the daemon needs CAP_SYS_ADMIN: run it as root"
     return None
+
+
+def _read_only(flags: int) -> bool:
+    """Whether an open asks for reading only (anything else is EROFS on the hash views)."""
+    return flags & os.O_ACCMODE == os.O_RDONLY
 
 
 def _writes_only(flags: int) -> bool:
@@ -591,11 +599,14 @@ class HashViewFUSE(_FUSE):
             return
         self._keep_listings_in_kernel(session)
         if operations.wants_passthrough:
-            operations.passthrough = Passthrough.install(session)
-            if operations.passthrough is None:
+            # Idle backing files hold their blobs against eviction: never more than a quarter of the cache.
+            max_size = operations.view.resolver.store.cache.limits.max_size
+            kernel = Passthrough.install(session, kept_bytes=min(KEPT_BYTES, (max_size or KEPT_BYTES * 4) // 4))
+            if kernel is None:
                 operations.no_passthrough("libfuse's I/O hook is taken")
             else:
-                self._answer_known_opens(session, operations.passthrough)
+                operations.use_passthrough(kernel)
+                self._answer_known_opens(session, kernel)
 
     def _wrap(self, session: Session, slot: int, wrapper: Callable[[Any], Callable[..., None]]) -> None:
         """Replace a low-level op of the session by `wrapper(original)`."""
@@ -626,18 +637,18 @@ class HashViewFUSE(_FUSE):
 
         def open_wrapper(original: Any) -> Callable[..., None]:
             def open_(req: int, ino: int, fi: Any) -> None:
-                pin_thread_state()
-                blob = blob_of_inode.get(ino)
-                read_only = fi.contents.flags & os.O_ACCMODE == os.O_RDONLY  # else the high level refuses it
-                if blob is not None and read_only and self.operations.passthrough is kernel:
-                    try:
+                # Exactly one reply, whatever happens: ours, or the high level's.
+                reply = None
+                try:
+                    pin_thread_state()
+                    blob = blob_of_inode.get(ino)
+                    if blob is not None and _read_only(fi.contents.flags) and self.operations.passthrough is kernel:
                         reply = kernel.reopen(blob)
-                    except Exception:
-                        log.exception("open of inode %d from its blob", ino)
-                        reply = None
-                    if reply is not None:
-                        _libfuse.fuse_reply_buf(req, reply, len(reply))
-                        return
+                except Exception:
+                    log.exception("open of inode %d from its blob", ino)
+                if reply is not None:
+                    _libfuse.fuse_reply_buf(req, reply, len(reply))
+                    return
                 opening[threading.get_ident()] = ino  # for `open` below: the inode of this path
                 try:
                     original(req, ino, fi)
@@ -648,15 +659,17 @@ class HashViewFUSE(_FUSE):
 
         def release_wrapper(original: Any) -> Callable[..., None]:
             def release(req: int, ino: int, fi: Any) -> None:
-                pin_thread_state()
                 handle = fi.contents.fh
                 if not handle & REOPENED:
                     original(req, ino, fi)  # opened by the high level: it undoes its own count
                     return
                 try:
+                    pin_thread_state()
                     kernel.release(handle)
+                except Exception:
+                    log.exception("release of inode %d", ino)
                 finally:
-                    _libfuse.fuse_reply_err(req, 0)
+                    _libfuse.fuse_reply_err(req, 0)  # every request gets its answer
 
             return release
 

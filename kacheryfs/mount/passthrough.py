@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import errno
 import fcntl
 import itertools
 import logging
@@ -51,12 +52,15 @@ _BACKING_CLOSE = 0x4004E502  # _IOW(229, 2, uint32_t backing id)
 _INIT_OUT = struct.Struct("<4I2H2IHHII")  # fuse_init_out up to max_stack_depth (40 bytes)
 _OPEN_OUT = struct.Struct("<QIi")  # fuse_open_out: fh, open_flags, backing_id
 _OUT_HEADER = struct.Struct("<IiQ")  # fuse_out_header: len, error, unique
-_STACK_DEPTH = 1  # blobs are on an ordinary filesystem, never on another stacked one
+# How deep the store's filesystem may be stacked: 2, the kernel's most, so that a store on
+# overlayfs (root in a container) can back files too. The mount itself can then not be a
+# layer of another overlay, which nothing asks of it.
+_STACK_DEPTH = 2
 _CAP_SYS_ADMIN = 21
 # Backing files stay registered after their last close (a re-open is then answered from the
 # inode alone), the last opened first, up to this many files and bytes. Each holds its blob's
 # lock against eviction, so the bytes are bounded; many small files cost a few MiB of kernel memory.
-_KEPT_FILES, _KEPT_BYTES = 16_384, 1 << 30
+_KEPT_FILES, KEPT_BYTES = 16_384, 1 << 30
 
 
 class Unavailable(Exception):
@@ -93,6 +97,17 @@ def may_register_backing_files() -> bool:
         return False
 
 
+def _why_refused(err: OSError) -> str:
+    """What the kernel's refusal of the first backing file means, for the log and `kacheryfs status`."""
+    if err.errno == errno.EPERM:
+        return "the kernel refused a backing file (EPERM): it needs Linux >= 6.9, and CAP_SYS_ADMIN outside containers"
+    if err.errno == errno.ELOOP:
+        return "the store is on a filesystem stacked too deep for a backing file"
+    if err.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+        return f"this kernel has no FUSE passthrough ({err.strerror}): it needs Linux >= 6.9"
+    return f"the kernel refused a backing file: {err.strerror}"
+
+
 def has_cap_sys_admin(proc_status: bytes) -> bool:
     """Whether a /proc/PID/status text gives its process CAP_SYS_ADMIN (among its effective capabilities)."""
     for line in proc_status.splitlines():
@@ -114,11 +129,11 @@ class Passthrough:
     One backing file per blob, shared by every path that names the blob: the kernel refuses a
     second backing file for an inode that still has one open. A backing file holds the
     store's descriptor, and with it the shared lock that keeps the blob from eviction, until
-    it is unregistered: when it is not open and older than the last _KEPT_FILES or _KEPT_BYTES
-    of those that are not.
+    it is unregistered: when it is not open and older than the last `kept_files` or
+    `kept_bytes` of those that are not.
     """
 
-    def __init__(self, session: Session, *, kept_files: int = _KEPT_FILES, kept_bytes: int = _KEPT_BYTES) -> None:
+    def __init__(self, session: Session, *, kept_files: int = _KEPT_FILES, kept_bytes: int = KEPT_BYTES) -> None:
         self._fd = session.fd
         self._kept_files, self._kept_bytes = kept_files, kept_bytes
         self._hook = _WritevHook(self._writev)  # the C callback libfuse calls: kept alive as long as the mount
@@ -133,16 +148,17 @@ class Passthrough:
         self._handles: dict[int, Hashable] = {}  # open handle → the blob it names
         self._next_handle = itertools.count(1)
         self.working = False  # a backing file was registered: the kernel does passthrough
+        self._refused = False  # the first one was refused: never any passthrough on this mount
 
     @classmethod
-    def install(cls, session: Session) -> Passthrough | None:
+    def install(cls, session: Session, *, kept_bytes: int = KEPT_BYTES) -> Passthrough | None:
         """Route the session's replies through the hook, during INIT (before its reply); None if it cannot be."""
         if session.head.io:
             return None  # someone else's custom I/O: not ours to wrap
         lib = mfusepy._libfuse
         lib.fuse_session_custom_io.restype = ctypes.c_int
         lib.fuse_session_custom_io.argtypes = [ctypes.c_void_p, ctypes.POINTER(_CustomIo), ctypes.c_int]
-        passthrough = cls(session)
+        passthrough = cls(session, kept_bytes=kept_bytes)
         wanted = _CustomIo(passthrough._hook_address, _LIBC_READ, None, None)
         if lib.fuse_session_custom_io(session.address, ctypes.byref(wanted), session.fd) != 0:
             return None
@@ -212,18 +228,25 @@ class Passthrough:
         fd = open_blob()  # outside the lock: it may wait for a download
         try:
             size = os.fstat(fd).st_size
-            backing_id = fcntl.ioctl(self._fd, _BACKING_OPEN, bytearray(struct.pack("<iIQ", fd, 0, 0)), True)
-        except OSError as err:
-            if not self.working:
-                self.stop()
-                raise Unavailable(f"the kernel refused a backing file: {err.strerror} (it needs Linux >= 6.9)") from err
-            raise
+            try:
+                backing_id = fcntl.ioctl(self._fd, _BACKING_OPEN, bytearray(struct.pack("<iIQ", fd, 0, 0)), True)
+            except OSError as err:
+                with self._lock:
+                    first = not self.working
+                    self._refused = self._refused or first
+                if first:
+                    self.stop()
+                    raise Unavailable(_why_refused(err)) from err
+                raise
         finally:
             os.close(fd)  # the kernel holds the file now, and with it the blob's lock
-        if not self.working:
-            self.working = True
-            log.info("kernel passthrough on: blobs are read by the kernel from the store's own files")
         with self._lock:
+            if self._refused:  # another thread's first registration failed: the mount went without
+                self._unregister(backing_id)
+                raise Unavailable("the kernel refused another backing file first")
+            if not self.working:
+                self.working = True
+                log.info("kernel passthrough on: blobs are read by the kernel from the store's own files")
             backing = self._backing.get(blob)
             if backing is None:
                 backing = self._backing[blob] = _Backing(backing_id, size)

@@ -37,17 +37,15 @@ class _SessionHead(ctypes.Structure):
 class Session:
     """The running FUSE session of this thread's request, as far as the mount touches it."""
 
-    def __init__(self, address: int, head: _SessionHead, version: int) -> None:
+    def __init__(self, address: int, head: _SessionHead) -> None:
         self.address = address
         self.head = head
-        self.version = version
 
     @classmethod
     def current(cls, mountpoint: str) -> Session | None:
         """The session of the current callback, if its layout is the known one and it is mounted at `mountpoint`."""
         lib = mfusepy._libfuse
-        version = lib.fuse_version()
-        if version not in KNOWN_VERSIONS:
+        if lib.fuse_version() not in KNOWN_VERSIONS:
             return None
         lib.fuse_get_session.restype, lib.fuse_get_session.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
         lib.fuse_session_fd.restype, lib.fuse_session_fd.argtypes = ctypes.c_int, [ctypes.c_void_p]
@@ -61,7 +59,7 @@ class Session:
         ops = head.op
         if not (ops[0] and ops[OPENDIR_SLOT] and ops[OPENDIR_SLOT + 1]) or ops[WRITE_SLOT]:
             return None  # not the high-level API's table: it sets init, opendir and readdir, and write_buf for write
-        return cls(address, head, version)
+        return cls(address, head)
 
     @property
     def fd(self) -> int:
