@@ -208,3 +208,25 @@ def test_the_hook_amends_the_init_reply_once_and_only_the_open_reply_of_the_thre
         == FOPEN_PASSTHROUGH | FOPEN_NOFLUSH
     )
     assert struct.unpack("<QIi", _written(pt, Reply(struct.pack("<QIi", handle, 0, 0))))[1] == 0  # once
+
+
+def test_two_first_opens_of_one_blob_at_once_end_with_one_backing_file(kernel: FakeKernel, tmp_path: Path) -> None:
+    pt = passthrough.Passthrough(SimpleNamespace(fd=-1))
+    (blob,) = blobs(tmp_path, 10)
+    both_opened = threading.Barrier(2)
+
+    def open_blob() -> int:  # each open finds the blob unregistered, then both register
+        fd = os.open(blob, os.O_RDONLY)
+        both_opened.wait(timeout=10)
+        return fd
+
+    handles: list[int] = []
+    threads = [threading.Thread(target=lambda: handles.append(pt.open("b", open_blob))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert len(handles) == 2 and len(kernel.registered) == 1 == len(pt)  # the second one let go of its own
+    for handle in handles:
+        pt.release(handle)
+    assert len(kernel.registered) == 1 and pt.reopen("b") is not None  # idle now, and kept
