@@ -159,19 +159,24 @@ class HashViewOperations(_Operations):
         self._uid, self._gid = os.getuid(), os.getgid()
         self.passthrough: Passthrough | None = None  # set at INIT when the session allows it
         self._backing_files: Passthrough | None = None  # the same, never unset: it lets go of files opened
-        self.no_passthrough(_why_no_passthrough(use_passthrough))
+        why = _why_no_passthrough(use_passthrough)
+        if why is not None:
+            self.no_passthrough(why)
 
     def use_passthrough(self, kernel: Passthrough) -> None:
         """Open files through `kernel` from now on (at INIT, once its hook is installed)."""
         self.passthrough = self._backing_files = self.view.kernel_reads = kernel
 
-    def no_passthrough(self, why: str | None) -> None:
-        """Go without kernel passthrough, for the reason given (None: it may still be had)."""
-        self.wants_passthrough = why is None
-        if why is not None:
-            self.passthrough = self.view.kernel_reads = None
-            self.view.daemon_reads_why = why
-            log.info("kernel passthrough off (%s): reads are served by the daemon", why)
+    @property
+    def wants_passthrough(self) -> bool:
+        """Whether kernel passthrough may still be had (nothing has ruled it out yet)."""
+        return not self.view.daemon_reads_why
+
+    def no_passthrough(self, why: str) -> None:
+        """Go without kernel passthrough, for the reason given (kept for `kacheryfs status`)."""
+        self.passthrough = self.view.kernel_reads = None
+        self.view.daemon_reads_why = why
+        log.info("kernel passthrough off (%s): reads are served by the daemon", why)
 
     def attrs(self, info: FileInfo) -> dict[str, int]:
         """The stat fields of one path: read-only modes, fixed times, blocks that make `du` right."""
