@@ -75,16 +75,17 @@ class Cache:
         self.pins_dir = root / PINS_DIR
         self._lock = threading.Lock()
         self._evict_lock = threading.Lock()
-        self._touched: set[Path] = set()
-        self._written: dict[Path, float] = {}  # path → when its atime was last written
+        self._touched: set[str] = set()
+        self._written: dict[str, float] = {}  # path → when its atime was last written
         self._usage: int | None = None
         self._usage_at = 0.0
 
     # -- recency -------------------------------------------------------------------
-    def note_access(self, path: Path) -> None:
+    def note_access(self, path: str | os.PathLike[str]) -> None:
         """Remember that a blob was used; atimes are written in batches, at most _FLUSH_EVERY late."""
         if not self.limits.track_access:
             return
+        path = os.fspath(path)
         with self._lock:
             first = not self._touched
             self._touched.add(path)
@@ -244,7 +245,7 @@ class _Timespec(ctypes.Structure):
 _NOW_OMIT = (_Timespec * 2)(_Timespec(0, _UTIME_NOW), _Timespec(0, _UTIME_OMIT))
 
 
-def _touch_atime(path: Path) -> None:
+def _touch_atime(path: str) -> None:
     """Set the atime to now and leave the mtime: one syscall (os.utime needs a stat first)."""
     _libc.utimensat(_AT_FDCWD, os.fsencode(path), _NOW_OMIT, 0)
 
@@ -270,8 +271,13 @@ def _remove_unless_open(paths: list[Path]) -> bool:
 
 def blob_path(root: Path, alg: str, digest: str) -> Path:
     """Where a blob lives under a store root: `<alg>/aa/bb/cc/<hash>`, as every kachery wrote it."""
+    return Path(blob_file(str(root), alg, digest))
+
+
+def blob_file(root: str, alg: str, digest: str) -> str:
+    """`blob_path` as a string: it is on the path of every open, where pathlib cost ~10 µs."""
     digest = check_hash(alg, digest)
-    return root / f"{alg}/{digest[0:2]}/{digest[2:4]}/{digest[4:6]}/{digest}"  # one join: it is on the open path
+    return f"{root}/{alg}/{digest[0:2]}/{digest[2:4]}/{digest[4:6]}/{digest}"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

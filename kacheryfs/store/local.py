@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from kacheryfs.errors import HashMismatch, NotFound, StoreError, StoreFull
 from kacheryfs.hashing import CHUNK, Digests, Hasher, hash_file, write_all
 from kacheryfs.store import direct
-from kacheryfs.store.cache import Cache, CacheLimits, blob_path
+from kacheryfs.store.cache import Cache, CacheLimits, blob_file, blob_path
 from kacheryfs.uri import ALGORITHMS, check_hash, is_hash
 
 if TYPE_CHECKING:
@@ -227,6 +227,7 @@ class LocalStore:
 
     def __init__(self, root: str | Path, *, limits: CacheLimits | None = None, clean: bool = True) -> None:
         self.root = Path(root).expanduser().absolute()
+        self._root = str(self.root)
         self.cache = Cache(self.root, limits)
         try:
             (self.root / TEMP_DIR).mkdir(parents=True, exist_ok=True)
@@ -252,6 +253,10 @@ class LocalStore:
     # -- reading -------------------------------------------------------------------
     def blob_path(self, alg: str, digest: str) -> Path:
         return blob_path(self.root, alg, digest)
+
+    def blob_file(self, alg: str, digest: str) -> str:
+        """`blob_path` as a string, made faster (opens and reads ahead take it)."""
+        return blob_file(self._root, alg, digest)
 
     def size(self, alg: str, digest: str) -> int | None:
         """Size of the blob, or None when this store does not have it."""
@@ -297,7 +302,7 @@ class LocalStore:
 
     def open_fd(self, alg: str, digest: str) -> int:
         """A read-only fd on the blob, holding a shared flock so it is not evicted while open."""
-        path = self.blob_path(alg, digest)
+        path = self.blob_file(alg, digest)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError as err:
