@@ -19,7 +19,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Iterator, Sized
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -108,16 +108,22 @@ def _dir_info(url: KacheryURL, node: DirNode) -> FileInfo:
     return FileInfo(is_dir=True, size=node.total_size(), url=url, sha1=None if url.path else url.hash)
 
 
-def _read_ahead(blob: os.PathLike[str]) -> None:
-    """Bring a blob's inode and bytes into the page cache (nothing if it is not stored here)."""
-    try:
-        fd = os.open(blob, os.O_RDONLY | os.O_NOATIME)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    finally:
-        os.close(fd)
+def _warm_files(blobs: Iterator[str]) -> None:
+    """Bring blobs' inodes and bytes into the page cache, taking the next from `blobs` until none
+    is left (one not stored here is passed over).
+
+    Several threads share one iterator, so the blobs are warmed in their order, several at a
+    time; a pool task per blob cost more interpreter time than the read ahead saved.
+    """
+    for blob in blobs:
+        try:
+            fd = os.open(blob, os.O_RDONLY | os.O_NOATIME)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
 
 def _in_page_cache(fd: int) -> bool:
@@ -167,7 +173,7 @@ class FileSystemView:
         self._blob_keys: dict[str, tuple[str, str]] = {}  # path → the blob it names (forever)
         self._retired_fds: collections.deque[tuple[float, int]] = collections.deque()
         self.ready = threading.Event()  # set once the whole mount answers (staging included)
-        self._warmed: dict[str, None] = {}  # snapshot directories whose small files were read ahead
+        self._warmed: dict[str, bool] = {}  # snapshot directories read ahead → whether none was opened yet
         self._warm_pool: ThreadPoolExecutor | None = None
         self._snapshot_infos: dict[str, FileInfo] = {}
         self._usage: Usage | None = None
@@ -235,9 +241,8 @@ class FileSystemView:
     def open(self, path: str) -> int:
         """A new read-only descriptor on the blob behind `path`, fetched and verified first if needed.
 
-        Its shared lock keeps the blob from eviction until it is closed. The first open of a
-        small file in a snapshot directory that is not in the page cache reads its small
-        siblings ahead (`_warm_siblings`).
+        Its shared lock keeps the blob from eviction until it is closed. Opens of small files
+        in a snapshot read the files around them ahead (`_read_ahead_around`).
         """
         info = self.stat(path)
         if info.is_dir:
@@ -249,10 +254,8 @@ class FileSystemView:
         except NotFound:
             self._bounded(str(info.url), self.resolver.ensure, info.alg, info.digest, info.size)
             fd = store.open_fd(info.alg, info.digest)
-        if 0 < info.size < _SIBLING_MAX and not _in_page_cache(fd):
-            # Read ahead only from a cold store: from a warm one it costs a file its first open's
-            # time again (a thread pool opening 100 siblings beside the request).
-            self._warm_siblings(path)
+        if 0 < info.size < _SIBLING_MAX:
+            self._read_ahead_around(path, fd)
         if info.size >= _LARGE_FILE:
             # FUSE sends reads from several threads at once, slightly out of order, which halves
             # the disk's own readahead; the file is read front to back, so say so.
@@ -291,32 +294,76 @@ class FileSystemView:
                 self._blob_fds.move_to_end(key)
             return fd
 
-    def _warm_siblings(self, path: str) -> None:
-        """On the first read of a small file in a snapshot directory, read its small siblings
-        ahead, in parallel, from the local store (never from a channel).
+    def _read_ahead_around(self, path: str, fd: int) -> None:
+        """At the first open of a small file in a snapshot directory, read the small files of
+        that directory and of the next one ahead, in parallel, from the local store (never from
+        a channel).
 
-        Programs that read one small file of a directory mostly read the others next; each
-        costs a few random disk reads in the store's fan-out, which in parallel overlap.
+        Programs that read one small file of a directory mostly read the others next, and then
+        the next directory's (`cp -r`, `tar`, a loop over a dataset). Each file costs a few
+        random disk reads in the store's fan-out, which in parallel overlap; reaching a
+        directory read ahead starts on the one after it, so the disk stays one directory
+        ahead of the program. From a warm store (`fd` in the page cache) nothing is read
+        ahead: there it would only cost each file its first open's time again.
         """
-        parent = path.rsplit("/", 1)[0]
-        parts = split_path(parent)
-        if len(parts) < 2 or parts[0] != SNAPSHOT_VIEW or parent in self._warmed:
+        parent = path.rpartition("/")[0]
+        ahead = self._warmed.get(parent)
+        if ahead is None:
+            if _in_page_cache(fd):
+                return
+            self._read_dir_ahead(parent, ahead=False)
+            self._read_dir_ahead(self._next_dir(parent), ahead=True)
+        elif ahead:  # read ahead as the next one, and now reached
+            self._warmed[parent] = False
+            self._read_dir_ahead(self._next_dir(parent), ahead=True)
+
+    def _read_dir_ahead(self, directory: str | None, *, ahead: bool) -> None:
+        """Read the small files of a snapshot directory ahead (once); `ahead`: before any was opened."""
+        if directory is None or directory in self._warmed:
             return
-        self._warmed[parent] = None
-        if len(self._warmed) > _SNAPSHOT_INFOS:
+        node = self._snapshot_dir(directory)
+        if node is None:
+            return
+        if len(self._warmed) >= _SNAPSHOT_INFOS:
             self._warmed.clear()
-        try:
-            entries = [info for _, info in self.readdir(parent) if not info.is_dir and info.size < _SIBLING_MAX]
-        except (KacheryError, OSError):
-            return  # the read itself reports what is wrong
-        budget, blobs = _SIBLING_BYTES, []
-        for info in entries[:_SIBLING_FILES]:
-            budget -= info.size
-            if budget < 0:
+        self._warmed[directory] = ahead
+        store, budget, blobs = self.resolver.store, _SIBLING_BYTES, []
+        for entry in node.files.values():
+            if entry.size >= _SIBLING_MAX:
+                continue
+            budget -= entry.size
+            if budget < 0 or len(blobs) == _SIBLING_FILES:
                 break
-            blobs.append(self.resolver.store.blob_path(info.alg, info.digest))
-        for blob in blobs:
-            self._warmer().submit(_read_ahead, blob)
+            blobs.append(store.blob_file(entry.alg, entry.digest))
+        shared = iter(blobs)  # a list iterator's next() is one step under the GIL: safe to share
+        for _ in range(min(_WARM_THREADS, len(blobs))):
+            self._warmer().submit(_warm_files, shared)
+
+    def _snapshot_dir(self, path: str) -> DirNode | None:
+        """The snapshot directory at `path`; None for anything else (a wrong path included)."""
+        parts = split_path(path)
+        if len(parts) < 2 or parts[0] != SNAPSHOT_VIEW:
+            return None
+        try:
+            info = self.stat(path)
+            if not info.is_dir or info.url is None:
+                return None
+            return self._manifest(info.url).resolve_dir(info.url.path)
+        except (KacheryError, OSError):
+            return None  # the open itself reports what is wrong
+
+    def _next_dir(self, path: str) -> str | None:
+        """The directory listed after `path` in its parent, in a snapshot; None if it is the last."""
+        parent, _, name = path.rpartition("/")
+        node = self._snapshot_dir(parent)
+        if node is None:
+            return None
+        names = iter(node.dirs)
+        for sibling in names:
+            if sibling == name:
+                following = next(names, None)
+                return None if following is None else f"{parent}/{following}"
+        return None
 
     def _warmer(self) -> ThreadPoolExecutor:
         with self._blob_fds_lock:

@@ -208,6 +208,31 @@ def test_a_snapshot_directory_already_in_the_page_cache_is_not_read_ahead(
     view.close_blob_fds()
 
 
+def test_reading_a_directory_reads_the_next_one_ahead_and_reaching_it_the_one_after(
+    view: FileSystemView, store: LocalStore
+) -> None:
+    # d0, d1, d2, d3 of three cold files each: the program reads d0, then d1, ...
+    blobs = {d: [store.put_bytes(os.urandom(8192)) for _ in range(3)] for d in ("d0", "d1", "d2", "d3")}
+    root = DirNode(dirs={d: DirNode(files={f"f{i}": FileEntry(b.size, b.sha1) for i, b in enumerate(bs)})
+                         for d, bs in blobs.items()})  # fmt: skip
+    paths = {d: [store.blob_path("sha1", b.sha1) for b in bs] for d, bs in blobs.items()}
+    for path in (p for ps in paths.values() for p in ps):
+        _drop_from_page_cache(path)
+    snap = store.put_bytes(manifest.serialize(root)).sha1
+
+    def read_ahead() -> set[str]:
+        view._warm_pool.shutdown(wait=True)  # type: ignore[union-attr]
+        view._warm_pool = None
+        return {d for d, ps in paths.items() if all(_resident_bytes(p) == 8192 for p in ps)}
+
+    os.close(view.open(f"/sha1dir/{snap}/d0/f0"))
+    assert read_ahead() == {"d0", "d1"}
+    os.close(view.open(f"/sha1dir/{snap}/d1/f0"))  # in the page cache by now, and d2 is read ahead
+    assert read_ahead() == {"d0", "d1", "d2"}
+    os.close(view.open(f"/sha1dir/{snap}/d1/f1"))  # not the first open in d1: nothing more
+    assert view._warm_pool is None and _resident_bytes(paths["d3"][0]) == 0
+
+
 def _drop_from_page_cache(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
