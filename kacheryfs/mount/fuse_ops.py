@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import mfusepy
 
 from kacheryfs.errors import InvalidURL, KacheryError, NotFound
-from kacheryfs.mount.passthrough import KEPT_BYTES, REOPENED, Passthrough, Unavailable, may_register_backing_files
+from kacheryfs.mount.passthrough import KEPT_BYTES, Passthrough, Unavailable, may_register_backing_files
 from kacheryfs.mount.session import KNOWN_VERSIONS, OPEN_SLOT, OPENDIR_SLOT, RELEASE_SLOT, Session, pin_thread_state
 from kacheryfs.staging import StagingArea
 from kacheryfs.vfs import XATTR_PREFIX, FileInfo, FileSystemView
@@ -202,6 +202,28 @@ class HashViewOperations(_Operations):
         return self.attrs(self.view.stat(path))
 
     @_translated
+    def fill_stat(self, path: str, st: Any) -> None:
+        """`getattr` written straight into libfuse's struct stat (every first lookup of a file comes here).
+
+        The same fields as `attrs` gives, from a struct made once per kind: a lookup costs
+        one copy and two stores instead of a dict and a setattr per field.
+        """
+        info = self.view.stat(path)
+        if info.is_dir:
+            ctypes.memmove(ctypes.addressof(st), self._packed_dir, _STAT_SIZE)
+        else:
+            ctypes.memmove(ctypes.addressof(st), self._packed_file, _STAT_SIZE)
+            st.st_size, st.st_blocks = info.size, (info.size + 511) // 512
+
+    @functools.cached_property
+    def _packed_dir(self) -> bytes:
+        return _packed_stat(self.attrs(FileInfo(is_dir=True)))
+
+    @functools.cached_property
+    def _packed_file(self) -> bytes:
+        return _packed_stat(self.attrs(FileInfo(is_dir=False)))
+
+    @_translated
     def readdir(self, path: str, fh: int) -> list[Any]:
         return [".", "..", *((name, self.attrs(info), 0) for name, info in self.view.readdir(path))]
 
@@ -254,6 +276,16 @@ class HashViewOperations(_Operations):
     @_translated
     def statfs(self, path: str) -> dict[str, int]:
         return _statfs(self.view.resolver.store.root)  # the disk that holds the store
+
+
+_STAT_SIZE = ctypes.sizeof(mfusepy.c_stat)
+
+
+def _packed_stat(attrs: dict[str, int]) -> bytes:
+    """A struct stat holding `attrs`, as bytes."""
+    st = mfusepy.c_stat()
+    mfusepy.set_st_attrs(st, attrs, use_ns=True)
+    return bytes(st)
 
 
 def _why_no_passthrough(wanted: bool) -> str | None:
@@ -500,7 +532,11 @@ def _point_at_fd(bufpp: Any, fd: int, size: int, offset: int) -> None:
 
 # libfuse's low-level open, release and opendir (the slots HashViewFUSE wraps): request, inode, file info.
 _LowLevelFileOp = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.POINTER(mfusepy.fuse_file_info))
-_libfuse = mfusepy._libfuse
+# The wrappers call libfuse with the GIL held (PYFUNCTYPE, PyDLL): a reply never waits, the high
+# level's open comes straight back into Python on this thread, and each GIL let go for a call
+# was a wait to take it back behind the daemon's other threads.
+_LowLevelFileOpCall = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.POINTER(mfusepy.fuse_file_info))
+_libfuse = ctypes.PyDLL(mfusepy._libfuse._name)
 _libfuse.fuse_reply_buf.restype, _libfuse.fuse_reply_buf.argtypes = (
     ctypes.c_int,
     [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t],
@@ -615,7 +651,7 @@ class HashViewFUSE(_FUSE):
 
     def _wrap(self, session: Session, slot: int, wrapper: Callable[[Any], Callable[..., None]]) -> None:
         """Replace a low-level op of the session by `wrapper(original)`."""
-        original = _LowLevelFileOp(session.ops[slot])
+        original = _LowLevelFileOpCall(session.ops[slot])
         callback = _LowLevelFileOp(wrapper(original))
         self._low_level.append(callback)
         session.ops[slot] = ctypes.cast(callback, ctypes.c_void_p).value
@@ -662,15 +698,15 @@ class HashViewFUSE(_FUSE):
 
             return open_
 
-        def release_wrapper(original: Any) -> Callable[..., None]:
+        def release_wrapper(_original: Any) -> Callable[..., None]:
+            # Every handle of this connection is the kernel's (`Passthrough.open` or `reopen`), so
+            # every release is answered here: the high level's would only add a path lookup and a
+            # second call into Python. Its count of a node's opens then stays up, which matters
+            # only to a file unlinked while open, and nothing here is ever unlinked.
             def release(req: int, ino: int, fi: Any) -> None:
-                handle = fi.contents.fh
-                if not handle & REOPENED:
-                    original(req, ino, fi)  # opened by the high level: it undoes its own count
-                    return
                 try:
                     pin_thread_state()
-                    kernel.release(handle)
+                    kernel.release(fi.contents.fh)
                 except Exception:
                     log.exception("release of inode %d", ino)
                 finally:
@@ -680,6 +716,12 @@ class HashViewFUSE(_FUSE):
 
         self._wrap(session, OPEN_SLOT, open_wrapper)
         self._wrap(session, RELEASE_SLOT, release_wrapper)
+
+    def getattr_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        if path is None:
+            return super().getattr_fuse_3(path, buf, fip)
+        self.operations.fill_stat(path.decode(self.encoding, self.errors), buf.contents)
+        return 0
 
     def open(self, path: bytes, fip: Any) -> int:
         result = super().open(path, fip)

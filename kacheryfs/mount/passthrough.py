@@ -77,7 +77,9 @@ class _CustomIo(ctypes.Structure):  # struct fuse_custom_io, libfuse 3.14–3.16
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc_writev = _libc.writev
+# Called with the GIL held (PyDLL): writing a reply never waits, and letting the GIL go for it
+# made every reply queue to take it back behind the daemon's other threads.
+_libc_writev = ctypes.PyDLL(None, use_errno=True).writev
 _libc_writev.restype, _libc_writev.argtypes = ctypes.c_ssize_t, [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
 _LIBC_WRITEV = ctypes.cast(_libc.writev, ctypes.c_void_p).value
 # The hook's read is libc's own (libfuse's extra userdata argument is ignored).
