@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import threading
 import time
@@ -33,6 +34,7 @@ from kacheryfs.store import Usage
 from kacheryfs.uri import HEX_LENGTH, KacheryURL, file_url, is_hash
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 BLOB_VIEWS = ("sha1", "md5")  # /<alg>/<hash>[.<ext>]
 SNAPSHOT_VIEW = "sha1dir"  # /sha1dir/<hash>[.<label>]/<sub/path>
@@ -51,6 +53,8 @@ _FDS_RETIRED = 1024  # ... unless this many were let go since (64 FUSE threads: 
 _SIBLING_MAX = 1 << 20  # files below this size have their siblings read ahead ...
 _SIBLING_FILES, _SIBLING_BYTES = 256, 32 << 20  # ... at most this many, this many bytes per directory
 _WARM_THREADS = 8  # parallel reads ahead: the disk serves many random reads at once faster than one by one
+_WARM_TASKS_MAX = 4 * _WARM_THREADS  # read-ahead tasks queued at most: four directories' worth
+_NEXT_NAMES = 1024  # snapshot directories whose subdirectories' order is kept
 _SNAPSHOT_INFOS = 100_000  # snapshot paths whose FileInfo is kept (a dict hit instead of a walk)
 
 
@@ -174,7 +178,10 @@ class FileSystemView:
         self._retired_fds: collections.deque[tuple[float, int]] = collections.deque()
         self.ready = threading.Event()  # set once the whole mount answers (staging included)
         self._warmed: dict[str, bool] = {}  # snapshot directories read ahead → whether none was opened yet
+        self._warm_lock = threading.Lock()  # for the two below and _warmed's changes
+        self._warm_tasks = 0  # read-ahead tasks queued or running
         self._warm_pool: ThreadPoolExecutor | None = None
+        self._next_names: dict[str, dict[str, str]] = {}  # snapshot directory → its subdirectories' successors
         self._snapshot_infos: dict[str, FileInfo] = {}
         self._usage: Usage | None = None
         self._usage_at = -_USAGE_MAX_AGE
@@ -255,7 +262,10 @@ class FileSystemView:
             self._bounded(str(info.url), self.resolver.ensure, info.alg, info.digest, info.size)
             fd = store.open_fd(info.alg, info.digest)
         if 0 < info.size < _SIBLING_MAX:
-            self._read_ahead_around(path, fd)
+            try:
+                self._read_ahead_around(path, fd)
+            except Exception:  # a read ahead is a hint: it never fails an open, nor leaks its fd
+                log.debug("read-ahead around %s", path, exc_info=True)
         if info.size >= _LARGE_FILE:
             # FUSE sends reads from several threads at once, slightly out of order, which halves
             # the disk's own readahead; the file is read front to back, so say so.
@@ -307,26 +317,40 @@ class FileSystemView:
         ahead: there it would only cost each file its first open's time again.
         """
         parent = path.rpartition("/")[0]
-        ahead = self._warmed.get(parent)
-        if ahead is None:
-            if _in_page_cache(fd):
+        state = self._warmed.get(parent)
+        if state is False or (state is None and _in_page_cache(fd)):
+            return  # the common case, without the lock: reached before, or a warm store
+        with self._warm_lock:
+            state = self._warmed.get(parent)
+            if state is False:
                 return
-            self._read_dir_ahead(parent, ahead=False)
-            self._read_dir_ahead(self._next_dir(parent), ahead=True)
-        elif ahead:  # read ahead as the next one, and now reached
-            self._warmed[parent] = False
-            self._read_dir_ahead(self._next_dir(parent), ahead=True)
+            self._mark_read_ahead(parent, reached=True)
+        if state is None:  # the first open here: this directory's files, then the next one's
+            self._read_dir_ahead(parent)
+        following = self._next_dir(parent)
+        if following is not None:
+            with self._warm_lock:
+                if following in self._warmed:
+                    return
+                self._mark_read_ahead(following, reached=False)
+            self._read_dir_ahead(following)
 
-    def _read_dir_ahead(self, directory: str | None, *, ahead: bool) -> None:
-        """Read the small files of a snapshot directory ahead (once); `ahead`: before any was opened."""
-        if directory is None or directory in self._warmed:
-            return
+    def _mark_read_ahead(self, directory: str, *, reached: bool) -> None:
+        """Remember a directory as read ahead (under `_warm_lock`); `reached`: one of its files was opened."""
+        if len(self._warmed) >= _SNAPSHOT_INFOS:
+            self._warmed.clear()
+        self._warmed[directory] = not reached
+
+    def _read_dir_ahead(self, directory: str) -> None:
+        """Queue the small files of a snapshot directory to be read ahead, a few tasks sharing them.
+
+        Nothing is queued while the tasks already queued are a few directories' worth: a
+        program that opens one file per directory faster than the disk serves them must not
+        grow the queue without bound.
+        """
         node = self._snapshot_dir(directory)
         if node is None:
             return
-        if len(self._warmed) >= _SNAPSHOT_INFOS:
-            self._warmed.clear()
-        self._warmed[directory] = ahead
         store, budget, blobs = self.resolver.store, _SIBLING_BYTES, []
         for entry in node.files.values():
             if entry.size >= _SIBLING_MAX:
@@ -335,35 +359,51 @@ class FileSystemView:
             if budget < 0 or len(blobs) == _SIBLING_FILES:
                 break
             blobs.append(store.blob_file(entry.alg, entry.digest))
+        tasks = min(_WARM_THREADS, len(blobs))
+        with self._warm_lock:
+            if self._warm_tasks + tasks > _WARM_TASKS_MAX:
+                return
+            self._warm_tasks += tasks
         shared = iter(blobs)  # a list iterator's next() is one step under the GIL: safe to share
-        for _ in range(min(_WARM_THREADS, len(blobs))):
-            self._warmer().submit(_warm_files, shared)
+        pool = self._warmer()
+        for _ in range(tasks):
+            pool.submit(self._warm, shared)
+
+    def _warm(self, blobs: Iterator[str]) -> None:
+        try:
+            _warm_files(blobs)
+        finally:
+            with self._warm_lock:
+                self._warm_tasks -= 1
 
     def _snapshot_dir(self, path: str) -> DirNode | None:
-        """The snapshot directory at `path`; None for anything else (a wrong path included)."""
+        """The snapshot directory at `path`, from a manifest this machine has; None for anything
+        else (a wrong path, or a manifest that only a channel has: a read ahead never waits for one)."""
         parts = split_path(path)
         if len(parts) < 2 or parts[0] != SNAPSHOT_VIEW:
             return None
         try:
-            info = self.stat(path)
-            if not info.is_dir or info.url is None:
-                return None
-            return self._manifest(info.url).resolve_dir(info.url.path)
+            url = parse_snapshot_name(parts[1], "/".join(parts[2:]))
+            manifest = self._local_manifest(url)
+            return None if manifest is None else manifest.resolve_dir(url.path)
         except (KacheryError, OSError):
             return None  # the open itself reports what is wrong
 
     def _next_dir(self, path: str) -> str | None:
         """The directory listed after `path` in its parent, in a snapshot; None if it is the last."""
         parent, _, name = path.rpartition("/")
-        node = self._snapshot_dir(parent)
-        if node is None:
-            return None
-        names = iter(node.dirs)
-        for sibling in names:
-            if sibling == name:
-                following = next(names, None)
-                return None if following is None else f"{parent}/{following}"
-        return None
+        following = self._next_names.get(parent)
+        if following is None:
+            node = self._snapshot_dir(parent)
+            if node is None:
+                return None
+            names = list(node.dirs)
+            following = dict(zip(names, names[1:], strict=False))  # once per parent: it may have 100,000
+            if len(self._next_names) >= _NEXT_NAMES:
+                self._next_names.clear()
+            self._next_names[parent] = following
+        name = following.get(name)
+        return None if name is None else f"{parent}/{name}"
 
     def _warmer(self) -> ThreadPoolExecutor:
         with self._blob_fds_lock:
@@ -461,12 +501,19 @@ class FileSystemView:
         return _file_info(alg, digest, size, name)
 
     def _manifest(self, url: KacheryURL) -> DirNode:
+        manifest = self._local_manifest(url)
+        if manifest is not None:
+            return manifest
+        return self._bounded(str(url), self.resolver.manifest, url.alg, url.hash)
+
+    def _local_manifest(self, url: KacheryURL) -> DirNode | None:
+        """The snapshot's manifest if this machine has it (parsed once); None if a channel must be asked."""
         cached = self.resolver.cached_manifest(url.alg, url.hash)
         if cached is not None:
             return cached
         if self.resolver.store.has(url.alg, url.hash):
-            return self.resolver.manifest(url.alg, url.hash)  # local (and parsed once): no deadline needed
-        return self._bounded(str(url), self.resolver.manifest, url.alg, url.hash)
+            return self.resolver.manifest(url.alg, url.hash)  # local: no deadline needed
+        return None
 
     def _bounded(self, what: str, fn: Callable[..., T], *args: object) -> T:
         """`fn(*args)` in its own thread, waited for at most fetch_timeout.

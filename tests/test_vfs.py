@@ -231,6 +231,41 @@ def test_reading_a_directory_reads_the_next_one_ahead_and_reaching_it_the_one_af
     assert read_ahead() == {"d0", "d1", "d2"}
     os.close(view.open(f"/sha1dir/{snap}/d1/f1"))  # not the first open in d1: nothing more
     assert view._warm_pool is None and _resident_bytes(paths["d3"][0]) == 0
+    os.close(view.open(f"/sha1dir/{snap}/d2/f0"))
+    assert read_ahead() == {"d0", "d1", "d2", "d3"}
+    os.close(view.open(f"/sha1dir/{snap}/d3/f0"))  # the last directory: none after it
+    assert view._warm_pool is None and view._warm_tasks == 0
+
+
+def test_a_read_ahead_stops_while_a_few_directories_are_queued(view: FileSystemView, store: LocalStore) -> None:
+    snap, paths = _snapshot_of_small_files(store, cached=False)
+    view._warm_tasks = vfs._WARM_TASKS_MAX  # as if the disk were four directories behind
+    os.close(view.open(f"/sha1dir/{snap}/f0"))
+    assert view._warm_pool is None and view._warm_tasks == vfs._WARM_TASKS_MAX
+    assert all(_resident_bytes(p) == 0 for p in paths[1:])
+
+
+def test_a_read_ahead_never_fails_an_open_nor_asks_a_channel(
+    view: FileSystemView, store: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snap, _ = _snapshot_of_small_files(store, cached=False)
+
+    def fail(directory: str) -> None:
+        raise RuntimeError("the read-ahead pool is shut down")
+
+    monkeypatch.setattr(view, "_read_dir_ahead", fail)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    fd = view.open(f"/sha1dir/{snap}/f0")
+    assert os.fstat(fd).st_size > 0
+    os.close(fd)
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    # a snapshot whose manifest only a channel has is no directory to read ahead: nothing is asked
+    remote = manifest.serialize(DirNode(dirs={"d": DirNode()}))
+    channel = FakeChannel({sha1(remote): remote})
+    remote_view = FileSystemView(Resolver(store, [channel]))
+    assert remote_view._snapshot_dir(f"/sha1dir/{sha1(remote)}/d") is None
+    assert remote_view._next_dir(f"/sha1dir/{sha1(remote)}/d") is None
+    assert channel.checks == channel.fetches == 0
 
 
 def _drop_from_page_cache(path: Path) -> None:
@@ -325,6 +360,21 @@ def test_getattr_reports_read_only_modes_fixed_times_and_blocks(ops: HashViewOpe
     assert st["st_blocks"] == (len(BIG) + 511) // 512 and st["st_blksize"] == BLOCK_SIZE
     assert st["st_mtime"] == FIXED_TIME_NS
     assert ops.getattr("/")["st_mode"] == stat.S_IFDIR | 0o555
+
+
+def test_fill_stat_writes_what_getattr_says_over_every_byte(
+    ops: HashViewOperations, snapshot: str, store: LocalStore
+) -> None:
+    blob = store.put_bytes(b"x" * 1000).sha1
+    paths = ["/", "/sha1", f"/sha1dir/{snapshot}", f"/sha1dir/{snapshot}/sub", f"/sha1dir/{snapshot}/sub/big.bin",
+             f"/sha1dir/{snapshot}/a.txt", f"/sha1/{blob}.csv"]  # fmt: skip
+    for path in paths:
+        expected = mfusepy.c_stat()
+        mfusepy.set_st_attrs(expected, ops.getattr(path), use_ns=True)
+        st = mfusepy.c_stat.from_buffer_copy(b"\xab" * ctypes.sizeof(mfusepy.c_stat))  # no byte left as it was
+        ops.fill_stat(path, st)
+        assert bytes(st) == bytes(expected), path
+    assert fuse_errno(ops.fill_stat, f"/sha1dir/{snapshot}/nope", mfusepy.c_stat()) == errno.ENOENT
 
 
 def test_readdir_sends_attributes_with_each_entry(ops: HashViewOperations, snapshot: str) -> None:
