@@ -217,10 +217,12 @@ class HashViewOperations(_Operations):
 
     @functools.cached_property
     def _packed_dir(self) -> bytes:
+        """Every directory's struct stat."""
         return _packed_stat(self.attrs(FileInfo(is_dir=True)))
 
     @functools.cached_property
     def _packed_file(self) -> bytes:
+        """Every file's struct stat, but its size and blocks."""
         return _packed_stat(self.attrs(FileInfo(is_dir=False)))
 
     @_translated
@@ -246,6 +248,8 @@ class HashViewOperations(_Operations):
         raise mfusepy.FuseOSError(errno.ENOSYS)
 
     def release(self, path: str, fi: Any) -> int:
+        # Releases come from the kernel to `HashViewFUSE`'s low-level release; libfuse calls this
+        # one itself when the reply to a first open fails (the open was interrupted).
         if self._backing_files is not None:
             self._backing_files.release(fi.fh)  # a handle it does not know is nothing to it
         return 0
@@ -688,7 +692,9 @@ class HashViewFUSE(_FUSE):
                 except Exception:
                     log.exception("open of inode %d from its blob", ino)
                 if reply is not None:
-                    _libfuse.fuse_reply_buf(req, reply, len(reply))
+                    handle, out = reply
+                    if _libfuse.fuse_reply_buf(req, out, len(out)) != 0:
+                        kernel.release(handle)  # the open was interrupted: no release will come for it
                     return
                 opening[threading.get_ident()] = ino  # for `open` below: the inode of this path
                 try:

@@ -46,7 +46,6 @@ _FOPEN_NOFLUSH, _FOPEN_PASSTHROUGH = 1 << 5, 1 << 7
 # A passthrough open's flags: whatever else libfuse set (keep_cache, say) the kernel refuses
 # with passthrough, and a blob has nothing to flush at close.
 _OPEN_FLAGS = _FOPEN_PASSTHROUGH | _FOPEN_NOFLUSH
-REOPENED = 1 << 62  # in a handle: an open answered by `reopen`, at the low level
 _BACKING_OPEN = 0x4010E501  # _IOW(229, 1, struct fuse_backing_map): {int32 fd, uint32 flags, uint64 padding}
 _BACKING_CLOSE = 0x4004E502  # _IOW(229, 2, uint32_t backing id)
 _INIT_OUT = struct.Struct("<4I2H2IHHII")  # fuse_init_out up to max_stack_depth (40 bytes)
@@ -189,20 +188,20 @@ class Passthrough:
             self._set_writev(self._hook_address)  # libfuse's next write of this thread is the reply
         return handle
 
-    def reopen(self, blob: Hashable) -> bytes | None:
-        """The whole OPEN reply (fuse_open_out) for one more open of a blob whose backing file is registered.
+    def reopen(self, blob: Hashable) -> tuple[int, bytes] | None:
+        """A new handle and the whole OPEN reply (fuse_open_out) naming it, for one more open of a
+        blob whose backing file is registered.
 
-        None when it is not (any more): the open then takes the way of a first one. The
-        handle carries REOPENED.
+        None when it is not (any more): the open then takes the way of a first one.
         """
         with self._lock:
             backing = self._backing.get(blob)
             if backing is None:
                 return None
             self._opened(blob, backing)
-            handle = next(self._next_handle) | REOPENED
+            handle = next(self._next_handle)
             self._handles[handle] = blob
-        return _OPEN_OUT.pack(handle, _OPEN_FLAGS, backing.backing_id)
+        return handle, _OPEN_OUT.pack(handle, _OPEN_FLAGS, backing.backing_id)
 
     def blob_of(self, handle: int) -> Hashable | None:
         """The blob an open handle names."""
