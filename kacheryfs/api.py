@@ -29,6 +29,7 @@ from kacheryfs.uri import KacheryURL, file_url, format_url
 if TYPE_CHECKING:
     from kacheryfs.parallel_fetch import PrefetchResult
     from kacheryfs.remote import HttpChannel
+    from kacheryfs.store.local import CommitGroup
 
 _SETTINGS = ("fr", "to", "storage_dir", "use_hard_links", "channel_timeout", "config_file")
 _overrides: dict[str, Any] = {}
@@ -139,19 +140,24 @@ def store_dir(path: str | os.PathLike[str], label: str | None = None, *, to: str
     store = LocalStore.from_config(cfg)
     path = Path(path)
 
-    def store_one(file: Path) -> FileEntry:
-        digests = _put_file(cfg, store, file)
-        return FileEntry(digests.size, digests.sha1)
+    with store.group() as group:
 
-    root = manifest.build(path, store_one)
+        def store_one(file: Path) -> FileEntry:
+            digests = _put_file(cfg, store, file, group)
+            return FileEntry(digests.size, digests.sha1)
+
+        root = manifest.build(path, store_one)
     digests = store.put_bytes(manifest.serialize(root))
     _upload(cfg, store, "sha1", digests.sha1, digests.size)
     name = path.resolve().name if label is None else label
     return format_url(KacheryURL("sha1", digests.sha1, True, name))
 
 
-def _put_file(cfg: Config, store: LocalStore, path: Path) -> Digests:
+def _put_file(cfg: Config, store: LocalStore, path: Path, group: CommitGroup | None = None) -> Digests:
     """Store a file locally and, with a `to` channel, upload it at the same time.
+
+    Without a channel, a `group` commits the blob with others (it is linked in later); an
+    upload needs the blob linked in at once.
 
     The sha1 names the upload, so it is computed first (a quick pass); then the local copy
     and the upload read the file side by side. If the file changed meanwhile the server
@@ -159,7 +165,7 @@ def _put_file(cfg: Config, store: LocalStore, path: Path) -> Digests:
     """
     channel = _write_channel(cfg)
     if channel is None:
-        return store.put_file(path, hard_link=cfg.use_hard_links)
+        return store.put_file(path, hard_link=cfg.use_hard_links, group=group)
     try:
         first = hash_file(path, md5=False)
     except FileNotFoundError as err:

@@ -161,3 +161,28 @@ def test_unknown_channel_is_a_clear_error():
         ka.load_text("sha1://" + "0" * 40, fr="nowhere")
     with pytest.raises(ConfigError, match="unknown setting"):
         ka.set_config(colour="blue")
+
+
+def test_store_dir_makes_its_blobs_durable_in_groups_not_one_fsync_each(tmp_path, monkeypatch):
+    from kacheryfs.store import local
+
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(300):
+        (root / f"{i:03d}.txt").write_text(f"file {i}")
+    calls = {"fsync": 0, "syncfs": 0}
+    real_fsync, real_syncfs = local.os.fsync, local._syncfs
+
+    def fsync(fd):
+        calls["fsync"] += 1
+        real_fsync(fd)
+
+    def syncfs(fd):
+        calls["syncfs"] += 1
+        return real_syncfs(fd)
+
+    monkeypatch.setattr(local.os, "fsync", fsync)
+    monkeypatch.setattr(local, "_syncfs", syncfs)
+    url = ka.store_dir(root)
+    assert calls == {"fsync": 2, "syncfs": 6}  # the manifest's own commit; 3 groups of ≤ 128 files, 2 syncs each
+    assert ka.load_text(f"{url}/299.txt") == "file 299"

@@ -318,3 +318,68 @@ def test_a_sink_whose_threads_cannot_all_start_stops_the_ones_that_did(tmp_path,
     for t in started:
         t.join(timeout=5)
         assert not t.is_alive()
+
+
+def _files(tmp_path, n):
+    out = []
+    for i in range(n):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(f"file {i}".encode())
+        out.append(path)
+    return out
+
+
+def test_a_group_links_its_blobs_only_once_their_bytes_are_durable(tmp_path, monkeypatch):
+    from kacheryfs.store import local
+
+    store = LocalStore(tmp_path / "s")
+    syncs = []  # for each filesystem sync: which of the blobs were linked in when it ran
+    real_syncfs = local._syncfs
+
+    def spy(fd):
+        syncs.append(sum(store.has("sha1", d.sha1) for d in added))
+        return real_syncfs(fd)
+
+    monkeypatch.setattr(local, "_syncfs", spy)
+    added = []
+    with store.group() as group:
+        for path in _files(tmp_path, 5):
+            added.append(store.put_file(path, group=group))
+        assert not any(store.has("sha1", d.sha1) for d in added)
+        assert len(list((tmp_path / "s" / "tmp").glob("*.part"))) == 5
+    assert syncs == [0, 5]  # the bytes made durable before any link, then the links
+    for i, d in enumerate(added):
+        assert store.open("sha1", d.sha1).read() == f"file {i}".encode()
+        assert store.has("md5", d.md5)
+    assert list((tmp_path / "s" / "tmp").iterdir()) == []
+
+
+def test_a_full_group_is_linked_before_the_next_blob_is_added(tmp_path):
+    store = LocalStore(tmp_path / "s")
+    with store.group() as group:
+        group.MAX_FILES = 3
+        added = [store.put_file(p, group=group) for p in _files(tmp_path, 4)]
+        assert [store.has("sha1", d.sha1) for d in added] == [True, True, True, False]
+    assert store.has("sha1", added[3].sha1)
+
+
+def test_a_group_left_by_an_exception_links_nothing_and_leaves_no_temp_files(tmp_path):
+    store = LocalStore(tmp_path / "s")
+    added = []
+    with pytest.raises(KeyboardInterrupt), store.group() as group:
+        for path in _files(tmp_path, 3):
+            added.append(store.put_file(path, group=group))
+        raise KeyboardInterrupt
+    assert not any(store.has("sha1", d.sha1) for d in added)
+    assert list((tmp_path / "s" / "tmp").iterdir()) == []
+
+
+def test_a_blob_in_a_group_that_does_not_match_is_refused_and_its_temp_file_removed(tmp_path):
+    store = LocalStore(tmp_path / "s")
+    with store.group() as group, store.writer() as w:
+        w.write(b"actual bytes")
+        with pytest.raises(HashMismatch):
+            w.seal(expect_alg="sha1", expect_hash=hashlib.sha1(b"other bytes").hexdigest())
+        assert not w.path.exists()
+        group.flush()
+    assert not store.has("sha1", hashlib.sha1(b"actual bytes").hexdigest())

@@ -15,7 +15,7 @@ import io
 import json
 import os
 from collections.abc import Callable, Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -56,6 +56,7 @@ class BlobWriter:
         self._sink = direct.open_sink(path, fd, md5=md5) if (size_hint or 0) >= direct.MIN_SIZE else None
         self._written_back = 0  # bytes whose writeback to disk has been started
         self.closed = False
+        self.grouped = False  # sealed and handed to a CommitGroup, which links and closes it
 
     @property
     def size(self) -> int:
@@ -143,6 +144,12 @@ class BlobWriter:
             return
         try:
             if self._hasher.size == 0:
+                if os.fstat(src_fd).st_size < CHUNK:  # a small file: two syscalls, where a kernel copy takes four
+                    while chunk := os.read(src_fd, CHUNK):
+                        self.write(chunk)
+                        if progress is not None:
+                            progress(len(chunk))
+                    return
                 self._digests = direct.copy(src_fd, self.path, self.fd, md5=self._md5, progress=progress)
                 if self._digests is not None:
                     return
@@ -160,7 +167,8 @@ class BlobWriter:
                 start = self._hasher.size
                 for offset in range(start, start + copied, CHUNK):
                     self._hasher.update(os.pread(self.fd, min(CHUNK, start + copied - offset), offset))
-                _start_writeback(self.fd, start, copied)
+                if copied == _KERNEL_COPY:  # more may follow; after a short copy the commit's fsync comes next
+                    _start_writeback(self.fd, start, copied)
                 if progress is not None:
                     progress(copied)
         except OSError as err:
@@ -171,12 +179,23 @@ class BlobWriter:
         self, *, expect_alg: str | None = None, expect_hash: str | None = None, expect_size: int | None = None
     ) -> Digests:
         """fsync, check the expectations, and link the blob in under both of its hashes."""
+        digests = self.seal(expect_alg=expect_alg, expect_hash=expect_hash, expect_size=expect_size)
+        try:
+            os.fsync(self.fd)
+            self.store._link_into_place(self.path, digests)
+        except OSError as err:
+            raise _io_error(err, f"committing {self.path}") from err
+        finally:
+            self.abort()
+        return digests
+
+    def seal(
+        self, *, expect_alg: str | None = None, expect_hash: str | None = None, expect_size: int | None = None
+    ) -> Digests:
+        """Finish the blob and check the expectations: it is then read-only, its digests noted
+        on it, ready to be made durable and linked. On any failure the writer is aborted."""
         try:
             digests = self._finish()
-        except OSError as err:
-            self.abort()
-            raise _io_error(err, f"writing {self.path}") from err
-        try:
             if expect_size is not None and digests.size != expect_size:
                 raise HashMismatch(f"expected {expect_size} bytes, got {digests.size}")
             got = digests.get(expect_alg or "sha1")
@@ -184,12 +203,12 @@ class BlobWriter:
                 raise HashMismatch(f"expected {expect_alg}:{expect_hash}, got {got}")
             os.fchmod(self.fd, 0o444)
             _record_digests(self.fd, digests)
-            os.fsync(self.fd)
-            self.store._link_into_place(self.path, digests)
         except OSError as err:
-            raise _io_error(err, f"committing {self.path}") from err
-        finally:
             self.abort()
+            raise _io_error(err, f"writing {self.path}") from err
+        except BaseException:
+            self.abort()
+            raise
         return digests
 
     def _finish(self) -> Digests:
@@ -219,7 +238,8 @@ class BlobWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.abort()
+        if not self.grouped:
+            self.abort()
 
 
 class LocalStore:
@@ -365,9 +385,17 @@ class LocalStore:
         return self.put_stream(io.BytesIO(data), expect_size=len(data))
 
     def put_file(
-        self, path: str | Path, *, hard_link: bool = False, progress: Callable[[int], None] | None = None
+        self,
+        path: str | Path,
+        *,
+        hard_link: bool = False,
+        progress: Callable[[int], None] | None = None,
+        group: CommitGroup | None = None,
     ) -> Digests:
-        """Store a local file (by hard link when asked and possible, else by copy)."""
+        """Store a local file (by hard link when asked and possible, else by copy).
+
+        In a `group` (see `LocalStore.group`), a copied blob is linked in when the group is.
+        """
         path = Path(path)
         try:
             if hard_link:
@@ -377,7 +405,7 @@ class LocalStore:
                     return digests
             with open(path, "rb", buffering=0) as src, self.writer() as w:
                 w.copy_file(src.fileno(), progress)
-                return w.commit()
+                return w.commit() if group is None else group.add(w)
         except FileNotFoundError as err:
             raise NotFound(f"no such file: {path}") from err
         except IsADirectoryError as err:
@@ -425,7 +453,22 @@ class LocalStore:
         self._index_md5(final, digests)
         return True
 
-    def _link_into_place(self, temp: Path, digests: Digests) -> None:
+    @contextmanager
+    def group(self) -> Iterator[CommitGroup]:
+        """Commits made durable together, for many small blobs at once (see `CommitGroup`).
+
+        Leaving the block links in what is left; leaving it by an exception drops the blobs
+        not yet linked.
+        """
+        group = CommitGroup(self)
+        try:
+            yield group
+        except BaseException:
+            group.abort()
+            raise
+        group.flush()
+
+    def _link_into_place(self, temp: Path, digests: Digests, *, sync: bool = True) -> None:
         final = self.blob_path("sha1", digests.sha1)
         if self.cache.limits.bounded and not final.exists():
             self.cache.make_room(digests.size)
@@ -437,7 +480,8 @@ class LocalStore:
             if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
                 raise
             os.replace(temp, final)  # filesystems without hard links
-        _fsync_dir(final.parent)
+        if sync:
+            _fsync_dir(final.parent)
         self._index_md5(final, digests)
 
     def _index_md5(self, final: Path, digests: Digests) -> None:
@@ -480,6 +524,76 @@ class LocalStore:
         return removed
 
 
+class CommitGroup:
+    """Blobs made durable together: what storing a directory of many small files needs.
+
+    A single commit costs two fsyncs, the blob's and then its directory's: about 1 ms of disk
+    here, most of the time a small file takes. A group takes sealed writers (`add`) and, every
+    `MAX_FILES` blobs or `MAX_BYTES` bytes and at the end (`flush`), makes all their bytes
+    durable with one sync of the store's filesystem, links them into place, and makes the
+    links durable with a second sync. As with single commits, no blob is ever linked before
+    its bytes are on disk: a crash leaves the group's temp files, which the next LocalStore
+    removes. One thread uses a group.
+    """
+
+    MAX_FILES = 128  # each holds a descriptor until the group is linked
+    MAX_BYTES = 256 << 20
+
+    def __init__(self, store: LocalStore) -> None:
+        self.store = store
+        self._sealed: list[tuple[BlobWriter, Digests]] = []
+        self._bytes = 0
+
+    def add(self, writer: BlobWriter) -> Digests:
+        """Seal `writer` (see `BlobWriter.seal`); its blob is linked in at the next flush."""
+        digests = writer.seal()
+        writer.grouped = True
+        self._sealed.append((writer, digests))
+        self._bytes += digests.size
+        if len(self._sealed) >= self.MAX_FILES or self._bytes >= self.MAX_BYTES:
+            self.flush()
+        return digests
+
+    def flush(self) -> None:
+        """Make the sealed blobs durable and link them in."""
+        sealed, self._sealed, self._bytes = self._sealed, [], 0
+        if not sealed:
+            return
+        try:
+            if not _syncfs(sealed[0][0].fd):
+                for w, _ in sealed:
+                    os.fsync(w.fd)
+            for w, digests in sealed:
+                self.store._link_into_place(w.path, digests, sync=False)
+            if not _syncfs(sealed[0][0].fd):  # the links, and the directories made for them
+                blobs = {(alg, h) for _, d in sealed for alg, h in (("sha1", d.sha1), ("md5", d.md5)) if h}
+                for parent in {os.path.dirname(self.store.blob_file(alg, h)) for alg, h in blobs}:
+                    _fsync_dir(Path(parent))
+        except OSError as err:
+            raise _io_error(err, f"committing {len(sealed)} blobs to {self.store.root}") from err
+        finally:
+            for w, _ in sealed:
+                w.abort()
+
+    def abort(self) -> None:
+        """Drop the blobs not yet linked."""
+        sealed, self._sealed, self._bytes = self._sealed, [], 0
+        for w, _ in sealed:
+            w.abort()
+
+
+def _syncfs(fd: int) -> bool:
+    """Make everything on the filesystem `fd` is on durable; False where there is no syncfs."""
+    if not hasattr(_libc, "syncfs"):
+        return False
+    if _libc.syncfs(fd) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.ENOSYS:
+        return False
+    raise OSError(err, os.strerror(err))
+
+
 _KERNEL_COPY = 16 * CHUNK
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYNC_FILE_RANGE_WRITE = 2
@@ -515,4 +629,4 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["ALGORITHMS", "BlobWriter", "LocalStore"]
+__all__ = ["ALGORITHMS", "BlobWriter", "CommitGroup", "LocalStore"]
