@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from kacheryfs import manifest
 from kacheryfs.config import Config, load_config
-from kacheryfs.errors import ChannelUnavailable, ConfigError, HashMismatch, NotFound
+from kacheryfs.errors import ChannelUnavailable, ConfigError, HashMismatch, KacheryError, NotFound
 from kacheryfs.hashing import Digests, hash_file
 from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.resolver import BlobRef, Resolver
@@ -348,8 +348,19 @@ def _fetch_with_progress(res: Resolver, urls: Sequence[str], jobs: int, strict: 
         result = fetch_all(res, refs, jobs, progress)
     if result.failed and strict:
         shown = "\n  ".join(result.failed[:20])
-        raise ChannelUnavailable(f"{len(result.failed)} of {len(refs)} blob(s) could not be fetched:\n  {shown}")
+        error = _common_error(result.errors)
+        raise error(f"{len(result.failed)} of {len(refs)} blob(s) could not be fetched:\n  {shown}")
     return result
+
+
+def _common_error(errors: Sequence[Exception]) -> type[KacheryError]:
+    """The error every failure shares (NotFound when nobody had any blob), else ChannelUnavailable."""
+    kinds = {type(err) for err in errors}
+    if len(kinds) == 1:
+        (kind,) = kinds
+        if issubclass(kind, KacheryError):
+            return kind
+    return ChannelUnavailable
 
 
 @contextlib.contextmanager

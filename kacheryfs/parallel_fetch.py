@@ -25,6 +25,7 @@ class PrefetchResult:
     fetched_bytes: int = 0
     present: int = 0
     failed: list[str] = field(default_factory=list)
+    errors: list[Exception] = field(default_factory=list)  # beside `failed`, for the caller to classify
 
 
 def blobs_of(resolver: Resolver, urls: Iterable[str]) -> list[BlobRef]:
@@ -70,6 +71,7 @@ def fetch_all(
                 size = ref.size if ref.size is not None else path.stat().st_size
             except (KacheryError, OSError) as err:  # OSError: evicted again by a cache smaller than the set
                 result.failed.append(f"{ref.alg}://{ref.digest} ({ref.name or 'file'}): {err}")
+                result.errors.append(err)
                 if progress:
                     progress(1, 0)
                 continue

@@ -123,6 +123,11 @@ def test_unknown_hash_raises_not_found():
         ka.load_text("sha1://" + "0" * 40 + "/x")
 
 
+def test_prefetch_of_a_hash_nobody_has_raises_not_found():
+    with pytest.raises(NotFound):
+        ka.prefetch("sha1://" + "0" * 40 + "/x")
+
+
 def test_unknown_subpath_raises_not_found(tmp_path):
     url = ka.store_dir(_tree(tmp_path / "d"))
     with pytest.raises(NotFound):

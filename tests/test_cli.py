@@ -106,6 +106,7 @@ def test_info_prints_json(tree):
         (["kachery-cat", "sha1://" + "0" * 40, "--fr", "nowhere"], 2),
         (["kachery-store", "/etc/hostname", "--to", "nowhere"], 2),
         (["kachery-cat"], 2),
+        (["kacheryfs", "prefetch", "sha1://" + "0" * 40], 1),
     ],
 )
 def test_failures_exit_non_zero_with_a_message(args, code):
