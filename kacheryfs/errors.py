@@ -25,6 +25,15 @@ class InvalidURL(KacheryError, ValueError):
     exit_code = 2
 
 
+class InvalidInput(KacheryError, ValueError):
+    """Something given to store that cannot be stored as asked: a directory with a symlink
+    loop, a fifo or device, a label that would not make a working URL. Bad input, not bad data."""
+
+    errno = _errno.EINVAL
+    http_status = 400
+    exit_code = 2
+
+
 class NotFound(KacheryError, LookupError):
     """No store or channel has the requested content, or a sub-path does not exist."""
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kacheryfs.errors import InvalidManifest, IsADirectory, NotADirectory, NotFound, StoreError
+from kacheryfs.errors import InvalidInput, InvalidManifest, IsADirectory, NotADirectory, NotFound, StoreError
 from kacheryfs.uri import is_hash
 
 log = logging.getLogger(__name__)
@@ -157,8 +157,9 @@ def _parse_file(entry: object, where: str) -> FileEntry:
 def build(directory: str | Path, store_file: Callable[[Path], FileEntry]) -> DirNode:
     """The manifest of a local directory, calling `store_file` on every file in it.
 
-    Symlinks to files are followed; a symlink loop is an error; fifos, sockets and devices
-    are skipped with a warning, as the original did silently.
+    Symlinks to files are followed; a symlink loop is InvalidInput (the tree given is bad
+    input, exit code 2); fifos, sockets and devices are skipped with a warning, as the
+    original did silently.
     """
     root = Path(directory)
     if not root.is_dir():
@@ -170,7 +171,7 @@ def _build(path: Path, store_file: Callable[[Path], FileEntry], ancestors: froze
     st = os.stat(path)
     ident = (st.st_dev, st.st_ino)
     if ident in ancestors:
-        raise StoreError(f"symlink loop at {path}: it leads back to one of its own parent directories")
+        raise InvalidInput(f"symlink loop at {path}: it leads back to one of its own parent directories")
     ancestors = ancestors | {ident}
     node = DirNode()
     try:
@@ -185,7 +186,7 @@ def _build(path: Path, store_file: Callable[[Path], FileEntry], ancestors: froze
             continue
         except OSError as err:
             if err.errno == 40:  # ELOOP: a link to itself
-                raise StoreError(f"symlink loop at {entry.path}") from err
+                raise InvalidInput(f"symlink loop at {entry.path}: it links to itself") from err
             raise
         if stat.S_ISDIR(mode):
             node.dirs[entry.name] = _build(Path(entry.path), store_file, ancestors)

@@ -126,3 +126,10 @@ def test_sha1dir_subpath_errors(tree):
     url = out("kachery-store", str(tree))
     assert sh("kachery-cat", url + "/missing").returncode == 1
     assert sh("kachery-cat", url + "/subdir1").returncode == 2
+
+
+@pytest.mark.parametrize("target", ["loop", ".."])
+def test_store_of_a_tree_with_a_symlink_loop_is_bad_input(tree, target):
+    os.symlink(target, tree / "subdir1" / "loop")
+    result = sh("kachery-store", str(tree))
+    assert result.returncode == 2 and b"symlink loop" in result.stderr

@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from kacheryfs import manifest
-from kacheryfs.errors import InvalidManifest, IsADirectory, NotADirectory, NotFound, StoreError
+from kacheryfs.errors import InvalidInput, InvalidManifest, IsADirectory, NotADirectory, NotFound
 from kacheryfs.manifest import DirNode, FileEntry
 
 S1 = "a" * 40
@@ -96,7 +96,7 @@ def test_build_follows_file_symlinks_and_is_sorted(tmp_path):
 def test_build_refuses_a_symlink_loop(tmp_path):
     (tmp_path / "d" / "sub").mkdir(parents=True)
     os.symlink(tmp_path / "d", tmp_path / "d" / "sub" / "up")
-    with pytest.raises(StoreError, match="loop"):
+    with pytest.raises(InvalidInput, match="loop"):
         manifest.build(tmp_path / "d", _entry)
 
 

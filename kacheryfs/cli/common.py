@@ -1,9 +1,9 @@
 """What every kacheryfs command shares: argument parsing style and error → exit code.
 
-Results go to stdout, messages to stderr. Exit codes: 0 ok, 1 not found, 2 bad usage or
-URL, 3 other kacheryfs error, 4 bad data (hash mismatch, invalid manifest), 5 local store
-error (5 also for disk full), 6 channel unavailable, 7 refused by a channel, 8 over a
-channel quota, 130 interrupted.
+Results go to stdout, messages to stderr. Exit codes: 0 ok, 1 not found, 2 bad usage, URL
+or input (e.g. a symlink loop in a tree to store), 3 other kacheryfs error, 4 bad data
+(hash mismatch, invalid manifest), 5 local store error (5 also for disk full), 6 channel
+unavailable, 7 refused by a channel, 8 over a channel quota, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from kacheryfs.config import Config, load_config
 from kacheryfs.errors import KacheryError
 
 EXIT_CODES_HELP = (
-    "exit codes: 0 ok, 1 not found, 2 bad usage or URL, 4 bad data (hash mismatch), 5 local store error or disk\n"
-    "full, 6 channel unavailable, 7 refused by a channel, 8 over a quota, 3 any other error"
+    "exit codes: 0 ok, 1 not found, 2 bad usage, URL or input, 4 bad data (hash mismatch), 5 local store error\n"
+    "or disk full, 6 channel unavailable, 7 refused by a channel, 8 over a quota, 3 any other error"
 )
 
 
