@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from kacheryfs import manifest
 from kacheryfs.config import Config, load_config
-from kacheryfs.errors import ChannelUnavailable, ConfigError, HashMismatch, KacheryError, NotFound
+from kacheryfs.errors import ChannelUnavailable, ConfigError, DestinationExists, HashMismatch, KacheryError, NotFound
 from kacheryfs.hashing import Digests, hash_file
 from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.resolver import BlobRef, Resolver
@@ -225,11 +225,14 @@ def _local_path(url: str, fr: Names) -> Path:
 def load_file(url: str, dest: str | os.PathLike[str] | None = None, *, fr: Names = None) -> str:
     """Make the file a URL names available locally (fetching and verifying it if needed).
 
-    Returns the path in the local store, or `dest` after copying there. A plain local
-    path that exists is returned as it is. Raises NotFound when no store has it.
+    Returns the path in the local store, or `dest` after copying there (a file there is
+    replaced, a directory is DestinationExists). A plain local path that exists is returned
+    as it is. Raises NotFound when no store has it.
     """
     if "://" not in url and os.path.exists(url):
         return url
+    if dest is not None and os.path.isdir(dest):
+        raise DestinationExists(f"{dest} is a directory: give the path of a file to write")
     path = _local_path(url, fr)
     if dest is None:
         return str(path)
@@ -317,7 +320,7 @@ def load_dir(url: str, dest: str | os.PathLike[str], *, fr: Names = None, jobs: 
     """
     dest = Path(dest)
     if dest.exists():
-        raise FileExistsError(f"{dest} already exists: load_dir writes a new directory")
+        raise DestinationExists(f"{dest} already exists: load_dir writes a new directory, give a path not yet there")
     res = resolver(fr)
     node = res.dir_node(url)
     # Fetched in parallel first; a blob the cache could not keep is fetched again, alone,

@@ -58,6 +58,15 @@ class NotADirectory(KacheryError):
     exit_code = 2
 
 
+class DestinationExists(KacheryError, FileExistsError):
+    """A load's destination is in the way: load_dir writes a new directory, and load_file
+    does not write a file over a directory."""
+
+    errno = _errno.EEXIST
+    http_status = 409
+    exit_code = 2
+
+
 class InvalidManifest(KacheryError):
     """A directory manifest that is not JSON or fails validation."""
 

@@ -133,3 +133,19 @@ def test_store_of_a_tree_with_a_symlink_loop_is_bad_input(tree, target):
     os.symlink(target, tree / "subdir1" / "loop")
     result = sh("kachery-store", str(tree))
     assert result.returncode == 2 and b"symlink loop" in result.stderr
+
+
+def test_load_dir_to_an_existing_path_is_a_usage_error_naming_it(tmp_path, tree):
+    url = out("kachery-store", str(tree))
+    (tmp_path / "out1").mkdir()
+    for command in (["kachery-load-dir", url], ["kachery-load", url]):
+        result = sh(*command, "--dest", str(tmp_path / "out1"))
+        assert result.returncode == 2 and str(tmp_path / "out1").encode() in result.stderr
+
+
+def test_load_of_a_file_onto_a_directory_is_a_usage_error_naming_it(tmp_path, tree):
+    url = out("kachery-store", str(tree / "top.txt"))
+    (tmp_path / "out1").mkdir()
+    result = sh("kachery-load", url, "--dest", str(tmp_path / "out1"))
+    assert result.returncode == 2 and str(tmp_path / "out1").encode() in result.stderr
+    assert b"Errno" not in result.stderr
