@@ -8,10 +8,12 @@ import hashlib
 import http.server
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -169,3 +171,47 @@ def test_a_silent_channel_costs_eio_after_fetch_timeout(
         assert err.value.errno == errno.EIO and time.monotonic() - started < 15
         assert (mount.path(url) / "a.txt").read_bytes() == (tree / "a.txt").read_bytes()  # still serving
         assert "fetch_timeout" in mount.log_text()
+
+
+@pytest.mark.parametrize("passthrough", ["true", "false"])
+def test_a_name_waiting_on_a_silent_channel_holds_up_no_other_name(tmp_path: Path, passthrough: str) -> None:
+    """The kernel looks up names of one directory side by side (FUSE_PARALLEL_DIROPS): a stored
+    blob answers while lookups of missing ones wait on the channel."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with suppress(OSError):  # the listener was closed
+            while True:
+                held.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    storage = tmp_path / "storage"
+    digest = LocalStore(storage).put_bytes(b"stored here").sha1
+    config = channel_config(f"http://127.0.0.1:{listener.getsockname()[1]}", channel_timeout=5.0)
+    config = config.replace("[mount]\n", f"[mount]\npassthrough = {passthrough}\n")
+    finished: list[float] = []
+
+    def look_up(name: str) -> None:
+        with suppress(OSError):
+            os.stat(mount.mountpoint / "sha1" / name)
+        finished.append(time.monotonic())
+
+    try:
+        with mounted_at(tmp_path, storage, config) as mount:
+            waiting = [threading.Thread(target=look_up, args=(f"{i:040x}",), daemon=True) for i in range(1, 4)]
+            for thread in waiting:
+                thread.start()
+            wait_until(lambda: held, what="a lookup waiting on the channel")
+            assert (mount.mountpoint / "sha1" / digest).read_bytes() == b"stored here"
+            answered = time.monotonic()
+            for thread in waiting:
+                thread.join(60)
+            assert len(finished) == 3
+            assert answered < min(finished)  # one at a time, it would have waited behind the first
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()

@@ -21,6 +21,7 @@ from kacheryfs.mount.passthrough import _amend_init, _amend_open, _IoVec
 
 INIT_OUT_SIZE = 64  # sizeof(struct fuse_init_out)
 FUSE_INIT_EXT = 1 << 30
+FUSE_PARALLEL_DIROPS = 1 << 18
 FUSE_PASSTHROUGH = 1 << 37
 FOPEN_KEEP_CACHE, FOPEN_NOFLUSH, FOPEN_PASSTHROUGH = 1 << 1, 1 << 5, 1 << 7
 
@@ -54,20 +55,28 @@ def flags_and_depth(payload: bytes) -> tuple[int, int]:
 
 def test_the_init_reply_asks_for_passthrough_with_a_stack_depth_of_two() -> None:
     reply = Reply(init_out(FUSE_INIT_EXT | 0xF039))
-    assert _amend_init(*reply.args())
+    assert _amend_init(*reply.args(), True)
     flags, depth = flags_and_depth(reply.bytes())
-    assert flags == FUSE_INIT_EXT | 0xF039 | FUSE_PASSTHROUGH and depth == 2  # a store on overlayfs may back files
+    assert flags == FUSE_INIT_EXT | 0xF039 | FUSE_PARALLEL_DIROPS | FUSE_PASSTHROUGH
+    assert depth == 2  # a store on overlayfs may back files
     assert reply.bytes()[:12] == init_out(0)[:12]  # version and readahead untouched
+
+
+@pytest.mark.parametrize("flags", [FUSE_INIT_EXT | 0xF039, 0xF039], ids=["passthrough not wanted", "no flags2"])
+def test_an_init_reply_without_passthrough_still_asks_for_parallel_lookups(flags: int) -> None:
+    reply = Reply(init_out(flags))
+    assert not _amend_init(*reply.args(), flags == 0xF039)
+    assert flags_and_depth(reply.bytes()) == (flags | FUSE_PARALLEL_DIROPS, 0)
 
 
 @pytest.mark.parametrize(
     "payload, error",
-    [(init_out(0xF039), 0), (init_out(FUSE_INIT_EXT, major=8), 0), (init_out(FUSE_INIT_EXT)[:24], 0), (b"", -71)],
-    ids=["kernel without flags2", "unknown major", "short reply of an old kernel", "error reply"],
+    [(init_out(FUSE_INIT_EXT, major=8), 0), (init_out(FUSE_INIT_EXT)[:24], 0), (b"", -71)],
+    ids=["unknown major", "short reply of an old kernel", "error reply"],
 )
 def test_an_init_reply_not_known_is_left_as_it_is(payload: bytes, error: int) -> None:
     reply = Reply(payload, error)
-    assert not _amend_init(*reply.args())
+    assert not _amend_init(*reply.args(), True)
     assert reply.bytes() == payload
 
 

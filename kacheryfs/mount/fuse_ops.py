@@ -52,6 +52,7 @@ _XATTR_PREFIX = XATTR_PREFIX.encode()  # every attribute the mount has starts wi
 _FUSE_READDIR_PLUS = 1  # fuse_readdir_flags: the kernel wants attributes with the entries
 _FUSE_FILL_DIR_PLUS = 2  # fuse_fill_dir_flags: these attributes are complete
 _FUSE_CAP_SPLICE_WRITE, _FUSE_CAP_SPLICE_MOVE = 1 << 7, 1 << 8  # libfuse's conn.want bits
+_FUSE_CAP_PARALLEL_DIROPS = 1 << 18
 _LISTINGS_KEPT = 256  # snapshot directory listings kept by the hash views, ready for the filler
 _Entry = tuple[bytes, Any, int]  # a listing's entry as the filler takes it: name, packed stat or None, fill flags
 
@@ -138,6 +139,9 @@ class _Operations(mfusepy.Operations):
             # Reads answered from a descriptor (read_buf) are spliced into the reply, not copied
             # through a buffer (see MAX_READ for the size that allows it).
             conn_info.want |= conn_info.capable & (_FUSE_CAP_SPLICE_WRITE | _FUSE_CAP_SPLICE_MOVE)
+            # Lookups of one directory side by side (libfuse 3.14 still leaves it out of its
+            # INIT reply: the hash views' reply hook puts it in, see kacheryfs.mount.passthrough).
+            conn_info.want |= conn_info.capable & _FUSE_CAP_PARALLEL_DIROPS
         if self._on_init is not None:
             self._on_init()
 
@@ -628,6 +632,7 @@ class HashViewFUSE(_FUSE):
         self._low_level: list[Any] = []  # the wrappers libfuse calls: kept alive as long as the mount
         self._blob_of_inode: dict[int, Any] = {}  # inode → the blob its first open named
         self._opening: dict[int, int] = {}  # thread → the inode whose open it passes to the high level
+        self._init_hook: Passthrough | None = None  # without passthrough: the hook that amends INIT
         super().__init__(operations, mountpoint, *args, **kwargs)  # mounts and runs the loop: all above first
 
     def init_fuse_3(self, conn: Any, config: Any) -> None:
@@ -652,6 +657,10 @@ class HashViewFUSE(_FUSE):
             else:
                 operations.use_passthrough(kernel)
                 self._answer_known_opens(session, kernel)
+        else:
+            self._init_hook = Passthrough.install(session, passthrough=False)  # kept: libfuse calls it
+            if self._init_hook is None:
+                log.info("libfuse's I/O hook is taken: the kernel looks names up one at a time per directory")
 
     def _wrap(self, session: Session, slot: int, wrapper: Callable[[Any], Callable[..., None]]) -> None:
         """Replace a low-level op of the session by `wrapper(original)`."""

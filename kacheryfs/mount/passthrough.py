@@ -14,6 +14,11 @@ FOPEN_PASSTHROUGH and the id of a backing file registered with
 `ioctl(FUSE_DEV_IOC_BACKING_OPEN)`. The hook is only in the way while such a reply is
 pending; otherwise libfuse writes through libc's writev as before.
 
+The INIT reply also gets FUSE_PARALLEL_DIROPS, with or without passthrough: libfuse 3.14
+leaves it out although `conn.want` asks for it, and without it the kernel sends one lookup
+per directory at a time, so a name waiting on a slow channel would hold up every other name
+in `sha1/`. A mount without passthrough installs the hook for that alone (`passthrough=False`).
+
 Registering a backing file needs CAP_SYS_ADMIN. Without it, on a kernel without
 passthrough, or on a libfuse whose session is not the known one, nothing is installed or the
 first open finds out, and the mount serves reads from the daemon as before.
@@ -40,6 +45,7 @@ from kacheryfs.mount.session import Session, pin_thread_state
 log = logging.getLogger(__name__)
 
 # include/uapi/linux/fuse.h
+_FUSE_PARALLEL_DIROPS = 1 << 18  # fuse_init_out.flags: lookups and readdirs of a directory run side by side
 _FUSE_INIT_EXT = 1 << 30  # fuse_init_out.flags: flags2 is read
 _FUSE_PASSTHROUGH_FLAGS2 = 1 << (37 - 32)  # FUSE_PASSTHROUGH, in fuse_init_out.flags2
 _FOPEN_NOFLUSH, _FOPEN_PASSTHROUGH = 1 << 5, 1 << 7
@@ -141,6 +147,7 @@ class Passthrough:
         self._hook_address = ctypes.cast(self._hook, ctypes.c_void_p).value
         self._io: _CustomIo | None = None  # libfuse's copy of the hook, once installed
         self._init_pending = True
+        self._passthrough = True  # the INIT reply asks for it (else only for parallel lookups)
         self._replies: dict[int, tuple[int, int]] = {}  # thread → (fh, backing id) of its coming OPEN reply
         self._lock = threading.Lock()
         self._backing: dict[Hashable, _Backing] = {}
@@ -152,20 +159,25 @@ class Passthrough:
         self._refused = False  # the first one was refused: never any passthrough on this mount
 
     @classmethod
-    def install(cls, session: Session, *, kept_bytes: int = KEPT_BYTES) -> Passthrough | None:
-        """Route the session's replies through the hook, during INIT (before its reply); None if it cannot be."""
+    def install(cls, session: Session, *, kept_bytes: int = KEPT_BYTES, passthrough: bool = True) -> Passthrough | None:
+        """Route the session's replies through the hook, during INIT (before its reply); None if it cannot be.
+
+        `passthrough=False`: only the INIT reply is amended (parallel lookups), then the hook
+        steps aside for good.
+        """
         if session.head.io:
             return None  # someone else's custom I/O: not ours to wrap
         lib = mfusepy._libfuse
         lib.fuse_session_custom_io.restype = ctypes.c_int
         lib.fuse_session_custom_io.argtypes = [ctypes.c_void_p, ctypes.POINTER(_CustomIo), ctypes.c_int]
-        passthrough = cls(session, kept_bytes=kept_bytes)
-        wanted = _CustomIo(passthrough._hook_address, _LIBC_READ, None, None)
+        hook = cls(session, kept_bytes=kept_bytes)
+        hook._passthrough = passthrough
+        wanted = _CustomIo(hook._hook_address, _LIBC_READ, None, None)
         if lib.fuse_session_custom_io(session.address, ctypes.byref(wanted), session.fd) != 0:
             return None
         # libfuse keeps its own copy: that copy's writev is switched between the hook and libc's.
-        passthrough._io = _CustomIo.from_address(session.head.io)
-        return passthrough
+        hook._io = _CustomIo.from_address(session.head.io)
+        return hook
 
     # -- opens and closes ---------------------------------------------------------------
     def open(self, blob: Hashable, open_blob: Callable[[], int]) -> int:
@@ -292,8 +304,9 @@ class Passthrough:
         try:
             if self._init_pending:
                 self._init_pending = False
-                if not _amend_init(iov, count):
-                    log.info("kernel passthrough off: the INIT reply is not one known")
+                if not _amend_init(iov, count, self._passthrough):
+                    if self._passthrough:
+                        log.info("kernel passthrough off: the INIT reply is not one known")
                     self.stop()
                 elif not self._replies:
                     self._set_writev(_LIBC_WRITEV)
@@ -321,19 +334,23 @@ def _payload(iov: int, count: int, size: int) -> ctypes.Array[ctypes.c_char] | N
     return (ctypes.c_char * vec[1].len).from_address(vec[1].base)
 
 
-def _amend_init(iov: int, count: int) -> bool:
-    """Ask for passthrough in the INIT reply; False if the reply is not one this knows."""
+def _amend_init(iov: int, count: int, passthrough: bool) -> bool:
+    """Ask for parallel lookups in the INIT reply, and for passthrough if `passthrough`; True
+    if passthrough was asked for (False: not wanted, or a reply this does not know)."""
     payload = _payload(iov, count, _INIT_OUT.size)
     if payload is None:
         return False
     fields = list(_INIT_OUT.unpack_from(payload))
     major, flags = fields[0], fields[3]
-    if major != 7 or not flags & _FUSE_INIT_EXT:
-        return False  # an old kernel: no flags2, no passthrough
-    fields[-2] |= _FUSE_PASSTHROUGH_FLAGS2
-    fields[-1] = _STACK_DEPTH
+    if major != 7:
+        return False
+    fields[3] |= _FUSE_PARALLEL_DIROPS
+    asked = passthrough and bool(flags & _FUSE_INIT_EXT)  # an old kernel: no flags2, no passthrough
+    if asked:
+        fields[-2] |= _FUSE_PASSTHROUGH_FLAGS2
+        fields[-1] = _STACK_DEPTH
     _INIT_OUT.pack_into(payload, 0, *fields)
-    return True
+    return asked
 
 
 def _amend_open(iov: int, count: int, handle: int, backing_id: int) -> None:
