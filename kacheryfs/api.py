@@ -24,7 +24,7 @@ from kacheryfs.hashing import Digests, hash_file
 from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.resolver import BlobRef, Resolver
 from kacheryfs.store import LocalStore
-from kacheryfs.uri import KacheryURL, file_url, format_url
+from kacheryfs.uri import KacheryURL, check_label, file_url, format_url
 
 if TYPE_CHECKING:
     from kacheryfs.parallel_fetch import PrefetchResult
@@ -135,7 +135,12 @@ def store_npy(array: Any, basename: str = "file.npy", *, to: str | None = None) 
 
 
 def store_dir(path: str | os.PathLike[str], label: str | None = None, *, to: str | None = None) -> str:
-    """Store a directory tree and its manifest; return `sha1dir://<hash>.<label>`."""
+    """Store a directory tree and its manifest; return `sha1dir://<hash>.<label>`.
+
+    An explicit label must be non-empty without '/' or '?' (InvalidInput, before anything is stored).
+    """
+    if label is not None:
+        check_label(label)
     cfg = _current_config(to=to)
     store = LocalStore.from_config(cfg)
     path = Path(path)

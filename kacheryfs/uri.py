@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from kacheryfs.errors import InvalidURL
+from kacheryfs.errors import InvalidInput, InvalidURL
 
 HEX_LENGTH = {"sha1": 40, "md5": 32}
 ALGORITHMS = tuple(HEX_LENGTH)
@@ -31,6 +31,19 @@ def check_hash(alg: str, value: str) -> str:
     if not is_hash(alg, value):
         raise InvalidURL(f"{value!r} is not a {alg} digest ({HEX_LENGTH[alg]} hex characters)")
     return value.lower()
+
+
+def check_label(label: str) -> str:
+    """Return `label`, or raise InvalidInput if `sha1dir://<hash>.<label>` would not parse back to it."""
+    try:
+        parsed = parse_url(f"sha1dir://{'0' * 40}.{label}").label
+    except InvalidURL:
+        parsed = None
+    if not label or parsed != label:
+        raise InvalidInput(
+            f"invalid label {label!r}: a label is not empty, has no '/', '?' or NUL, nor space at either end"
+        )
+    return label
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import kacheryfs as ka
-from kacheryfs.errors import ConfigError, InvalidManifest, IsADirectory, NotFound
+from kacheryfs.errors import ConfigError, InvalidInput, InvalidManifest, IsADirectory, NotFound
 
 
 def _tree(root):
@@ -81,6 +81,13 @@ def test_same_tree_gives_the_same_url_anywhere(tmp_path):
 
 def test_store_dir_label(tmp_path):
     assert ka.store_dir(_tree(tmp_path / "d"), label="my.label").endswith(".my.label")
+
+
+@pytest.mark.parametrize("label", ["a/b", "", "v1?x"])
+def test_store_dir_refuses_a_label_that_breaks_the_url_before_storing(tmp_path, storage_dir, label):
+    with pytest.raises(InvalidInput, match="label"):
+        ka.store_dir(_tree(tmp_path / "d"), label=label)
+    assert not storage_dir.exists() or not any(p.is_file() for p in storage_dir.rglob("*"))
 
 
 def test_read_dir_recursive_and_not(tmp_path):

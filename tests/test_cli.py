@@ -49,6 +49,12 @@ def test_store_label(tree):
     assert out("kachery-store", str(tree), "--label", "v1.0").endswith(".v1.0")
 
 
+@pytest.mark.parametrize("label", ["a/b", ""])
+def test_store_refuses_a_bad_label_before_storing_anything(tree, label):
+    result = sh("kachery-store", str(tree / "top.txt"), str(tree), "--label", label)
+    assert result.returncode == 2 and b"label" in result.stderr and not result.stdout
+
+
 def test_load_prints_a_local_path(tree):
     url = out("kachery-store", str(tree / "top.txt"))
     assert open(out("kachery-load", url)).read() == "top\n"

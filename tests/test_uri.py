@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kacheryfs.errors import InvalidURL
-from kacheryfs.uri import KacheryURL, format_url, parse_url
+from kacheryfs.errors import InvalidInput, InvalidURL
+from kacheryfs.uri import KacheryURL, check_label, format_url, parse_url
 
 H1 = "ad7fb868e59c495f355d83f61da1c32cc21571cf"
 HD = "4d329a296cfe0b3142d57226ff881b6572c3ed20"
@@ -140,3 +140,14 @@ def test_parser_on_scheme_prefixed_garbage(prefix, rest):
         parse_url(prefix + rest)
     except InvalidURL:
         pass
+
+
+@pytest.mark.parametrize("label", ["a/b", "", "x?y", "nul\x00", "padded "])
+def test_a_label_that_would_not_parse_back_is_refused(label):
+    with pytest.raises(InvalidInput):
+        check_label(label)
+
+
+@given(st.text(min_size=1).filter(lambda t: t == t.strip() and not any(c in t for c in "/?\x00")))
+def test_an_accepted_label_parses_back(label):
+    assert parse_url(f"sha1dir://{H1}.{check_label(label)}").label == label

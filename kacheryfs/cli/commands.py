@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from kacheryfs import api
 from kacheryfs.cli.common import add_fr, add_to, parser, run
 from kacheryfs.resolver import BlobRef
-from kacheryfs.uri import parse_url
+from kacheryfs.uri import check_label, parse_url
 
 _CAT_CHUNK = 8 << 20
 
@@ -24,9 +24,11 @@ def _store(argv: Sequence[str] | None) -> int:
         "  kachery-store big.dat --to lab         # also upload to channel 'lab'",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="file or directory to store")
-    p.add_argument("--label", help="label of a directory URL (default: the directory's name)")
+    p.add_argument("--label", help="label of a directory URL (default: the directory's name); no '/' or '?'")
     add_to(p)
     args = p.parse_args(argv)
+    if args.label is not None:
+        check_label(args.label)  # before any path is stored
     for path in args.paths:
         if os.path.isdir(path):
             url = api.store_dir(path, label=args.label, to=args.to)
