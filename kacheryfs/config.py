@@ -114,12 +114,40 @@ def default_storage_dir() -> Path:
 
 
 # TOML layout: key in file → (Config field, converter)
-_TOP = {"storage_dir": Path, "fr": parse_names, "to": str, "use_hard_links": bool, "channel_timeout": float}
+def _positive(value: Any) -> float:
+    """A duration or count that must be more than zero."""
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be more than 0")
+    return number
+
+
+def _not_negative(value: Any) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
+def _log_level(value: Any) -> str:
+    level = str(value).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    return level
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or int(value) != value or value <= 0:
+        raise ValueError("must be a whole number more than 0")
+    return int(value)
+
+
+_TOP = {"storage_dir": Path, "fr": parse_names, "to": str, "use_hard_links": bool, "channel_timeout": _positive}
 _SECTIONS: dict[str, dict[str, Any]] = {
     "mount": {
-        "mountpoint": Path, "allow_other": bool, "log_file": Path, "log_level": str, "entry_timeout": float,
-        "attr_timeout": float, "negative_timeout": float, "fetch_timeout": float, "readahead_kb": int,
-        "passthrough": bool,
+        "mountpoint": Path, "allow_other": bool, "log_file": Path, "log_level": _log_level,
+        "entry_timeout": _not_negative, "attr_timeout": _not_negative, "negative_timeout": _not_negative,
+        "fetch_timeout": _positive, "readahead_kb": _positive_int, "passthrough": bool,
     },
     "staging": {"dir": ("staging_dir", Path), "to": ("staging_to", str)},
     "cache": {
@@ -129,9 +157,9 @@ _SECTIONS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def _convert(key: str, conv: Any, value: Any) -> Any:
-    if conv is Path:
-        return Path(os.path.expanduser(str(value)))
+def _convert(key: str, conv: Any, value: Any, where: Path) -> Any:
+    if conv is Path:  # relative to the file's directory: a daemon or a service reads it from anywhere
+        return where.parent.absolute() / Path(os.path.expanduser(str(value)))
     if conv is bool and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, not {value!r}")
     try:
@@ -142,20 +170,26 @@ def _convert(key: str, conv: Any, value: Any) -> Any:
 
 def _from_toml(data: dict[str, Any], env: Mapping[str, str], where: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    unknown: list[str] = []  # all of them at once: a file with two typos is fixed in one go
     for key, value in data.items():
         if key in _TOP:
-            out[key] = _convert(key, _TOP[key], value)
+            out[key] = _convert(key, _TOP[key], value, where)
         elif key in _SECTIONS and isinstance(value, dict):
             for sub, subval in value.items():
                 spec = _SECTIONS[key].get(sub)
                 if spec is None:
-                    raise ConfigError(f"unknown key [{key}] {sub} in {where}; see mount.example.toml")
+                    unknown.append(f"[{key}] {sub}")
+                    continue
                 name, conv = spec if isinstance(spec, tuple) else (sub, spec)
-                out[name] = _convert(f"{key}.{sub}", conv, subval)
+                out[name] = _convert(f"{key}.{sub}", conv, subval, where)
         elif key == "channels" and isinstance(value, dict):
             out["channels"] = {n: _channel(n, c, env, where) for n, c in value.items()}
         else:
-            raise ConfigError(f"unknown key {key!r} in {where}; see mount.example.toml")
+            unknown.append(repr(key))
+    if unknown:
+        raise ConfigError(
+            f"unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)} in {where}; see mount.example.toml"
+        )
     return out
 
 
@@ -200,7 +234,9 @@ def load_config(config_file: str | Path | None = None, env: Mapping[str, str] | 
             raise ConfigError(f"unknown setting {key!r}")
         values[key] = parse_names(value) if key == "fr" else value
     values.setdefault("storage_dir", default_storage_dir())
-    values["storage_dir"] = Path(values["storage_dir"]).expanduser()
+    # absolute now (a relative one from the environment or a flag is the caller's): the mount
+    # daemon runs from /
+    values["storage_dir"] = Path(values["storage_dir"]).expanduser().absolute()
     config = Config(**values)
     for name in config.fr:
         config.channel(name)

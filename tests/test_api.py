@@ -198,3 +198,39 @@ def test_store_dir_makes_its_blobs_durable_in_groups_not_one_fsync_each(tmp_path
     url = ka.store_dir(root)
     assert calls == {"fsync": 2, "syncfs": 6}  # the manifest's own commit; 3 groups of ≤ 128 files, 2 syncs each
     assert ka.load_text(f"{url}/299.txt") == "file 299"
+
+
+def test_relative_paths_in_a_config_file_are_relative_to_the_file_and_others_to_the_caller(tmp_path, monkeypatch):
+    from kacheryfs.config import load_config
+
+    (tmp_path / "etc").mkdir()
+    config = tmp_path / "etc" / "config.toml"
+    config.write_text('storage_dir = "store"\n[mount]\nlog_file = "log/mount.log"\n')
+    monkeypatch.chdir(tmp_path)
+    loaded = load_config(config, env={})
+    assert loaded.storage_dir == tmp_path / "etc" / "store"
+    assert loaded.log_file == tmp_path / "etc" / "log" / "mount.log"
+    assert load_config(config, env={"KACHERY_STORAGE_DIR": "here"}).storage_dir == tmp_path / "here"
+
+
+def test_a_config_file_with_several_unknown_keys_names_them_all(tmp_path):
+    from kacheryfs.config import load_config
+
+    config = tmp_path / "config.toml"
+    config.write_text('colour = "blue"\n[mount]\nfetch_timeot = 3\n[cache]\nmax_sise = "1 GiB"\n')
+    with pytest.raises(ConfigError, match=r"'colour', \[mount\] fetch_timeot, \[cache\] max_sise"):
+        load_config(config, env={})
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["[mount]\nfetch_timeout = -1", "channel_timeout = 0", "[mount]\nentry_timeout = -5",
+     "[mount]\nreadahead_kb = -3", "[mount]\nreadahead_kb = 1.5", '[mount]\nlog_level = "CHATTY"'],
+)  # fmt: skip
+def test_values_that_cannot_work_are_refused_when_the_file_is_read(tmp_path, line):
+    from kacheryfs.config import load_config
+
+    config = tmp_path / "config.toml"
+    config.write_text(line + "\n")
+    with pytest.raises(ConfigError, match="invalid value"):
+        load_config(config, env={})

@@ -354,6 +354,49 @@ def test_mount_refuses_an_existing_mount(mounted: Mount) -> None:
     assert done.returncode != 0 and "already mounted" in done.stderr
 
 
+def test_mount_refuses_a_directory_inside_a_kacheryfs_mount(mounted: Mount) -> None:
+    done = mounted.cli("mount", str(mounted.mountpoint / "sha1dir"), check=False)  # it would hide every snapshot
+    assert done.returncode != 0 and "inside the kacheryfs mount" in done.stderr
+
+
+def test_two_mounts_of_one_directory_at_once_give_one_mount_and_one_clear_error(tmp_path: Path) -> None:
+    require_fuse()
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    env = dict(os.environ, KACHERY_STORAGE_DIR=str(tmp_path / "storage"))
+    args = [sys.executable, "-m", "kacheryfs", "mount", str(mountpoint), "--log-file", str(tmp_path / "mount.log")]
+    both = [subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        results = sorted((p.wait(60), p.stderr.read()) for p in both if p.stderr)
+        assert [code for code, _ in results][0] == 0 and results[1][0] != 0
+        assert "already mounted" in results[1][1]
+        with open("/proc/self/mounts") as mounts:
+            assert sum(line.split()[1] == str(mountpoint) for line in mounts) == 1
+    finally:
+        kacheryfs("umount", str(mountpoint), env=env, check=False)
+
+
+def test_a_relative_storage_dir_in_the_config_is_the_same_store_for_the_cli_and_the_daemon(tmp_path: Path) -> None:
+    require_fuse()
+    (tmp_path / "etc").mkdir()
+    config = tmp_path / "etc" / "config.toml"
+    config.write_text('storage_dir = "store"\n')
+    env = {k: v for k, v in os.environ.items() if k != "KACHERY_STORAGE_DIR"} | {"KACHERY_CONFIG": str(config)}
+    (tmp_path / "file.txt").write_text("stored by the CLI")
+    stored = subprocess.run(  # run from another directory than the daemon's (/)
+        ["kachery-store", "file.txt"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60, check=True
+    )
+    digest = stored.stdout.split("/")[2]
+    assert (tmp_path / "etc" / "store" / "sha1").is_dir()
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    kacheryfs("mount", str(mountpoint), "--log-file", str(tmp_path / "mount.log"), env=env)
+    try:
+        assert (mountpoint / "sha1" / digest).read_text() == "stored by the CLI"
+    finally:
+        kacheryfs("umount", str(mountpoint), env=env, check=False)
+
+
 def test_umount_of_something_not_mounted_fails_with_the_reason(tmp_path: Path) -> None:
     done = kacheryfs("umount", str(tmp_path), check=False)
     assert done.returncode != 0 and "not mounted" in done.stderr

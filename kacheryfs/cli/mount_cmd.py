@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from kacheryfs.cli.common import add_fr
-from kacheryfs.config import load_config
+from kacheryfs.config import Config, load_config
 from kacheryfs.mount import daemon
 from kacheryfs.mount.paths import default_mountpoint
 
@@ -45,12 +45,20 @@ def run(args: argparse.Namespace) -> int:
         return 0
     daemon.check_fuse()
     daemon.check_mountpoint(mountpoint)
+    with daemon.mounting(mountpoint):
+        daemon.check_mountpoint(mountpoint)  # again: another mount may have been made meanwhile
+        return _start(args, config, mountpoint)
+
+
+def _start(args: argparse.Namespace, config: Config, mountpoint: Path) -> int:
+    """Start the daemon in the background; return once its mount answers."""
     log_file = (config.log_file or daemon.default_log_file(mountpoint)).absolute()
     argv = ["mount", str(mountpoint), "--foreground", "--log-file", str(log_file)]
     if args.config:
         argv += ["--config", str(args.config.absolute())]
-    if args.storage_dir:
-        argv += ["--storage-dir", str(args.storage_dir.absolute())]
+    # the store this command found (flag, environment or config file, made absolute here):
+    # the daemon runs from / and may not see the same environment
+    argv += ["--storage-dir", str(config.storage_dir)]
     if args.fr is not None:
         argv += ["--fr", args.fr]
     if args.allow_other:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -96,9 +97,37 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"mountpoint {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
         raise MountError(f"{mountpoint} is already mounted: `kacheryfs status {mountpoint}` shows what it is")
+    inside = _kacheryfs_mount_above(mountpoint)
+    if inside is not None:
+        raise MountError(f"{mountpoint} is inside the kacheryfs mount {inside}: mount somewhere else")
     with os.scandir(mountpoint) as entries:
         if any(True for _ in entries):
             raise MountError(f"mountpoint {mountpoint} is not empty: mount on an empty directory")
+
+
+def _kacheryfs_mount_above(path: Path) -> Path | None:
+    """The kacheryfs mount `path` lies inside, if any (a mount there would hide part of it)."""
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) < 3 or fields[2] != "fuse.kacheryfs":
+                continue
+            where = Path(fields[1].replace("\\040", " "))
+            if path != where and path.is_relative_to(where):
+                return where
+    return None
+
+
+@contextlib.contextmanager
+def mounting(mountpoint: Path) -> Iterator[None]:
+    """Held from the checks until the mount answers: two `kacheryfs mount` of one directory at
+    the same moment (a job array's "mount unless mounted") give one mount and one clear error."""
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the other one's checks and start, then ours see its mount
+        yield
+    finally:
+        os.close(fd)
 
 
 def _root_xattr(mountpoint: Path, name: str) -> bytes:
