@@ -99,6 +99,14 @@ class StoreFull(StoreError):
     exit_code = 5
 
 
+def store_error(err: OSError, what: str) -> StoreError:
+    """The StoreError an OSError met while `what` (e.g. "pinning sha1://…") means: StoreFull for a full disk."""
+    if err.errno in (_errno.ENOSPC, _errno.EDQUOT):
+        return StoreFull(f"no space left while {what}: free some disk space or run `kacheryfs gc`")
+    where = f" ({err.filename})" if err.filename else ""
+    return StoreError(f"{what} failed: {err.strerror or err}{where}")
+
+
 class ChannelUnavailable(KacheryError):
     """A remote channel could not be reached or failed within its time bound."""
 

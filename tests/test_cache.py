@@ -167,6 +167,50 @@ def test_cli_fsck_exit_codes(storage_dir):
         ka.load_text(url)
 
 
+@pytest.fixture
+def read_only_store(tmpfs, monkeypatch):
+    """A store on a tmpfs with one text in it (its URL is returned); `remount_ro()` then makes it read-only."""
+    root = tmpfs("4m")
+    monkeypatch.setenv("KACHERY_STORAGE_DIR", str(root))
+    url = ka.store_text("x" * 5000)
+
+    def remount_ro() -> None:
+        subprocess.run(["mount", "-o", "remount,ro", str(root)], check=True)
+
+    return root, url, remount_ro
+
+
+def _one_clear_line(result: subprocess.CompletedProcess[str]) -> bool:
+    return "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_fsck_repair_on_a_read_only_store_is_a_store_error(read_only_store):
+    root, url, remount_ro = read_only_store
+    path = ka.get_file_info(url)["path"]
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.write(b"y")
+    remount_ro()
+    result = run("fsck", "--repair")
+    assert result.returncode == 5 and _one_clear_line(result) and "Read-only" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["pin {url}", "unpin {url}", "gc --max-size 0"])
+def test_pin_and_gc_on_a_read_only_store_are_store_errors(read_only_store, command):
+    root, url, remount_ro = read_only_store
+    if command.startswith("unpin"):
+        assert run("pin", url).returncode == 0
+    remount_ro()
+    result = run(*command.format(url=url).split())
+    assert result.returncode == 5 and _one_clear_line(result) and "Read-only" in result.stderr
+
+
+def test_fsck_repair_of_a_sound_store_makes_no_quarantine_dir(storage_dir):
+    ka.store_text("sound")
+    assert run("fsck", "--repair").returncode == 0
+    assert not (storage_dir / "quarantine").exists()
+
+
 def test_gc_without_a_bound_explains_itself():
     result = run("gc")
     assert result.returncode == 2 and "max-size" in result.stdout

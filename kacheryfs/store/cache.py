@@ -17,12 +17,11 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from kacheryfs import manifest
-from kacheryfs.errors import InvalidManifest, StoreFull
+from kacheryfs.errors import InvalidManifest, StoreFull, store_error
 from kacheryfs.uri import ALGORITHMS, check_hash, is_hash
 
 log = logging.getLogger(__name__)
@@ -109,17 +108,24 @@ class Cache:
     # -- pins ----------------------------------------------------------------------
     def pin(self, alg: str, digest: str, *, is_dir: bool = False, reason: str = "user") -> None:
         """Keep a blob (or, for a snapshot manifest, its whole tree) from eviction."""
-        self.pins_dir.mkdir(parents=True, exist_ok=True)
         name = f"{alg}-{check_hash(alg, digest)}{'.dir' if is_dir else ''}.{reason}"
-        _atomic_write(self.pins_dir / name, json.dumps({"alg": alg, "hash": digest, "dir": is_dir}).encode())
+        try:
+            self.pins_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.pins_dir / name, json.dumps({"alg": alg, "hash": digest, "dir": is_dir}).encode())
+        except OSError as err:
+            raise store_error(err, f"pinning {alg}://{digest}") from err
 
     def unpin(self, alg: str, digest: str, *, reason: str = "user") -> bool:
         """Remove a pin; True if there was one."""
         removed = False
         for suffix in (f".{reason}", f".dir.{reason}"):
-            with suppress(FileNotFoundError):
+            try:
                 os.unlink(self.pins_dir / f"{alg}-{check_hash(alg, digest)}{suffix}")
                 removed = True
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                raise store_error(err, f"unpinning {alg}://{digest}") from err
         return removed
 
     def pins(self) -> Iterator[tuple[str, str, bool, str]]:
@@ -262,8 +268,12 @@ def _remove_unless_open(paths: list[Path]) -> bool:
         except OSError:
             return False  # open in the mount (or another reader): never evicted
         for path in paths:
-            with suppress(FileNotFoundError):
+            try:
                 os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                raise store_error(err, "evicting a blob") from err
         return True
     finally:
         os.close(fd)

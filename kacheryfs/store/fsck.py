@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kacheryfs.errors import store_error
 from kacheryfs.hashing import CHUNK
 from kacheryfs.store.cache import Blob
 from kacheryfs.store.local import LocalStore
@@ -84,12 +85,22 @@ def fsck(store: LocalStore, *, repair: bool = False, jobs: int | None = None,
             report.misplaced.extend(misplaced)
             if progress:
                 progress(blob.size)
-    if repair:
-        quarantine = store.root / QUARANTINE_DIR
-        quarantine.mkdir(exist_ok=True)
-        for path in report.corrupt + report.misplaced:
-            target = quarantine / f"{path.relative_to(store.root).parts[0]}-{path.name}"
-            if path.exists():
-                os.replace(path, target)
-                report.quarantined.append(target)
+    if repair and (report.corrupt or report.misplaced):
+        try:
+            report.quarantined = _quarantine(store.root, report.corrupt + report.misplaced)
+        except OSError as err:
+            raise store_error(err, "moving bad blobs to quarantine") from err
     return report
+
+
+def _quarantine(root: Path, paths: list[Path]) -> list[Path]:
+    """Move `paths` to `<root>/quarantine/`; where each went."""
+    quarantine = root / QUARANTINE_DIR
+    quarantine.mkdir(exist_ok=True)
+    moved = []
+    for path in paths:
+        target = quarantine / f"{path.relative_to(root).parts[0]}-{path.name}"
+        if path.exists():
+            os.replace(path, target)
+            moved.append(target)
+    return moved
