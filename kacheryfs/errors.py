@@ -157,6 +157,14 @@ class MountError(KacheryError):
     exit_code = 3
 
 
+class ServeError(KacheryError):
+    """The server cannot listen where it was asked to (port in use, address not ours)."""
+
+    errno = _errno.EADDRINUSE
+    http_status = 500
+    exit_code = 3
+
+
 class ConfigError(KacheryError):
     """A configuration file, flag or environment variable is invalid."""
 

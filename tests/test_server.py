@@ -482,3 +482,11 @@ def test_concurrent_uploads_of_one_blob_both_succeed(server: ServerProcess, serv
     assert json.loads(requests.get(f"{server.url}/check/sha1/{digest}", params=signed("lab", "check", digest)).text)[
         "size"
     ] == len(big)
+
+
+def test_serve_on_a_port_in_use_says_so_and_exits_3(server, server_dir):
+    result = subprocess.run(
+        ["kacheryfs", "serve", str(server_dir), "--port", str(server.port)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 3 and f"port {server.port} is in use" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import signal
@@ -21,7 +22,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from kacheryfs import auth
-from kacheryfs.errors import AuthError, ChannelBusy, ConfigError, KacheryError, NotFound
+from kacheryfs.errors import AuthError, ChannelBusy, ConfigError, KacheryError, NotFound, ServeError
 from kacheryfs.hashing import CHUNK
 from kacheryfs.server.channels import ServerChannel, load_channels
 from kacheryfs.server.quotas import QuotaLedger
@@ -226,12 +227,23 @@ def run(
     asyncio.run(_serve(make_app(Path(directory), environ, stall_timeout), host, port))
 
 
+async def _listen(runner: web.AppRunner, host: str, port: int) -> None:
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise ServeError(
+                f"port {port} is in use on {host}: stop what listens there, or give another --port"
+            ) from err
+        raise ServeError(f"cannot listen on {host} port {port}: {err.strerror or err}") from err
+
+
 async def _serve(app: web.Application, host: str, port: int) -> None:
     # Transfers are verified and clients resume, so shutdown may cut them: wait briefly, not 60 s.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await _listen(runner, host, port)
         bound_port = runner.addresses[0][1]
         shown_host = f"[{host}]" if ":" in host else host
         print(f"kacheryfs serve: listening on http://{shown_host}:{bound_port}", file=sys.stderr, flush=True)
