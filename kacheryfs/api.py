@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -19,7 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 from kacheryfs import manifest
 from kacheryfs.config import Config, load_config
-from kacheryfs.errors import ChannelUnavailable, ConfigError, DestinationExists, HashMismatch, KacheryError, NotFound
+from kacheryfs.errors import (
+    ChannelUnavailable,
+    ConfigError,
+    DestinationExists,
+    HashMismatch,
+    InvalidInput,
+    KacheryError,
+    NotFound,
+)
 from kacheryfs.hashing import Digests, hash_file
 from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.resolver import BlobRef, Resolver
@@ -99,9 +108,13 @@ def resolver(fr: Names = None, **settings: Any) -> Resolver:
 
 # -- storing -----------------------------------------------------------------------
 def store_file(path: str | os.PathLike[str], basename: str | None = None, *, to: str | None = None) -> str:
-    """Store a local file; return `sha1://<hash>/<basename>`. Uploads to `to` when set."""
+    """Store a local file; return `sha1://<hash>/<basename>`. Uploads to `to` when set.
+
+    NotFound if there is no such file; InvalidInput for a fifo, socket or device.
+    """
     cfg = _current_config(to=to)
     path = Path(path)
+    _check_storable(path)
     digests = _put_file(cfg, LocalStore.from_config(cfg), path)
     return format_url(file_url("sha1", digests.sha1, basename or path.name))
 
@@ -156,6 +169,18 @@ def store_dir(path: str | os.PathLike[str], label: str | None = None, *, to: str
     _upload(cfg, store, "sha1", digests.sha1, digests.size)
     name = path.resolve().name if label is None else label
     return format_url(KacheryURL("sha1", digests.sha1, True, name))
+
+
+def _check_storable(path: Path) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as err:
+        raise NotFound(f"no such file: {path}") from err
+    # Opening a fifo would wait for a writer forever; a directory is put_file's to refuse.
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise InvalidInput(
+            f"{path} is not a regular file (a fifo, socket or device): only files and directories are stored"
+        )
 
 
 def _put_file(cfg: Config, store: LocalStore, path: Path, group: CommitGroup | None = None) -> Digests:

@@ -55,6 +55,19 @@ def test_store_refuses_a_bad_label_before_storing_anything(tree, label):
     assert result.returncode == 2 and b"label" in result.stderr and not result.stdout
 
 
+def test_store_refuses_a_fifo_given_directly(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    result = subprocess.run(["kachery-store", str(tmp_path / "fifo")], capture_output=True, timeout=20)
+    assert result.returncode == 2 and b"not a regular file" in result.stderr
+
+
+def test_store_stores_every_path_that_exists_and_reports_each_missing_one(tmp_path, tree):
+    result = sh("kachery-store", str(tree / "top.txt"), "/nonexistent1", str(tree), "/nonexistent2")
+    urls = result.stdout.decode().splitlines()
+    assert result.returncode == 1 and len(urls) == 2 and urls[1].startswith("sha1dir://")
+    assert b"/nonexistent1" in result.stderr and b"/nonexistent2" in result.stderr
+
+
 def test_load_prints_a_local_path(tree):
     url = out("kachery-store", str(tree / "top.txt"))
     assert open(out("kachery-load", url)).read() == "top\n"

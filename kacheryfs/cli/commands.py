@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from kacheryfs import api
 from kacheryfs.cli.common import add_fr, add_to, parser, run
+from kacheryfs.errors import NotFound
 from kacheryfs.resolver import BlobRef
 from kacheryfs.uri import check_label, parse_url
 
@@ -18,7 +19,8 @@ _CAT_CHUNK = 8 << 20
 def _store(argv: Sequence[str] | None) -> int:
     p = parser(
         "kachery-store",
-        "Store files or directories in the local store (and upload them with --to); print one URL per path.",
+        "Store files or directories in the local store (and upload them with --to); print one URL per path.\n"
+        "A path that does not exist is reported on stderr and the others are still stored (exit code 1).",
         "  kachery-store data.csv                 # sha1://<hash>/data.csv\n"
         "  kachery-store ds001 --label ds001      # sha1dir://<hash>.ds001\n"
         "  kachery-store big.dat --to lab         # also upload to channel 'lab'",
@@ -29,13 +31,22 @@ def _store(argv: Sequence[str] | None) -> int:
     args = p.parse_args(argv)
     if args.label is not None:
         check_label(args.label)  # before any path is stored
+    missing = 0
     for path in args.paths:
-        if os.path.isdir(path):
-            url = api.store_dir(path, label=args.label, to=args.to)
-        else:
-            url = api.store_file(path, to=args.to)
+        try:
+            url = _store_one(path, args.label, args.to)
+        except NotFound as err:  # the other paths are still stored
+            print(f"kachery-store: {err}", file=sys.stderr)
+            missing += 1
+            continue
         print(url, flush=True)
-    return 0
+    return 1 if missing else 0
+
+
+def _store_one(path: str, label: str | None, to: str | None) -> str:
+    if os.path.isdir(path):
+        return api.store_dir(path, label=label, to=to)
+    return api.store_file(path, to=to)
 
 
 def _load(argv: Sequence[str] | None) -> int:
