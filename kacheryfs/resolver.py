@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict, defaultdict
@@ -24,6 +25,7 @@ from kacheryfs.errors import (
     AuthError,
     ChannelUnavailable,
     HashMismatch,
+    InvalidManifest,
     KacheryError,
     NotFound,
     QuotaExceeded,
@@ -196,9 +198,14 @@ class Resolver:
         for _attempt in range(2):
             self.ensure(alg, digest, size, progress)
             try:
-                return self.store.open(alg, digest)
+                blob = self.store.open(alg, digest)
             except NotFound:
                 continue
+            actual = os.fstat(blob.fileno()).st_size
+            if size is not None and actual != size:  # a manifest that gives a wrong size
+                blob.close()
+                raise InvalidManifest(f"{alg}://{digest} has {actual} bytes, where {size} were expected")
+            return blob
         raise NotFound(f"{alg}://{digest} keeps being evicted as soon as it is fetched: is the cache bound too small?")
 
     def _fetch(self, alg: str, digest: str, size: int | None, progress: ProgressBar | None) -> Path:

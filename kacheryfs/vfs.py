@@ -26,7 +26,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TypeVar
 
-from kacheryfs.errors import ChannelUnavailable, InvalidURL, IsADirectory, KacheryError, NotFound
+from kacheryfs.errors import ChannelUnavailable, InvalidManifest, InvalidURL, IsADirectory, KacheryError, NotFound
 from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.resolver import Resolver
 from kacheryfs.staging import StagingArea
@@ -101,6 +101,13 @@ def _file_info(
         sha1=sha1 if sha1 else (digest if alg == "sha1" else None),
         md5=md5 if md5 else (digest if alg == "md5" else None),
     )
+
+
+def _check_size(info: FileInfo, actual: int | None) -> None:
+    """InvalidManifest if a blob here (`actual` bytes; None: not here) is not the size its path
+    shows: `ls` and `rsync` would believe one size and `cat` read another."""
+    if actual is not None and actual != info.size:
+        raise InvalidManifest(f"{info.url}: the manifest says {info.size} bytes, its blob has {actual}")
 
 
 def _entry_info(entry: FileEntry, name: str) -> FileInfo:
@@ -233,12 +240,17 @@ class FileSystemView:
         return entries
 
     def blob_of(self, path: str) -> tuple[str, str]:
-        """(alg, digest) of the blob behind a file's path (a dict hit after the first time)."""
+        """(alg, digest) of the blob behind a file's path (a dict hit after the first time).
+
+        InvalidManifest if the blob is here and its size is not the one the path shows (the
+        size is checked again when a blob not here yet is fetched, in `open`).
+        """
         key = self._blob_keys.get(path)
         if key is None:
             info = self.stat(path)
             if info.is_dir:
                 raise IsADirectory(f"{path} is a directory")
+            _check_size(info, self.resolver.store.size(info.alg, info.digest))
             key = (info.alg, info.digest)
             if len(self._blob_keys) >= _SNAPSHOT_INFOS:
                 self._blob_keys.clear()
@@ -261,6 +273,11 @@ class FileSystemView:
         except NotFound:
             self._bounded(str(info.url), self.resolver.ensure, info.alg, info.digest, info.size)
             fd = store.open_fd(info.alg, info.digest)
+        try:
+            _check_size(info, os.fstat(fd).st_size)
+        except InvalidManifest:
+            os.close(fd)
+            raise
         if 0 < info.size < _SIBLING_MAX:
             try:
                 self._read_ahead_around(path, fd)

@@ -234,3 +234,13 @@ def test_values_that_cannot_work_are_refused_when_the_file_is_read(tmp_path, lin
     config.write_text(line + "\n")
     with pytest.raises(ConfigError, match="invalid value"):
         load_config(config, env={})
+
+
+def test_a_manifest_giving_a_wrong_size_is_bad_data_not_other_bytes():
+    blob = hashlib.sha1(b"hello\n").hexdigest()
+    ka.store_text("hello\n")
+    manifest = {"files": {"short": {"size": 2, "sha1": blob}, "right": {"size": 6, "sha1": blob}}, "dirs": {}}
+    snapshot = ka.store_object(manifest).split("/")[2]
+    assert ka.load_text(f"sha1dir://{snapshot}.x/right") == "hello\n"
+    with pytest.raises(InvalidManifest, match="where 2 were expected"):
+        ka.load_text(f"sha1dir://{snapshot}.x/short")

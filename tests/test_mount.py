@@ -458,3 +458,18 @@ def test_foreground_mount_stops_on_ctrl_c(tmp_path: Path) -> None:
             proc.wait(timeout=10)
         if is_mounted(mnt):
             subprocess.run(["fusermount3", "-uz", str(mnt)], check=False, timeout=30)
+
+
+def test_a_manifest_giving_a_wrong_size_is_eio_not_other_bytes(sample) -> None:
+    mount = sample[0]
+    store = LocalStore(mount.storage)
+    blob = store.put_bytes(b"hello\n")
+    entries = {name: {"size": size, "sha1": blob.sha1} for name, size in (("short", 2), ("long", 100), ("right", 6))}
+    snapshot = store.put_bytes(json.dumps({"files": entries, "dirs": {}}).encode()).sha1
+    root = mount.mountpoint / "sha1dir" / snapshot
+    assert (root / "right").read_bytes() == b"hello\n"
+    for name in ("short", "long"):
+        with pytest.raises(OSError) as err:
+            (root / name).read_bytes()
+        assert err.value.errno == errno.EIO
+    assert "the manifest says 2 bytes, its blob has 6" in mount.log_text()
