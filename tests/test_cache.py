@@ -211,6 +211,13 @@ def test_fsck_repair_of_a_sound_store_makes_no_quarantine_dir(storage_dir):
     assert not (storage_dir / "quarantine").exists()
 
 
+def test_pin_of_a_blob_not_in_the_store_pins_it_and_says_so(storage_dir):
+    absent = "sha1://" + "0" * 40
+    result = run("pin", absent)
+    assert result.returncode == 0 and "not in the local store" in result.stderr
+    assert run("unpin", absent).stdout == ""  # it was pinned
+
+
 def test_gc_without_a_bound_explains_itself():
     result = run("gc")
     assert result.returncode == 2 and "max-size" in result.stdout

@@ -1,5 +1,7 @@
 """Pin (or unpin) blobs so the cache never evicts them; a sha1dir URL pins its whole snapshot.
 
+A blob not in the local store yet is pinned all the same (it is kept once fetched), with a note.
+
 examples:
   kacheryfs pin sha1dir://<hash>.ds001          # the manifest and every file in it
   kacheryfs pin sha1://<hash>/weights.npy
@@ -9,6 +11,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import sys
 
 from kacheryfs.cli.common import add_config_args, config_from
 from kacheryfs.store import LocalStore
@@ -29,4 +32,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"kacheryfs unpin: {url} was not pinned")
         else:
             store.cache.pin(url.alg, url.hash, is_dir=url.is_dir)
+            if not store.has(url.alg, url.hash):
+                note = f"kacheryfs pin: {url} is not in the local store: pinned, it will be kept once fetched"
+                print(note, file=sys.stderr)
     return 0
