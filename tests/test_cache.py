@@ -161,6 +161,7 @@ def test_cli_fsck_exit_codes(storage_dir):
         f.write(b"y")
     result = run("fsck")
     assert result.returncode == 4 and "corrupt" in result.stdout
+    assert "checked 1 blobs" in result.stderr and "1 corrupt" in result.stderr  # its md5 name is the same blob
     assert run("fsck", "--repair").returncode == 0
     assert run("fsck").returncode == 0
     with pytest.raises(ka.NotFound):

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     for path in report.quarantined:
         print(f"quarantined: {path}")
     print(
-        f"checked {report.checked} blobs ({human(report.checked_bytes)}): {len(report.corrupt)} corrupt, "
+        f"checked {report.checked} blobs ({human(report.checked_bytes)}): {report.corrupt_blobs} corrupt, "
         f"{len(report.misplaced)} misplaced; {report.temp_removed} temp files removed",
         file=sys.stderr,
     )

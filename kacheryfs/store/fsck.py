@@ -29,6 +29,7 @@ class FsckReport:
 
     checked: int = 0
     checked_bytes: int = 0
+    corrupt_blobs: int = 0  # by inode: `corrupt` lists every name, md5 ones too
     corrupt: list[Path] = field(default_factory=list)
     misplaced: list[Path] = field(default_factory=list)
     temp_removed: int = 0
@@ -81,6 +82,7 @@ def fsck(store: LocalStore, *, repair: bool = False, jobs: int | None = None,
         for blob, (corrupt, misplaced) in zip(blobs, pool.map(lambda b: _check(b, store.root), blobs), strict=True):
             report.checked += 1
             report.checked_bytes += blob.size
+            report.corrupt_blobs += bool(corrupt)
             report.corrupt.extend(corrupt)
             report.misplaced.extend(misplaced)
             if progress:
