@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kacheryfs import manifest
-from kacheryfs.errors import KacheryError, NotFound
+from kacheryfs.errors import InvalidInput, KacheryError, NotFound
 from kacheryfs.hashing import Digests, Hasher, hash_file
 from kacheryfs.manifest import FileEntry
 from kacheryfs.store import LocalStore
@@ -133,6 +133,14 @@ class StagingArea:
             raise NotFound(f"invalid staging path {rel!r}")
         return os.path.join(self.root, *parts)
 
+    def new_name(self, rel: str) -> str:
+        """`real` of a name about to be made: InvalidInput unless a manifest can hold it."""
+        try:
+            rel.encode()
+        except UnicodeEncodeError:
+            raise InvalidInput(f"{rel!r}: a staged name must be valid UTF-8 (manifests are JSON)") from None
+        return self.real(rel)
+
     def stat(self, rel: str) -> os.stat_result:
         try:
             return os.lstat(self.real(rel))
@@ -152,7 +160,7 @@ class StagingArea:
 
     # -- files -------------------------------------------------------------------------
     def create(self, rel: str, flags: int, mode: int, opener: int | None = None) -> int:
-        path = self.real(rel)
+        path = self.new_name(rel)
         with self._lock:  # creates, renames and unlinks all hold it: a name found missing stays so
             try:
                 self._break_sharing(path, os.lstat(path), truncate=bool(flags & os.O_TRUNC))
@@ -268,7 +276,7 @@ class StagingArea:
             os.unlink(self.real(rel))
 
     def mkdir(self, rel: str, mode: int) -> None:
-        os.mkdir(self.real(rel), mode & 0o7777)
+        os.mkdir(self.new_name(rel), mode & 0o7777)
 
     def rmdir(self, rel: str) -> None:
         os.rmdir(self.real(rel))
@@ -276,7 +284,7 @@ class StagingArea:
     def rename(self, old: str, new: str, flags: int = 0) -> None:
         """rename(2) and renameat2(2)'s RENAME_NOREPLACE / RENAME_EXCHANGE (tools rely on both)."""
         with self._lock:  # with the handles' names, which flush and copy-on-write go by
-            _rename(self.real(old), self.real(new), flags)
+            _rename(self.real(old), self.new_name(new), flags)
             moves = [(old, new), (new, old)] if flags & RENAME_EXCHANGE else [(old, new)]
             renamed = {}
             for handle in self._handles.values():

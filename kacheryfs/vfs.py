@@ -78,7 +78,8 @@ class FileInfo:
         """The `user.kachery.*` attributes of this path (none for paths without a URL)."""
         if self.url is None:
             return {}
-        out = {XATTR_PREFIX + "url": str(self.url).encode(), XATTR_PREFIX + "size": str(self.size).encode()}
+        # fsencode: a name that is not UTF-8 comes back as the bytes it is
+        out = {XATTR_PREFIX + "url": os.fsencode(str(self.url)), XATTR_PREFIX + "size": str(self.size).encode()}
         if self.sha1:
             out[XATTR_PREFIX + "sha1"] = self.sha1.encode()
         if self.md5:

@@ -473,3 +473,16 @@ def test_a_manifest_giving_a_wrong_size_is_eio_not_other_bytes(sample) -> None:
             (root / name).read_bytes()
         assert err.value.errno == errno.EIO
     assert "the manifest says 2 bytes, its blob has 6" in mount.log_text()
+
+
+def test_names_that_are_not_utf8_are_answered_and_logged_never_crashed_on(sample) -> None:
+    mount, _tree, url = sample
+    digest = url.removeprefix("sha1dir://").split(".")[0]
+    odd = os.fsencode(mount.mountpoint / "sha1dir") + b"/" + digest.encode() + b".\xff"
+    assert os.getxattr(odd, "user.kachery.url") == b"sha1dir://" + digest.encode() + b".\xff"
+    with pytest.raises(FileNotFoundError):
+        os.stat(odd + b"/missing\xfe")
+    with pytest.raises(OSError) as err:  # a staged name must fit in a manifest (JSON, UTF-8)
+        open(os.fsencode(mount.mountpoint / "staging") + b"/\xff.txt", "wb").close()
+    assert err.value.errno == errno.EINVAL
+    assert "missing\\udcfe" in mount.log_text() and "Logging error" not in mount.log_text()

@@ -58,7 +58,10 @@ def default_log_file(mountpoint: Path) -> Path:
 
 def configure_logging(log_file: Path | None, level: str) -> None:
     """The daemon logs to `log_file` when given, else to stderr."""
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    # A name that is not UTF-8 (kept by Python as surrogates) is logged escaped, not lost to an encoding error.
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    if log_file:
+        handler = logging.FileHandler(log_file, errors="backslashreplace")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
