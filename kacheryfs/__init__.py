@@ -26,12 +26,26 @@ from kacheryfs.api import (
     store_text,
 )
 from kacheryfs.errors import (
+    AuthError,
+    ChannelBusy,
     ChannelUnavailable,
+    ConfigError,
+    DestinationExists,
+    Forbidden,
     HashMismatch,
+    InvalidInput,
     InvalidManifest,
     InvalidURL,
+    IsADirectory,
     KacheryError,
+    MountError,
+    NotADirectory,
     NotFound,
+    QuotaExceeded,
+    ServeError,
+    StoreError,
+    StoreFull,
+    TooLarge,
 )
 
 __version__ = "0.1.0"
@@ -48,12 +62,26 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "AuthError",
+    "ChannelBusy",
     "ChannelUnavailable",
+    "ConfigError",
+    "DestinationExists",
+    "Forbidden",
     "HashMismatch",
+    "InvalidInput",
     "InvalidManifest",
     "InvalidURL",
+    "IsADirectory",
     "KacheryError",
+    "MountError",
+    "NotADirectory",
     "NotFound",
+    "QuotaExceeded",
+    "ServeError",
+    "StoreError",
+    "StoreFull",
+    "TooLarge",
     "config",
     "get_config",
     "get_file_info",

@@ -244,3 +244,11 @@ def test_a_manifest_giving_a_wrong_size_is_bad_data_not_other_bytes():
     assert ka.load_text(f"sha1dir://{snapshot}.x/right") == "hello\n"
     with pytest.raises(InvalidManifest, match="where 2 were expected"):
         ka.load_text(f"sha1dir://{snapshot}.x/short")
+
+
+def test_every_kacheryfs_error_is_importable_from_the_package():
+    import kacheryfs.errors
+
+    defined = {n for n, v in vars(kacheryfs.errors).items() if isinstance(v, type) and issubclass(v, ka.KacheryError)}
+    assert defined <= set(ka.__all__)
+    assert all(getattr(ka, name) is getattr(kacheryfs.errors, name) for name in defined)
