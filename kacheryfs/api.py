@@ -26,7 +26,10 @@ from kacheryfs.errors import (
     DestinationExists,
     HashMismatch,
     InvalidInput,
+    InvalidManifest,
+    IsADirectory,
     KacheryError,
+    NotADirectory,
     NotFound,
 )
 from kacheryfs.hashing import Digests, hash_file
@@ -246,9 +249,21 @@ def progress_bar(total: int | None, desc: str) -> Iterator[Callable[[int], None]
 
 
 # -- loading -----------------------------------------------------------------------
+@contextlib.contextmanager
+def naming(url: str) -> Iterator[None]:
+    """Errors about what `url` names say the URL: the resolver and manifest know only hashes and sub-paths."""
+    try:
+        yield
+    except (NotFound, InvalidManifest, IsADirectory, NotADirectory) as err:
+        if url in str(err):
+            raise
+        raise type(err)(f"{url}: {err}") from err
+
+
 def _local_path(url: str, fr: Names) -> Path:
     res = resolver(fr)
-    ref = res.blob_ref(url)
+    with naming(url):
+        ref = res.blob_ref(url)
     return res.ensure(ref.alg, ref.digest, ref.size, progress=progress_bar)
 
 
@@ -278,7 +293,8 @@ def load_bytes(url: str, start: int | None = None, end: int | None = None, *, fr
     whole file is fetched and verified.
     """
     res = resolver(fr)
-    ref = res.blob_ref(url)
+    with naming(url):
+        ref = res.blob_ref(url)
     if start is None and end is None:
         with res.open_blob(ref.alg, ref.digest, ref.size, progress=progress_bar) as f:
             return f.read()
@@ -323,7 +339,8 @@ def load_npy(url: str, *, fr: Names = None) -> Any:
     import numpy as np
 
     res = resolver(fr)
-    ref = res.blob_ref(url)
+    with naming(url):
+        ref = res.blob_ref(url)
     with res.open_blob(ref.alg, ref.digest, ref.size, progress=progress_bar) as f:
         return np.load(f, allow_pickle=False)
 
@@ -334,7 +351,8 @@ def read_dir(url: str, recursive: bool = True, *, fr: Names = None) -> dict[str,
     With `recursive=False` sub-directories are listed with empty contents, as the
     original did.
     """
-    node = resolver(fr).dir_node(url)
+    with naming(url):
+        node = resolver(fr).dir_node(url)
     if recursive:
         return node.to_json()
     return {
@@ -352,7 +370,8 @@ def load_dir(url: str, dest: str | os.PathLike[str], *, fr: Names = None, jobs: 
     if dest.exists():
         raise DestinationExists(f"{dest} already exists: load_dir writes a new directory, give a path not yet there")
     res = resolver(fr)
-    node = res.dir_node(url)
+    with naming(url):
+        node = res.dir_node(url)
     # Fetched in parallel first; a blob the cache could not keep is fetched again, alone,
     # when it is copied out, so only what fails then is an error.
     _fetch_with_progress(res, [url], jobs, strict=False)
@@ -431,7 +450,8 @@ def get_file_info(url: str, *, fr: Names = None) -> dict[str, Any]:
     `{"path": <local path or None>, "size", "sha1", "md5", "found_in": "local"|<channel>}`
     """
     res = resolver(fr)
-    ref = res.blob_ref(url)
+    with naming(url):
+        ref = res.blob_ref(url)
     found = res.find(ref.alg, ref.digest)
     if found is None:
         raise NotFound(f"{url} was found in no store or channel")

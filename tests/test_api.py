@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -139,6 +140,12 @@ def test_unknown_subpath_raises_not_found(tmp_path):
     url = ka.store_dir(_tree(tmp_path / "d"))
     with pytest.raises(NotFound):
         ka.load_text(url + "/nope.txt")
+
+
+def test_a_missing_snapshot_is_not_found_naming_its_url():
+    url = "sha1dir://" + "0" * 40 + ".x/a/b"
+    with pytest.raises(NotFound, match=re.escape(url)):
+        ka.load_text(url)
 
 
 def test_directory_where_a_file_is_needed(tmp_path):

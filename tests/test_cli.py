@@ -168,3 +168,19 @@ def test_load_of_a_file_onto_a_directory_is_a_usage_error_naming_it(tmp_path, tr
     result = sh("kachery-load", url, "--dest", str(tmp_path / "out1"))
     assert result.returncode == 2 and str(tmp_path / "out1").encode() in result.stderr
     assert b"Errno" not in result.stderr
+
+
+def test_errors_about_what_a_url_names_name_the_url(tree):
+    snapshot = out("kachery-store", str(tree))
+    text = out("kachery-store", str(tree / "top.txt"))
+    not_a_manifest = text.replace("sha1://", "sha1dir://").rsplit("/", 1)[0] + ".x"
+    missing = "sha1dir://" + "0" * 40 + ".x/a/b"
+    cases = [
+        ("kachery-cat", snapshot + "/nonexistent.txt"),
+        ("kachery-ls", not_a_manifest),
+        ("kachery-cat", missing),
+        ("kachery-load", missing),
+    ]
+    for command, url in cases:
+        result = sh(command, url)
+        assert result.returncode != 0 and url.encode() in result.stderr, (command, result.stderr)

@@ -62,7 +62,9 @@ def _load(argv: Sequence[str] | None) -> int:
     add_fr(p)
     args = p.parse_args(argv)
     url = parse_url(args.url)
-    if url.is_dir and not isinstance(api.resolver(args.fr).resolve(url), BlobRef):
+    with api.naming(args.url):
+        found = api.resolver(args.fr).resolve(url) if url.is_dir else None
+    if url.is_dir and not isinstance(found, BlobRef):
         if not args.dest:
             raise ValueError(f"{args.url} is a directory: give --dest DIR to download it")
         print(api.load_dir(args.url, args.dest, fr=args.fr))
@@ -83,7 +85,8 @@ def _cat(argv: Sequence[str] | None) -> int:
     add_fr(p)
     args = p.parse_args(argv)
     res = api.resolver(args.fr)
-    ref = res.blob_ref(args.url)
+    with api.naming(args.url):
+        ref = res.blob_ref(args.url)
     out = sys.stdout.buffer
     out.flush()
     if args.start is None and args.end is None:
@@ -132,7 +135,8 @@ def _ls(argv: Sequence[str] | None) -> int:
     p.add_argument("--long", "-l", action="store_true", help="also print each file's size and sha1")
     add_fr(p)
     args = p.parse_args(argv)
-    node = api.resolver(args.fr).dir_node(args.url)
+    with api.naming(args.url):
+        node = api.resolver(args.fr).dir_node(args.url)
     for name in sorted(node.dirs):
         print(f"{name}/")
     for name in sorted(node.files):
