@@ -215,6 +215,7 @@ def _put_file(cfg: Config, store: LocalStore, path: Path, group: CommitGroup | N
             sent = False
     if not sent:
         channel.upload("sha1", digests.sha1, store.blob_path("sha1", digests.sha1), digests.size)
+    store.note_remote("sha1", digests.sha1, channel.name)
     return digests
 
 
@@ -225,6 +226,7 @@ def _upload(cfg: Config, store: LocalStore, alg: str, digest: str, size: int) ->
         return
     with progress_bar(size, f"upload {digest[:10]}… to {channel.name}") as progress:
         channel.upload(alg, digest, store.blob_path(alg, digest), size, progress=progress)
+    store.note_remote(alg, digest, channel.name)
 
 
 def _write_channel(cfg: Config) -> HttpChannel | None:

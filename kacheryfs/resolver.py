@@ -175,7 +175,8 @@ class Resolver:
                 result = self._fetch(alg, digest, size, progress)
             except StoreFull:
                 # the disk filled up below the cache bounds: make room once and try again
-                freed, _ = self.store.cache.evict(free_at_least=max(size or 0, _ENOSPC_FREE))
+                # (only blobs a channel holds, and only if that can make the room: see Cache.evict)
+                freed, _ = self.store.cache.evict(free_at_least=max(size or 0, _ENOSPC_FREE), need=size or 0)
                 if not freed:
                     raise
                 result = self._fetch(alg, digest, size, progress)
@@ -221,7 +222,7 @@ class Resolver:
             with self.store.writer(md5=alg == "md5", size_hint=size) as writer, bar as received:
                 try:
                     channel.fetch(alg, digest, writer, expected_size=size, progress=received)
-                    digests = writer.commit(expect_alg=alg, expect_hash=digest, expect_size=size)
+                    digests = writer.commit(expect_alg=alg, expect_hash=digest, expect_size=size, remote=channel.name)
                 except NotFound:
                     failures.append(f"{channel.name}: not found")
                     result = "not found"

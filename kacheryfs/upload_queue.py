@@ -182,6 +182,7 @@ class UploadQueue:
             with self._lock:
                 entry.attempts, entry.error, entry.next_try = entry.attempts + 1, str(err), time.time() + delay
             return
+        self.store.note_remote("sha1", sha1, channel.name)
         self._done(sha1, _UPLOADED)
         log.info("uploaded sha1://%s to %s", sha1, channel.name)
 

@@ -18,7 +18,17 @@ MiB = 1 << 20
 
 
 def _put(store: LocalStore, n: int, size: int = MiB):
-    return [store.put_bytes(bytes([i]) * size) for i in range(n)]
+    """`n` blobs as if fetched from a channel: the ones the cache may evict."""
+    blobs = [store.put_bytes(bytes([i]) * size) for i in range(n)]
+    for d in blobs:
+        store.note_remote("sha1", d.sha1, "lab")
+    return blobs
+
+
+def _all_fetched(store: LocalStore) -> None:
+    """Note every blob in the store as held by a channel (as if fetched from it)."""
+    for digest, _path in list(store.iter_blobs("sha1")):
+        store.note_remote("sha1", digest, "lab")
 
 
 def _age(store: LocalStore, digests, start: float = 1_000_000.0):
@@ -65,7 +75,7 @@ def test_open_blobs_are_never_evicted(tmp_path):
 
 
 def test_pinned_blobs_survive_gc(tmp_path):
-    blobs = [LocalStore(tmp_path).put_bytes(b"a" * 10)]
+    blobs = _put(LocalStore(tmp_path), 1, size=10)
     store = LocalStore(tmp_path, limits=CacheLimits(max_size=1))
     store.cache.pin("sha1", blobs[0].sha1)
     store.cache.evict()
@@ -83,6 +93,7 @@ def test_pinning_a_snapshot_pins_every_file_in_it(tmp_path, storage_dir):
     loose = ka.store_text("loose")
     parsed = parse_url(url)
     store = LocalStore(storage_dir, limits=CacheLimits(max_size=1))
+    _all_fetched(store)
     store.cache.pin("sha1", parsed.hash, is_dir=True)
     store.cache.evict()
     assert ka.load_text(url + "/sub/b") == "b"
@@ -95,8 +106,23 @@ def test_an_insert_that_cannot_fit_is_store_full(tmp_path):
     store = LocalStore(tmp_path, limits=CacheLimits(max_size=MiB))
     d = store.put_bytes(b"p" * MiB)
     store.cache.pin("sha1", d.sha1)
-    with pytest.raises(StoreFull, match="pinned or open"):
+    with pytest.raises(StoreFull, match="cannot make room for 10 bytes"):
         store.put_bytes(b"q" * 10)
+
+
+def test_blobs_stored_here_and_never_uploaded_are_never_evicted_unless_asked(tmp_path):
+    store = LocalStore(tmp_path, limits=CacheLimits(max_size=2 * MiB))
+    only_copies = [store.put_bytes(bytes([i]) * MiB) for i in range(2)]
+    with pytest.raises(StoreFull, match="2 blobs stored here were never uploaded"):
+        store.put_bytes(b"\xfc" * MiB)
+    assert all(store.has("sha1", d.sha1) for d in only_copies)  # nothing evicted for nothing
+    store.note_remote("sha1", only_copies[0].sha1, "lab")  # uploaded since: fetchable again
+    new = store.put_bytes(b"\xfc" * MiB)
+    assert not store.has("sha1", only_copies[0].sha1)
+    assert store.has("sha1", only_copies[1].sha1) and store.has("sha1", new.sha1)
+    tighter = LocalStore(tmp_path, limits=CacheLimits(max_size=MiB))
+    assert tighter.cache.evict() == (0, 0)
+    assert tighter.cache.evict(include_local=True) == (MiB, 1)  # gc --include-local
 
 
 def test_usage_counts_a_blob_once_despite_its_md5_name(tmp_path):
@@ -143,7 +169,9 @@ def test_cli_pin_gc_du(tmp_path, storage_dir):
     assert run("pin", keep).returncode == 0
     du = json.loads(run("du", "--json").stdout)
     assert du["blobs"] == 2 and du["pinned_blobs"] == 1
-    result = run("gc", "--max-size", "1")
+    result = run("gc", "--max-size", "1")  # both were stored here, never uploaded: the only copies
+    assert result.returncode == 0 and "evicted 0 blobs" in result.stdout
+    result = run("gc", "--max-size", "1", "--include-local")
     assert result.returncode == 0 and "evicted 1 blobs" in result.stdout
     assert ka.load_text(keep).startswith("keep me")
     with pytest.raises(ka.NotFound):
@@ -196,7 +224,7 @@ def test_fsck_repair_on_a_read_only_store_is_a_store_error(read_only_store):
     assert result.returncode == 5 and _one_clear_line(result) and "Read-only" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["pin {url}", "unpin {url}", "gc --max-size 0"])
+@pytest.mark.parametrize("command", ["pin {url}", "unpin {url}", "gc --max-size 0 --include-local"])
 def test_pin_and_gc_on_a_read_only_store_are_store_errors(read_only_store, command):
     root, url, remount_ro = read_only_store
     if command.startswith("unpin"):

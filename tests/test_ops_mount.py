@@ -22,9 +22,11 @@ MiB = 1 << 20
 
 
 def _blobs(store: LocalStore, n: int) -> list[str]:
-    """n blobs of 1 MiB, made old (atime 1970 + i) so their LRU order is their list order."""
+    """n blobs of 1 MiB as if fetched from a channel (evictable), made old (atime 1970 + i) so
+    their LRU order is their list order."""
     digests = [store.put_bytes(bytes([i + 1]) * MiB).sha1 for i in range(n)]
     for i, digest in enumerate(digests):
+        store.note_remote("sha1", digest, "lab")
         path = store.blob_path("sha1", digest)
         os.utime(path, (1_000_000 + i, path.stat().st_mtime))
     return digests

@@ -15,6 +15,7 @@ import kacheryfs as ka
 from kacheryfs import api
 from kacheryfs.remote import HttpChannel
 from kacheryfs.store import LocalStore
+from kacheryfs.store.cache import DIGESTS_XATTR
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -44,11 +45,22 @@ def on_server(server: ServerProcess, sha1: str) -> int | None:
     return HttpChannel("lab", server.url, "lab", PASSWORD).check("sha1", sha1)
 
 
+def remote_noted(sha1: str) -> object:
+    """The channel the local store's note on a blob names as holding a copy (None: none)."""
+    path = ka.api.resolver().store.blob_path("sha1", sha1)
+    return json.loads(os.getxattr(path, DIGESTS_XATTR)).get("remote")
+
+
 def test_store_with_to_uploads_and_another_machine_loads(lab, tmp_path, monkeypatch):
+    sha1 = hashlib.sha1(b"shared text").hexdigest()
     url = ka.store_text("shared text", to="lab")
-    assert on_server(lab, hashlib.sha1(b"shared text").hexdigest()) == 11
+    assert on_server(lab, sha1) == 11
+    assert remote_noted(sha1) == "lab"  # uploaded: the cache may evict it now
     on_other_machine(tmp_path, monkeypatch)
     assert ka.load_text(url) == "shared text"
+    assert remote_noted(sha1) == "lab"  # fetched from there
+    ka.store_text("only here")
+    assert remote_noted(hashlib.sha1(b"only here").hexdigest()) is None  # never evicted
 
 
 def test_store_dir_with_to_uploads_every_file_and_the_manifest(lab, tmp_path, monkeypatch):

@@ -3,7 +3,9 @@
 Eviction runs at insert time (before a blob is linked in), so the store never overshoots
 `max_size`. What is never evicted: a blob some process holds open (readers take a shared
 flock; eviction needs an exclusive one), a pinned blob or anything inside a pinned
-snapshot (`<root>/pins/`), and a blob pinned by staging until it is uploaded.
+snapshot (`<root>/pins/`), a blob pinned by staging until it is uploaded, and a blob no
+channel is known to hold: one stored here and never uploaded may be the only copy there
+is. A blob's note (`DIGESTS_XATTR`) names the channel it was fetched from or uploaded to.
 Recency is the blob's atime, set in batches by `note_access`, never once per read.
 """
 
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 PINS_DIR = "pins"
 _FLUSH_EVERY = 5.0  # seconds between batched atime updates
 _RECENT_ENOUGH = 60.0  # an atime this fresh is not rewritten: LRU needs no finer clock
+DIGESTS_XATTR = "user.kacheryfs.digests"  # a blob's note: {"size", "sha1", "md5", "remote"}
 _WRITTEN_MAX = 100_000  # remembered atime writes, so the memory stays bounded
 _RESCAN_AFTER = 30.0  # seconds before the usage total is re-read from disk (other processes insert too)
 
@@ -200,24 +203,43 @@ class Cache:
         if evicted:
             log.info("evicted %d blobs (%d bytes) to make room for %d bytes", evicted, freed, incoming)
 
-    def evict(self, incoming: int = 0, free_at_least: int = 0) -> tuple[int, int]:
+    def evict(
+        self, incoming: int = 0, free_at_least: int = 0, *, need: int = 0, include_local: bool = False
+    ) -> tuple[int, int]:
         """Evict down to the limits, leaving room for `incoming` bytes and freeing at least
-        `free_at_least` (used when the disk filled up below the limits); (bytes freed, blobs evicted)."""
+        `free_at_least` (used when the disk filled up below the limits); (bytes freed, blobs evicted).
+
+        Only blobs a channel holds are evicted (`include_local`: also those stored here and
+        never uploaded). StoreFull, with nothing evicted, when what could be evicted would
+        not make the room: for `incoming` within the limits, or for `need` bytes on the disk.
+        """
         # One eviction at a time in a process: two would lock each other's candidates and
         # take them for open blobs.
         with self._evict_lock:
-            return self._evict(incoming, free_at_least)
+            return self._evict(incoming, free_at_least, need, include_local)
 
-    def _evict(self, incoming: int, free_at_least: int) -> tuple[int, int]:
+    def _evict(self, incoming: int, free_at_least: int, need: int, include_local: bool) -> tuple[int, int]:
         self.flush_access()
         blobs = self.scan()
         usage = sum(b.size for b in blobs.values())
         pinned = self.pinned_paths()
+        unpinned = [b for b in blobs.values() if not any(p in pinned for p in b.paths)]
+        candidates = [b for b in unpinned if include_local or _has_remote_copy(b.paths[0])]
+        evictable = sum(b.size for b in candidates)
+        free = _free_bytes(self.root)
+        if (incoming and not self._fits(usage - evictable, incoming)) or evictable + free < need:
+            local_only = len(unpinned) - len(candidates)
+            raise StoreFull(
+                f"the store {self.root} cannot make room for {max(incoming, need)} bytes: evicting all it may "
+                f"would free {evictable} of {usage} (the rest is pinned, or {local_only} blobs stored here "
+                f"were never uploaded: `kacheryfs gc --include-local` evicts those too; limits: "
+                f"cache.max_size={self.limits.max_size}, cache.min_free_space={self.limits.min_free_space})"
+            )
         freed = evicted = 0
-        for blob in sorted(blobs.values(), key=lambda b: b.atime):
+        for blob in sorted(candidates, key=lambda b: b.atime):
             if freed >= free_at_least and self._fits(usage - freed, incoming):
                 break
-            if any(p in pinned for p in blob.paths) or not _remove_unless_open(blob.paths):
+            if not _remove_unless_open(blob.paths):
                 continue
             freed += blob.size
             evicted += 1
@@ -225,7 +247,7 @@ class Cache:
             self._usage, self._usage_at = usage - freed + incoming, time.monotonic()
         if not self._fits(usage - freed, incoming) and incoming:
             raise StoreFull(
-                f"the store cannot make room for {incoming} bytes: everything left is pinned or open "
+                f"the store cannot make room for {incoming} bytes: everything left is pinned, open or never uploaded "
                 f"(cache.max_size={self.limits.max_size}, cache.min_free_space={self.limits.min_free_space})"
             )
         return freed, evicted
@@ -254,6 +276,20 @@ _NOW_OMIT = (_Timespec * 2)(_Timespec(0, _UTIME_NOW), _Timespec(0, _UTIME_OMIT))
 def _touch_atime(path: str) -> None:
     """Set the atime to now and leave the mtime: one syscall (os.utime needs a stat first)."""
     _libc.utimensat(_AT_FDCWD, os.fsencode(path), _NOW_OMIT, 0)
+
+
+def _has_remote_copy(path: Path) -> bool:
+    """Whether the blob's note names a channel holding it (it can be fetched again)."""
+    try:
+        note = json.loads(os.getxattr(path, DIGESTS_XATTR))
+    except (OSError, ValueError):
+        return False
+    return isinstance(note, dict) and bool(note.get("remote"))
+
+
+def _free_bytes(root: Path) -> int:
+    st = os.statvfs(root)
+    return st.f_bavail * st.f_frsize
 
 
 def _remove_unless_open(paths: list[Path]) -> bool:

@@ -22,14 +22,13 @@ from typing import TYPE_CHECKING, BinaryIO
 from kacheryfs.errors import HashMismatch, NotFound, StoreError, StoreFull
 from kacheryfs.hashing import CHUNK, Digests, Hasher, hash_file, write_all
 from kacheryfs.store import direct
-from kacheryfs.store.cache import Cache, CacheLimits, blob_file, blob_path
+from kacheryfs.store.cache import DIGESTS_XATTR, Cache, CacheLimits, blob_file, blob_path
 from kacheryfs.uri import ALGORITHMS, check_hash, is_hash
 
 if TYPE_CHECKING:
     from kacheryfs.config import Config
 
 TEMP_DIR = "tmp"
-DIGESTS_XATTR = "user.kacheryfs.digests"
 TEMP_SUFFIX = ".part"
 
 
@@ -176,10 +175,16 @@ class BlobWriter:
             raise _io_error(err, f"writing {self.path}") from err
 
     def commit(
-        self, *, expect_alg: str | None = None, expect_hash: str | None = None, expect_size: int | None = None
+        self,
+        *,
+        expect_alg: str | None = None,
+        expect_hash: str | None = None,
+        expect_size: int | None = None,
+        remote: str | None = None,
     ) -> Digests:
-        """fsync, check the expectations, and link the blob in under both of its hashes."""
-        digests = self.seal(expect_alg=expect_alg, expect_hash=expect_hash, expect_size=expect_size)
+        """fsync, check the expectations, and link the blob in under both of its hashes
+        (`remote`: the channel it came from, see `BlobWriter.seal`)."""
+        digests = self.seal(expect_alg=expect_alg, expect_hash=expect_hash, expect_size=expect_size, remote=remote)
         try:
             os.fsync(self.fd)
             self.store._link_into_place(self.path, digests)
@@ -190,10 +195,19 @@ class BlobWriter:
         return digests
 
     def seal(
-        self, *, expect_alg: str | None = None, expect_hash: str | None = None, expect_size: int | None = None
+        self,
+        *,
+        expect_alg: str | None = None,
+        expect_hash: str | None = None,
+        expect_size: int | None = None,
+        remote: str | None = None,
     ) -> Digests:
         """Finish the blob and check the expectations: it is then read-only, its digests noted
-        on it, ready to be made durable and linked. On any failure the writer is aborted."""
+        on it, ready to be made durable and linked. On any failure the writer is aborted.
+
+        `remote` names a channel that holds a copy (it was fetched from there): only such
+        blobs may be evicted, see `Cache`.
+        """
         try:
             digests = self._finish()
             if expect_size is not None and digests.size != expect_size:
@@ -202,7 +216,7 @@ class BlobWriter:
             if expect_hash is not None and got != expect_hash.lower():
                 raise HashMismatch(f"expected {expect_alg}:{expect_hash}, got {got}")
             os.fchmod(self.fd, 0o444)
-            _record_digests(self.fd, digests)
+            _record_digests(self.fd, digests, remote)
         except OSError as err:
             self.abort()
             raise _io_error(err, f"writing {self.path}") from err
@@ -313,7 +327,25 @@ class LocalStore:
         self._index_md5(final, digests)
         fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            _record_digests(fd, digests)
+            _record_digests(fd, digests, _noted(fd).get("remote"))
+        finally:
+            os.close(fd)
+
+    def note_remote(self, alg: str, digest: str, channel: str) -> None:
+        """Note that `channel` holds a copy of this blob (it was uploaded there): it may now be
+        evicted, being fetchable again."""
+        try:
+            fd = os.open(self.blob_file(alg, digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            note = _noted(fd)
+            if note:
+                note["remote"] = channel
+                with suppress(OSError):
+                    os.setxattr(fd, DIGESTS_XATTR, json.dumps(note).encode())
+            else:  # stored before notes were kept, or noted nowhere: note it whole
+                _record_digests(fd, hash_file(self.blob_path(alg, digest)), channel)
         finally:
             os.close(fd)
 
@@ -422,7 +454,7 @@ class LocalStore:
         if self._try_hard_link(Path(path), digests):
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                _record_digests(fd, digests)
+                _record_digests(fd, digests, _noted(fd).get("remote"))
             finally:
                 os.close(fd)
             return
@@ -614,11 +646,22 @@ def _link(src: Path, dst: Path) -> None:
         os.link(src, dst)
 
 
-def _record_digests(fd: int, digests: Digests) -> None:
-    """Note both digests on the blob itself, so `kachery-info` need not hash it again."""
-    note = json.dumps({"size": digests.size, "sha1": digests.sha1, "md5": digests.md5})
+def _record_digests(fd: int, digests: Digests, remote: object = None) -> None:
+    """Note both digests on the blob itself, so `kachery-info` need not hash it again, and the
+    channel known to hold a copy (`remote`)."""
+    note: dict[str, object] = {"size": digests.size, "sha1": digests.sha1, "md5": digests.md5}
+    if remote:
+        note["remote"] = remote
     with suppress(OSError):  # a filesystem without user xattrs: the digests get recomputed when asked
-        os.setxattr(fd, DIGESTS_XATTR, note.encode())
+        os.setxattr(fd, DIGESTS_XATTR, json.dumps(note).encode())
+
+
+def _noted(fd: int) -> dict[str, object]:
+    try:
+        note = json.loads(os.getxattr(fd, DIGESTS_XATTR))
+    except (OSError, ValueError):
+        return {}
+    return note if isinstance(note, dict) else {}
 
 
 def _fsync_dir(path: Path) -> None:
