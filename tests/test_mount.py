@@ -397,6 +397,17 @@ def test_a_relative_storage_dir_in_the_config_is_the_same_store_for_the_cli_and_
         kacheryfs("umount", str(mountpoint), env=env, check=False)
 
 
+def test_umount_of_a_busy_mount_refuses_and_names_who_uses_it(mounted: Mount) -> None:
+    digest = LocalStore(mounted.storage).put_bytes(b"in use").sha1
+    with open(mounted.mountpoint / "sha1" / digest, "rb") as held:
+        done = mounted.cli("umount", str(mounted.mountpoint), check=False)
+        assert done.returncode != 0 and "is busy, in use by" in done.stderr and f"({os.getpid()})" in done.stderr
+        assert is_mounted(mounted.mountpoint) and is_mounted(mounted.mountpoint / "staging")
+        assert held.read() == b"in use"  # still served
+    mounted.cli("umount", str(mounted.mountpoint))
+    assert not is_mounted(mounted.mountpoint)
+
+
 def test_umount_of_something_not_mounted_fails_with_the_reason(tmp_path: Path) -> None:
     done = kacheryfs("umount", str(tmp_path), check=False)
     assert done.returncode != 0 and "not mounted" in done.stderr

@@ -439,6 +439,15 @@ def unmount(mountpoint: Path, *, lazy: bool = False, timeout: float = STOP_TIMEO
     if not stale:
         with contextlib.suppress(MountError):
             pid = daemon_pid(mountpoint)
+    if not (stale or lazy):
+        # Checked first: once the staging mount is gone the daemon detaches the hash views
+        # itself, and a plain umount would quietly have been a lazy one.
+        holders = users_of(mountpoint, besides={os.getpid(), pid or 0})
+        if holders:
+            raise MountError(
+                f"{mountpoint} is busy, in use by {', '.join(holders)}: close those, or `kacheryfs umount --lazy` "
+                "to detach it now (the daemon then serves them until they close)"
+            )
     staging = mountpoint / STAGING_VIEW
     if not (stale or lazy) and os.path.ismount(staging):
         _unmount_one(staging, lazy=False, timeout=timeout)
@@ -453,6 +462,40 @@ def unmount(mountpoint: Path, *, lazy: bool = False, timeout: float = STOP_TIMEO
                 raise  # else the daemon unmounted it meanwhile
     if isinstance(pid, int):
         _wait_exit(pid, timeout)
+
+
+def users_of(mountpoint: Path, besides: set[int]) -> list[str]:
+    """Processes ("name (pid)") with a working directory, an open file or a mapping under
+    `mountpoint`, as `fuser -m` finds them (only those this user may inspect)."""
+    inside = os.fsencode(mountpoint)
+    prefix = inside + b"/"
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) in besides:
+            continue
+        if any(p == inside or p.startswith(prefix) for p in _paths_of(entry.path)):
+            try:
+                name = Path(entry.path, "comm").read_text().strip()
+            except OSError:
+                name = "?"
+            found.append(f"{name} ({entry.name})")
+    return found
+
+
+def _paths_of(proc: str) -> Iterator[bytes]:
+    """The paths a process is using: cwd, root, open files, mapped files."""
+    for link in ("cwd", "root"):
+        with contextlib.suppress(OSError):
+            yield os.readlink(os.fsencode(f"{proc}/{link}"))
+    with contextlib.suppress(OSError):
+        for fd in os.scandir(f"{proc}/fd"):
+            with contextlib.suppress(OSError):
+                yield os.readlink(os.fsencode(fd.path))
+    with contextlib.suppress(OSError), open(f"{proc}/maps", "rb") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6:
+                yield fields[5].rstrip(b"\n")
 
 
 def _unmount_one(path: Path, *, lazy: bool, timeout: float) -> None:
