@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import stat
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from kacheryfs.remote import HttpChannel
     from kacheryfs.store.local import CommitGroup
 
+log = logging.getLogger(__name__)
 _SETTINGS = ("fr", "to", "storage_dir", "use_hard_links", "channel_timeout", "config_file")
 _overrides: dict[str, Any] = {}
 _resolvers: dict[str, Resolver] = {}
@@ -287,12 +289,15 @@ def load_file(url: str, dest: str | os.PathLike[str] | None = None, *, fr: Names
     return str(dest)
 
 
-def load_bytes(url: str, start: int | None = None, end: int | None = None, *, fr: Names = None) -> bytes:
+def load_bytes(
+    url: str, start: int | None = None, end: int | None = None, *, fr: Names = None, verify: bool | None = None
+) -> bytes:
     """Bytes [start, end) of the file a URL names (end exclusive).
 
-    When the blob is not local and a range is asked for, only that range is fetched: a
-    partial range cannot be verified against the whole file's hash. Without a range the
-    whole file is fetched and verified.
+    Bytes are verified against the hash, which needs the whole file: a range of a blob not
+    stored here is read from the whole blob, fetched, verified and kept, for blobs up to
+    VERIFIED_RANGE_MAX (or any blob with `verify=True`). A range of a larger one is fetched
+    alone, unverified, with a warning (`verify=False`: always so, without the warning).
     """
     res = resolver(fr)
     with naming(url):
@@ -302,7 +307,29 @@ def load_bytes(url: str, start: int | None = None, end: int | None = None, *, fr
             return f.read()
     size = ref.size if ref.size is not None else find_size(res, ref)
     lo, hi = check_range(start, end, size)
-    return res.read_range(ref.alg, ref.digest, lo, hi)
+    if not whole_for_range(res, ref, size, verify):
+        return res.read_range(ref.alg, ref.digest, lo, hi)
+    with res.open_blob(ref.alg, ref.digest, size, progress=progress_bar) as f:
+        f.seek(lo)
+        return f.read(hi - lo)
+
+
+VERIFIED_RANGE_MAX = 64 << 20
+
+
+def whole_for_range(res: Resolver, ref: BlobRef, size: int, verify: bool | None) -> bool:
+    """Whether a range read goes through the whole blob, fetched and verified (see `load_bytes`)."""
+    if res.store.has(ref.alg, ref.digest):
+        return True
+    if verify is None:
+        if size <= VERIFIED_RANGE_MAX:
+            return True
+        log.warning(
+            "%s://%s: a range of this %d-byte blob is fetched alone and cannot be checked against its hash; "
+            "verify=True (kachery-cat --verify) fetches and checks the whole blob",
+            ref.alg, ref.digest, size,
+        )  # fmt: skip
+    return bool(verify)
 
 
 def check_range(start: int | None, end: int | None, size: int) -> tuple[int, int]:

@@ -89,12 +89,30 @@ def test_a_dead_channel_is_skipped_for_the_next_one(server, config_file, tmp_pat
     assert ka.load_text(url) == "second channel"
 
 
-def test_range_of_a_remote_file_is_fetched_without_storing_it(lab, tmp_path, monkeypatch):
+def test_a_range_of_a_remote_file_is_verified_through_the_whole_blob_unless_declined(lab, tmp_path, monkeypatch):
     data = os.urandom(2 << 20)
+    sha1 = hashlib.sha1(data).hexdigest()
     url = ka.store_bytes(data, to="lab")
     storage = on_other_machine(tmp_path, monkeypatch)
+    assert ka.load_bytes(url, 10, 20, verify=False) == data[10:20]
+    assert not LocalStore(storage).has("sha1", sha1)  # the range alone was fetched
     assert ka.load_bytes(url, 10, 20) == data[10:20]
-    assert not LocalStore(storage).has("sha1", hashlib.sha1(data).hexdigest())
+    assert LocalStore(storage).has("sha1", sha1)  # fetched whole, verified, kept
+
+
+def test_a_range_from_a_channel_serving_wrong_bytes_is_refused(lab, tmp_path, monkeypatch):
+    data = os.urandom(5000)
+    url = ka.store_bytes(data, to="lab")
+    on_server_disk = LocalStore(lab.directory, clean=False).blob_path("sha1", hashlib.sha1(data).hexdigest())
+    os.chmod(on_server_disk, 0o644)
+    with open(on_server_disk, "r+b") as f:
+        f.seek(100)
+        f.write(bytes([data[100] ^ 0xFF]))
+    on_other_machine(tmp_path, monkeypatch)
+    with pytest.raises((ka.HashMismatch, ka.ChannelUnavailable)):
+        ka.load_bytes(url, 95, 110)
+    done = subprocess.run(["kachery-cat", url, "--start", "95", "--end", "110"], capture_output=True, timeout=60)
+    assert done.returncode != 0 and done.stdout == b"" and b"wrong bytes" in done.stderr, done.stderr
 
 
 def test_prefetch_a_snapshot_then_read_it_with_the_server_gone(lab, tmp_path, monkeypatch):

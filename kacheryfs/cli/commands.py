@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -82,6 +83,12 @@ def _cat(argv: Sequence[str] | None) -> int:
     p.add_argument("url")
     p.add_argument("--start", type=int, help="first byte (default 0)")
     p.add_argument("--end", type=int, help="byte after the last one (default: end of file)")
+    p.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        help="for a range of a blob not stored here: fetch and check the whole blob first (default: for blobs "
+        "up to 64 MiB; a range of a larger one comes unchecked, with a warning)",
+    )
     add_fr(p)
     args = p.parse_args(argv)
     res = api.resolver(args.fr)
@@ -95,8 +102,8 @@ def _cat(argv: Sequence[str] | None) -> int:
         return 0
     size = ref.size if ref.size is not None else api.find_size(res, ref)
     lo, hi = api.check_range(args.start, args.end, size)
-    if res.store.has(ref.alg, ref.digest):
-        with res.store.open(ref.alg, ref.digest) as f:
+    if api.whole_for_range(res, ref, size, args.verify):
+        with res.open_blob(ref.alg, ref.digest, size, progress=api.progress_bar) as f:
             _copy_to_stdout(f.fileno(), lo, hi - lo)
         return 0
     for pos in range(lo, hi, _CAT_CHUNK):
