@@ -157,17 +157,20 @@ def _parse_file(entry: object, where: str) -> FileEntry:
 def build(directory: str | Path, store_file: Callable[[Path], FileEntry]) -> DirNode:
     """The manifest of a local directory, calling `store_file` on every file in it.
 
-    Symlinks to files are followed; a symlink loop is InvalidInput (the tree given is bad
-    input, exit code 2); fifos, sockets and devices are skipped with a warning, as the
-    original did silently.
+    Symlinks are followed, as the original did: what they point to is stored, with a warning
+    for one that leads out of the directory. A symlink loop, or a name that is not UTF-8
+    (a manifest is JSON), is InvalidInput (the tree given is bad input, exit code 2); fifos,
+    sockets and devices are skipped with a warning, as the original did silently.
     """
     root = Path(directory)
     if not root.is_dir():
         raise NotFound(f"no such directory: {root}")
-    return _build(root, store_file, ancestors=frozenset())
+    return _build(root, store_file, ancestors=frozenset(), top=os.path.realpath(root))
 
 
-def _build(path: Path, store_file: Callable[[Path], FileEntry], ancestors: frozenset[tuple[int, int]]) -> DirNode:
+def _build(
+    path: Path, store_file: Callable[[Path], FileEntry], ancestors: frozenset[tuple[int, int]], top: str
+) -> DirNode:
     st = os.stat(path)
     ident = (st.st_dev, st.st_ino)
     if ident in ancestors:
@@ -180,6 +183,14 @@ def _build(path: Path, store_file: Callable[[Path], FileEntry], ancestors: froze
         raise StoreError(f"cannot list {path}: permission denied") from err
     for entry in entries:
         try:
+            entry.name.encode()
+        except UnicodeEncodeError:
+            raise InvalidInput(f"{entry.path!r}: a file name must be valid UTF-8 to go into a manifest") from None
+        if entry.is_symlink():
+            target = os.path.realpath(entry.path)
+            if os.path.commonpath([top, target]) != top:
+                log.warning("%s is a symlink out of the directory: storing what it points to, %s", entry.path, target)
+        try:
             mode = os.stat(entry.path).st_mode  # follows symlinks
         except FileNotFoundError:
             log.warning("skipping %s: broken symlink", entry.path)
@@ -189,7 +200,7 @@ def _build(path: Path, store_file: Callable[[Path], FileEntry], ancestors: froze
                 raise InvalidInput(f"symlink loop at {entry.path}: it links to itself") from err
             raise
         if stat.S_ISDIR(mode):
-            node.dirs[entry.name] = _build(Path(entry.path), store_file, ancestors)
+            node.dirs[entry.name] = _build(Path(entry.path), store_file, ancestors, top)
         elif stat.S_ISREG(mode):
             node.files[entry.name] = store_file(Path(entry.path))
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -91,6 +92,25 @@ def test_build_follows_file_symlinks_and_is_sorted(tmp_path):
     node = manifest.build(tmp_path / "d", _entry)
     assert list(node.files) == ["a.txt", "b.txt", "link.txt"]
     assert node.files["link.txt"].size == 1
+
+
+def test_build_warns_of_a_symlink_out_of_the_directory_and_stores_its_target(tmp_path, caplog):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "outside.txt").write_text("outside")
+    os.symlink(tmp_path / "outside.txt", tmp_path / "d" / "out")
+    (tmp_path / "d" / "a.txt").write_text("a")
+    os.symlink("a.txt", tmp_path / "d" / "in")  # to a file inside: no warning
+    node = manifest.build(tmp_path / "d", _entry)
+    assert node.files["out"].size == 7 and node.files["in"].size == 1
+    warned = [r.getMessage() for r in caplog.records if "symlink out of the directory" in r.getMessage()]
+    assert len(warned) == 1 and str(tmp_path / "outside.txt") in warned[0]
+
+
+def test_build_refuses_a_name_a_manifest_cannot_hold(tmp_path):
+    (tmp_path / "d").mkdir()
+    (Path(os.fsdecode(os.fsencode(tmp_path / "d") + b"/\xff.txt"))).write_text("x")
+    with pytest.raises(InvalidInput, match="UTF-8"):
+        manifest.build(tmp_path / "d", _entry)
 
 
 def test_build_refuses_a_symlink_loop(tmp_path):

@@ -21,7 +21,9 @@ def _store(argv: Sequence[str] | None) -> int:
     p = parser(
         "kachery-store",
         "Store files or directories in the local store (and upload them with --to); print one URL per path.\n"
-        "A path that does not exist is reported on stderr and the others are still stored (exit code 1).",
+        "A path that does not exist is reported on stderr and the others are still stored (exit code 1).\n"
+        "In a directory, symlinks are followed: what they point to is stored (with a warning when that is\n"
+        "outside the directory); fifos, sockets and devices are skipped.",
         "  kachery-store data.csv                 # sha1://<hash>/data.csv\n"
         "  kachery-store ds001 --label ds001      # sha1dir://<hash>.ds001\n"
         "  kachery-store big.dat --to lab         # also upload to channel 'lab'",
