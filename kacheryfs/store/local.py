@@ -295,7 +295,7 @@ class LocalStore:
     def size(self, alg: str, digest: str) -> int | None:
         """Size of the blob, or None when this store does not have it."""
         try:
-            return os.stat(self.blob_path(alg, digest)).st_size
+            return os.stat(self.blob_file(alg, digest)).st_size  # a string path: it is on the way of first opens
         except FileNotFoundError:
             return None
         except OSError as err:
