@@ -408,6 +408,17 @@ def test_umount_of_a_busy_mount_refuses_and_names_who_uses_it(mounted: Mount) ->
     assert not is_mounted(mounted.mountpoint)
 
 
+def test_generic_mount_options_change_nothing_and_max_read_is_refused(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    digest = LocalStore(storage).put_bytes(b"read-only").sha1
+    with mounted_at(tmp_path, storage, "", "-o", "rw,noatime") as mount:
+        with pytest.raises(OSError) as err:
+            (mount.mountpoint / "sha1" / digest).write_bytes(b"changed")
+        assert err.value.errno == errno.EROFS
+    done = kacheryfs("mount", str(tmp_path / "mnt"), "-o", "max_read=4096", check=False)
+    assert done.returncode != 0 and "sets the read size itself" in done.stderr
+
+
 def test_umount_of_something_not_mounted_fails_with_the_reason(tmp_path: Path) -> None:
     done = kacheryfs("umount", str(tmp_path), check=False)
     assert done.returncode != 0 and "not mounted" in done.stderr

@@ -30,7 +30,7 @@ SUBCOMMANDS = {
 
 
 # Options mount(8) may pass that mean nothing to kacheryfs (it is always nodev, nosuid-safe).
-_GENERIC_MOUNT_OPTIONS = {
+GENERIC_MOUNT_OPTIONS = {
     "rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "auto", "noauto", "user", "nouser", "users",
     "_netdev", "nofail", "defaults", "async", "sync", "atime", "noatime", "relatime", "strictatime",
 }  # fmt: skip
@@ -59,7 +59,7 @@ def from_fstab(argv: Sequence[str]) -> list[str]:
             out += [_FSTAB_FLAGS[key], value]
         elif key == "allow_other":
             out.append("--allow-other")
-        elif option and key not in _GENERIC_MOUNT_OPTIONS and not key.startswith(("x-", "comment")):
+        elif option and key not in GENERIC_MOUNT_OPTIONS and not key.startswith(("x-", "comment")):
             out += ["-o", option]
     return out
 

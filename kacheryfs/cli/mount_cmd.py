@@ -19,6 +19,7 @@ from pathlib import Path
 
 from kacheryfs.cli.common import add_fr
 from kacheryfs.config import Config, load_config
+from kacheryfs.errors import MountError
 from kacheryfs.mount import daemon
 from kacheryfs.mount.paths import default_mountpoint
 
@@ -39,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         args.config, storage_dir=args.storage_dir, fr=args.fr, allow_other=args.allow_other, log_file=args.log_file
     )
     mountpoint = (args.mountpoint or default_mountpoint(config)).expanduser().absolute()
+    args.options = fuse_options(args.options)
     if args.foreground:
         daemon.configure_logging(config.log_file, config.log_level)
         daemon.serve(config, mountpoint, args.options)
@@ -48,6 +50,22 @@ def run(args: argparse.Namespace) -> int:
     with daemon.mounting(mountpoint):
         daemon.check_mountpoint(mountpoint)  # again: another mount may have been made meanwhile
         return _start(args, config, mountpoint)
+
+
+def fuse_options(options: list[str]) -> list[str]:
+    """The -o options worth passing to FUSE: mount(8)'s generic ones (rw, noatime, …) mean
+    nothing here (the hash views are read-only, staging/ writable, whatever they say), and
+    max_read is kacheryfs's own choice."""
+    from kacheryfs.cli.main import GENERIC_MOUNT_OPTIONS
+
+    kept = []
+    for option in (o for group in options for o in group.split(",") if o):
+        key = option.partition("=")[0]
+        if key == "max_read":
+            raise MountError("-o max_read: kacheryfs sets the read size itself (1 MiB reads)")
+        if key not in GENERIC_MOUNT_OPTIONS:
+            kept.append(option)
+    return kept
 
 
 def _start(args: argparse.Namespace, config: Config, mountpoint: Path) -> int:
