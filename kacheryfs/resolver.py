@@ -1,8 +1,10 @@
 """Find the bytes a URL names: local store first, then each channel in order, verified.
 
 The first copy whose hash verifies wins and is committed to the local store; a copy that
-fails is discarded with a warning and the next channel is tried. Concurrent requests for
-the same blob share one download. Manifests are parsed once and kept (they are immutable).
+fails is discarded with a warning and the next channel is tried. A channel that is down is
+skipped without a request until it is due for another try (`remote.health`). Concurrent
+requests for the same blob share one download. Manifests are parsed once and kept (they
+are immutable).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from kacheryfs.errors import (
     StoreFull,
 )
 from kacheryfs.manifest import DirNode, FileEntry
+from kacheryfs.remote.health import TrackedChannel
 from kacheryfs.store import LocalStore
 from kacheryfs.store.md5_index import Md5Indexer
 from kacheryfs.uri import KacheryURL, parse_url
@@ -86,7 +89,8 @@ class Resolver:
 
     def __init__(self, store: LocalStore, channels: Sequence[Channel] = ()) -> None:
         self.store = store
-        self.channels = list(channels)
+        # each skipped while it is down, so a dead channel costs one failure a while, not one a blob
+        self.channels = [c if isinstance(c, TrackedChannel) else TrackedChannel(c) for c in channels]
         self.stats = Stats()
         self.md5_index: Md5Indexer | None = None  # set by long-lived processes (the mount daemon)
         self._lock = threading.Lock()
@@ -215,6 +219,11 @@ class Resolver:
         failures: list[str] = []
         all_not_found = True
         for channel in self.channels:
+            down = channel.down_error()
+            if down is not None:  # skipped before a temp file is made for it
+                all_not_found = False
+                failures.append(f"{channel.name}: {down}")
+                continue
             started = time.monotonic()
             bar = progress(size, f"{digest[:10]}… from {channel.name}") if progress else contextlib.nullcontext()
             # A blob fetched by sha1 is verified by sha1 alone; md5 (the slower digest) would
@@ -284,7 +293,8 @@ class Resolver:
             try:
                 size = channel.check(alg, digest)
             except _CHANNEL_FAILURES as err:
-                log.warning("channel %s: %s", channel.name, err)
+                if not isinstance(err, ChannelUnavailable):  # a channel down is logged once, by itself
+                    log.warning("channel %s: %s", channel.name, err)
                 failures.append(f"{channel.name}: {err}")
                 continue
             if size is not None:
@@ -292,6 +302,19 @@ class Resolver:
         if failures:
             raise ChannelUnavailable(f"cannot tell where {alg}://{digest} is: {'; '.join(failures)}")
         return None
+
+    def status(self) -> dict[str, object]:
+        """The counters and each channel's state, for `kacheryfs status`.
+
+        `errors` counts failed fetches and requests that found a channel unreachable.
+        """
+        channel_failures = sum(channel.failures for channel in self.channels)
+        return {
+            **self.stats.as_dict(),
+            "errors": self.stats.errors + channel_failures,
+            "channel_failures": channel_failures,
+            "channel_states": [channel.status() for channel in self.channels],
+        }
 
 
 def _log_fetch(alg: str, digest: str, channel: str, nbytes: int, started: float, result: str) -> None:

@@ -482,7 +482,7 @@ class FileSystemView:
             "reads": "daemon" if self.kernel_reads is None else "kernel (passthrough)",
             "reads_why": self.daemon_reads_why if self.kernel_reads is None else "",
             "fetch_timeout_s": self.fetch_timeout,
-            **self.resolver.stats.as_dict(),
+            **self.resolver.status(),
             "recent_errors": list(self.recent_errors),
             "staging": self.staging.status() if self.staging is not None else None,
         }

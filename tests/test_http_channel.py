@@ -419,6 +419,16 @@ def test_silent_server_is_unavailable_within_the_timeout(silent_server: str, loc
     assert time.monotonic() - started < 3 * 2  # bounded by the channel timeout: never a hang (no timing claim)
 
 
+def test_a_refused_connection_is_not_retried() -> None:
+    # Nothing listens there: a retry a moment later would be refused too, after a backoff of
+    # 0.7 s or more; the resolver remembers the channel as down instead.
+    channel = lab(f"http://127.0.0.1:{free_port()}", timeout=10)
+    started = time.monotonic()
+    with pytest.raises(ChannelUnavailable, match="connection refused"):
+        channel.check("sha1", SHA1)
+    assert time.monotonic() - started < 0.5
+
+
 def test_refused_connection_is_unavailable_and_the_message_has_no_signature() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ChannelUnavailable) as caught:

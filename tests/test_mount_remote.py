@@ -215,3 +215,36 @@ def test_a_name_waiting_on_a_silent_channel_holds_up_no_other_name(tmp_path: Pat
         listener.close()
         for conn in held:
             conn.close()
+
+
+def test_a_silent_channel_is_asked_once_then_skipped_and_status_shows_it_down(
+    tmp_path: Path, server: ServerProcess
+) -> None:
+    listener = socket.socket()  # a channel that accepts connections and never answers
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with suppress(OSError):  # the listener was closed
+            while True:
+                held.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    config = channel_config(server.url, channel_timeout=1.0).replace('fr = ["lab"]', 'fr = ["silent", "lab"]')
+    config += f'\n[channels.silent]\nurl = "http://127.0.0.1:{listener.getsockname()[1]}"\nchannel = "lab"\n'
+    data = os.urandom(10_000)
+    digest = LocalStore(server.directory).put_bytes(data).sha1
+    try:
+        with mounted_at(tmp_path, tmp_path / "storage", config) as mount:
+            assert (mount.mountpoint / "sha1" / digest).read_bytes() == data  # lookup, getattr, open, read
+            assert len(held) == 1  # one /check timed out; nothing more was sent to it
+            status = mount.status()
+            assert [(c["name"], c["state"]) for c in status["channel_states"]] == [("silent", "down"), ("lab", "up")]
+            assert status["errors"] == 1
+            shown = mount.cli("status", str(mount.mountpoint)).stdout
+            assert "silent        down since" in shown and "no answer in time" in shown
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()

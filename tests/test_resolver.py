@@ -1,13 +1,20 @@
-"""The resolver's channel order: a channel that cannot serve sends the read on to the next."""
+"""The resolver's channel order: a channel that cannot serve sends the read on to the next;
+one that is down is skipped until it is due to be tried again; a failed read says why."""
 
 from __future__ import annotations
 
-import pytest
-from fixtures_server import PASSWORD, ServerProcess, quota, readable_tempdir, write_config
+import json
+import logging
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler
 
-from kacheryfs.errors import StoreFull
-from kacheryfs.remote import HttpChannel
-from kacheryfs.resolver import Resolver
+import pytest
+from fixtures_server import PASSWORD, ScriptedServer, ServerProcess, quota, readable_tempdir, write_config
+
+from kacheryfs.errors import ChannelUnavailable, StoreFull
+from kacheryfs.parallel_fetch import fetch_all
+from kacheryfs.remote import HttpChannel, TrackedChannel
+from kacheryfs.resolver import BlobRef, Resolver
 from kacheryfs.store import LocalStore
 
 pytestmark = pytest.mark.timeout(60)
@@ -86,3 +93,120 @@ def test_every_fetch_is_logged_with_url_channel_bytes_ms_and_result(two_servers,
     assert len(lines) == 2
     assert f"sha1://{digest}" in lines[1] and "channel=good" in lines[1] and "bytes=15" in lines[1]
     assert "ms=" in lines[1] and "result=ok" in lines[1] and "channel=spent" in lines[0]
+
+
+# -- channels that are down ----------------------------------------------------------------
+
+
+class Failing:
+    """A channel's server that answers every request with `status` (changeable) and counts them."""
+
+    def __init__(self, start: Callable[..., ScriptedServer], status: int = 503) -> None:
+        self.status, self.requests = status, 0
+        self.url = start(self._respond).url
+
+    def _respond(self, handler: BaseHTTPRequestHandler) -> None:
+        self.requests += 1
+        body = json.dumps({"error": "scripted"}).encode()
+        handler.send_response(self.status)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(body)
+
+
+class Clock:
+    """Monotonic seconds that move only when the test moves them."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def channel(name: str, url: str, password: str = PASSWORD) -> HttpChannel:
+    return HttpChannel(name, url, "lab", password, timeout=5, retries=0)  # one request per call: countable
+
+
+@pytest.fixture
+def lab_with_30_blobs():
+    """A good server holding 30 small blobs: (server, their sha1s)."""
+    directory = readable_tempdir()
+    write_config(directory, [{"name": "lab", "password": PASSWORD, "downloadQuotas": [quota()], "uploadQuotas": []}])
+    store = LocalStore(directory, clean=False)
+    digests = [store.put_bytes(b"blob %d" % i).sha1 for i in range(30)]
+    server = ServerProcess(directory)
+    yield server, digests
+    server.stop()
+
+
+def test_a_channel_that_fails_is_skipped_while_down_not_asked_again_for_each_blob(
+    scripted_server, lab_with_30_blobs, tmp_path
+):
+    lab, digests = lab_with_30_blobs
+    broken = Failing(scripted_server)
+    resolver = Resolver(LocalStore(tmp_path / "local"), [channel("broken", broken.url), channel("lab", lab.url)])
+    result = fetch_all(resolver, [BlobRef("sha1", d) for d in digests], jobs=8)
+    assert result.fetched == 30 and not result.failed
+    assert broken.requests <= 8  # at most the first request of each parallel job, not one per blob
+
+
+def test_with_every_channel_down_a_read_fails_at_once_naming_each_and_since_when(scripted_server, tmp_path):
+    first, second = Failing(scripted_server), Failing(scripted_server)
+    resolver = Resolver(LocalStore(tmp_path / "local"), [channel("first", first.url), channel("second", second.url)])
+    with pytest.raises(ChannelUnavailable):
+        resolver.ensure("sha1", "1" * 40)
+    asked = first.requests, second.requests
+    with pytest.raises(ChannelUnavailable, match="first: channel 'first' is down since .*second: .* down since"):
+        resolver.ensure("sha1", "2" * 40)
+    with pytest.raises(ChannelUnavailable, match="down since"):
+        resolver.find("sha1", "3" * 40)
+    assert (first.requests, second.requests) == asked  # no request at all
+
+
+def test_a_down_channel_is_probed_once_its_wait_is_over_and_the_wait_doubles_up_to_a_bound(scripted_server):
+    broken, clock = Failing(scripted_server), Clock()
+    tracked = TrackedChannel(channel("broken", broken.url), down_for=30, max_down_for=60, clock=clock)
+    for advance, asked, next_try in ((0, 1, 30), (29, 1, 1), (1, 2, 60), (59, 2, 1), (1, 3, 60)):
+        clock.now += advance
+        with pytest.raises(ChannelUnavailable):
+            tracked.check("sha1", "1" * 40)
+        assert broken.requests == asked
+        assert tracked.status()["next_try_in_s"] == next_try
+    broken.status = 404  # it answers again ("not found" is an answer)
+    clock.now += 60
+    assert tracked.check("sha1", "1" * 40) is None
+    assert tracked.status()["state"] == "up"
+    tracked.check("sha1", "2" * 40)
+    assert broken.requests == 3 + 2 + 2  # the probe, then the next check at once (each a GET /check and a HEAD)
+
+
+def test_going_down_and_coming_back_are_logged_once_each(scripted_server, lab_with_30_blobs, tmp_path, caplog):
+    lab, digests = lab_with_30_blobs
+    broken, clock = Failing(scripted_server), Clock()
+    tracked = TrackedChannel(channel("broken", broken.url), clock=clock)
+    resolver = Resolver(LocalStore(tmp_path / "local"), [tracked, channel("lab", lab.url)])
+    with caplog.at_level(logging.INFO, logger="kacheryfs"):
+        for digest in digests[:15]:
+            assert resolver.find("sha1", digest)[0] == "lab"
+        broken.status, clock.now = 404, clock.now + 30
+        for digest in digests[15:]:
+            assert resolver.find("sha1", digest)[0] == "lab"
+    messages = [r.getMessage() for r in caplog.records if "broken" in r.getMessage()]
+    assert len(messages) == 2, messages
+    assert "broken is down" in messages[0] and "broken is back up" in messages[1]
+
+
+def test_status_shows_each_channel_up_or_down_and_counts_channel_failures_as_errors(
+    scripted_server, lab_with_30_blobs, tmp_path
+):
+    lab, digests = lab_with_30_blobs
+    broken = Failing(scripted_server)
+    resolver = Resolver(LocalStore(tmp_path / "local"), [channel("broken", broken.url), channel("lab", lab.url)])
+    resolver.ensure("sha1", digests[0])
+    status = resolver.status()
+    down, up = status["channel_states"]
+    assert (down["name"], down["state"], up["name"], up["state"]) == ("broken", "down", "lab", "up")
+    assert down["down_since"] and "HTTP 503" in down["last_error"]
+    assert status["errors"] == status["channel_failures"] == 1  # the read itself succeeded

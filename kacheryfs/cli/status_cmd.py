@@ -40,11 +40,13 @@ def _format(mountpoint: Path, s: dict[str, Any]) -> str:
             "size being counted" if s["cache_blobs"] is None else f"{s['cache_blobs']} blobs, {human(s['cache_bytes'])}"
         ),
         f"channels        {', '.join(s['channels']) or 'none (local store only)'}",
+        *_channel_lines(s.get("channel_states", [])),
         f"reads           by the {s['reads']}{why_daemon}",
         f"blobs held      {s['blobs_held']} (being read or read last; kept from eviction)",
         f"hits / misses   {s['hits']} / {s['misses']}",
         f"fetching now    {s['fetches_in_progress']}",
-        f"fetch errors    {s['errors']}",
+        f"errors          {s['errors']}"
+        + (f" ({s['channel_failures']} from channels unreachable)" if s.get("channel_failures") else ""),
     ]
     for channel, nbytes in sorted(s["bytes_by_channel"].items()):
         lines.append(f"fetched from    {channel}: {human(nbytes)}")
@@ -57,3 +59,17 @@ def _format(mountpoint: Path, s: dict[str, Any]) -> str:
         lines.append("recent errors:")
         lines += [f"  {e}" for e in s["recent_errors"]]
     return "\n".join(lines)
+
+
+def _channel_lines(states: list[dict[str, Any]]) -> list[str]:
+    """One line per channel: up, or down since when and until when it is skipped; its last error."""
+    lines = []
+    for c in states:
+        if c["state"] == "down":
+            state = f"down since {c['down_since']} (next try in {c['next_try_in_s']:.0f} s)"
+        else:
+            state = "up" + (f" ({c['failures']} failures)" if c["failures"] else "")
+        lines.append(f"  {c['name']:<13} {state}")
+        if c["last_error"]:
+            lines.append(f"  {'':<13} last error: {c['last_error']}")
+    return lines

@@ -1,8 +1,9 @@
 """Where a channel call becomes an HTTP request: the client of `kacheryfs serve` and of static mirrors.
 
 Every request is signed with `kacheryfs.auth`. Failures to connect or answer are retried
-with exponential backoff and jitter inside a time bound, so a dead or silent channel costs
-at most about `timeout` seconds; an interrupted download resumes with a Range request.
+with exponential backoff and jitter inside a time bound, so a silent channel costs at most
+about `timeout` seconds; a refused connection is not retried, so a dead one costs
+milliseconds. An interrupted download resumes with a Range request.
 Messages name the channel URL but never the query, which holds the signature.
 """
 
@@ -231,6 +232,9 @@ class HttpChannel:
                     timeout=(remaining, remaining),
                 )
             except requests.RequestException as err:
+                if _refused(err):  # nothing listens there: asking again within the second will not change that
+                    reason = "connection refused"
+                    break
                 reason = _reason(err)
             else:
                 busy = response.status_code == 429 and "Retry-After" in response.headers
@@ -334,6 +338,16 @@ def _error_text(response: requests.Response) -> str:
         return str(response.json()["error"])
     except (ValueError, KeyError, TypeError):
         return response.reason or "no reason given"
+
+
+def _refused(err: BaseException) -> bool:
+    """Whether the connection was refused (requests wraps the OSError in urllib3's errors)."""
+    seen: BaseException | None = err
+    for _ in range(8):  # a chain of causes is short; a cycle is not followed for long
+        if seen is None or isinstance(seen, ConnectionRefusedError):
+            return seen is not None
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _reason(err: Exception) -> str:
