@@ -49,6 +49,8 @@ ProgressBar = Callable[[int | None, str], AbstractContextManager[Callable[[int],
 _MANIFEST_CACHE = 256
 # What one channel may answer that sends us on to the next one (never to the caller as such).
 _CHANNEL_FAILURES = (ChannelUnavailable, AuthError, QuotaExceeded)
+# The kinds of failure a failed fetch is raised as, when all its channels failed the same way.
+_FAILURE_KINDS = (HashMismatch, AuthError, QuotaExceeded)
 _ENOSPC_FREE = 64 << 20  # bytes to free when a fetch hits a full disk of unknown need
 
 
@@ -216,13 +218,11 @@ class Resolver:
     def _fetch(self, alg: str, digest: str, size: int | None, progress: ProgressBar | None) -> Path:
         if not self.channels:
             raise NotFound(f"{alg}://{digest} is not in the local store {self.store.root} and no channel is configured")
-        failures: list[str] = []
-        all_not_found = True
+        failures: list[tuple[str, KacheryError]] = []
         for channel in self.channels:
             down = channel.down_error()
             if down is not None:  # skipped before a temp file is made for it
-                all_not_found = False
-                failures.append(f"{channel.name}: {down}")
+                failures.append((channel.name, down))
                 continue
             started = time.monotonic()
             bar = progress(size, f"{digest[:10]}… from {channel.name}") if progress else contextlib.nullcontext()
@@ -232,19 +232,17 @@ class Resolver:
                 try:
                     channel.fetch(alg, digest, writer, expected_size=size, progress=received)
                     digests = writer.commit(expect_alg=alg, expect_hash=digest, expect_size=size, remote=channel.name)
-                except NotFound:
-                    failures.append(f"{channel.name}: not found")
+                except NotFound as err:
+                    failures.append((channel.name, err))
                     result = "not found"
                 except HashMismatch as err:
-                    all_not_found = False
-                    failures.append(f"{channel.name}: served wrong bytes ({err})")
+                    failures.append((channel.name, err))
                     log.warning(
                         "channel %s served wrong bytes for %s://%s: %s; discarded", channel.name, alg, digest, err
                     )
                     result = "hash mismatch"
                 except _CHANNEL_FAILURES as err:
-                    all_not_found = False
-                    failures.append(f"{channel.name}: {err}")
+                    failures.append((channel.name, err))
                     result = f"error: {err}"
                 else:
                     if digests.md5 is None and self.md5_index is not None:
@@ -253,12 +251,11 @@ class Resolver:
                     _log_fetch(alg, digest, channel.name, digests.size, started, "ok")
                     return self.store.blob_path(alg, digest)
             _log_fetch(alg, digest, channel.name, writer.size, started, result)
-        reason = "; ".join(failures)
-        self.stats.errors += 0 if all_not_found else 1
-        if all_not_found:
-            raise NotFound(f"{alg}://{digest} was found in no store or channel ({reason})")
-        self.stats.last_error = reason
-        raise ChannelUnavailable(f"could not fetch {alg}://{digest}: {reason}")
+        error = _failure(f"{alg}://{digest}", "fetch", failures)
+        if not isinstance(error, NotFound):
+            self.stats.errors += 1
+            self.stats.last_error = str(error)
+        raise error
 
     def read_range(self, alg: str, digest: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of a blob; from the local store if present, else from a channel.
@@ -269,38 +266,36 @@ class Resolver:
             with self.store.open(alg, digest) as f:
                 f.seek(start)
                 return f.read(max(0, end - start))
-        errors: list[KacheryError] = []
+        failures: list[tuple[str, KacheryError]] = []
         for channel in self.channels:
             try:
                 return channel.read_range(alg, digest, start, end)
             except (NotFound, *_CHANNEL_FAILURES) as err:
-                errors.append(err)
-        if all(isinstance(e, NotFound) for e in errors):
-            raise NotFound(f"{alg}://{digest} was found in no store or channel")
-        raise ChannelUnavailable("; ".join(str(e) for e in errors))
+                failures.append((channel.name, err))
+        raise _failure(f"{alg}://{digest}", "read", failures)
 
     def find(self, alg: str, digest: str) -> tuple[str, int] | None:
         """(where, size) of a blob without downloading it: 'local' or a channel name.
 
-        None when every channel answered "not found"; ChannelUnavailable when none has it
-        and some could not be asked (a miss then is not a fact worth remembering).
+        None when every channel answered "not found"; an error when none has it and some
+        could not be asked (a miss then is not a fact worth remembering).
         """
         size = self.store.size(alg, digest)
         if size is not None:
             return "local", size
-        failures = []
+        failures: list[tuple[str, KacheryError]] = []
         for channel in self.channels:
             try:
                 size = channel.check(alg, digest)
             except _CHANNEL_FAILURES as err:
                 if not isinstance(err, ChannelUnavailable):  # a channel down is logged once, by itself
                     log.warning("channel %s: %s", channel.name, err)
-                failures.append(f"{channel.name}: {err}")
+                failures.append((channel.name, err))
                 continue
             if size is not None:
                 return channel.name, size
         if failures:
-            raise ChannelUnavailable(f"cannot tell where {alg}://{digest} is: {'; '.join(failures)}")
+            raise _failure(f"{alg}://{digest}", "locate", failures)
         return None
 
     def status(self) -> dict[str, object]:
@@ -315,6 +310,30 @@ class Resolver:
             "channel_failures": channel_failures,
             "channel_states": [channel.status() for channel in self.channels],
         }
+
+
+def _failure(url: str, doing: str, failures: Sequence[tuple[str, KacheryError]]) -> KacheryError:
+    """The one error for a blob no channel gave (`failures`: channel name, its error).
+
+    NotFound when every channel said so; else the kind every other failure shares (wrong
+    bytes, credentials refused, over quota), so the exit code says what to fix, or
+    ChannelUnavailable when they differ.
+    """
+    reason = "; ".join(f"{name}: {_describe(err)}" for name, err in failures)
+    errors = [err for _, err in failures if not isinstance(err, NotFound)]
+    if not errors:
+        return NotFound(f"{url} was found in no store or channel ({reason})")
+    kinds = {next((k for k in _FAILURE_KINDS if isinstance(err, k)), ChannelUnavailable) for err in errors}
+    kind = kinds.pop() if len(kinds) == 1 else ChannelUnavailable
+    return kind(f"could not {doing} {url}: {reason}")
+
+
+def _describe(err: KacheryError) -> str:
+    if isinstance(err, NotFound):
+        return "not found"
+    if isinstance(err, HashMismatch):
+        return f"served wrong bytes ({err})"
+    return str(err)
 
 
 def _log_fetch(alg: str, digest: str, channel: str, nbytes: int, started: float, result: str) -> None:

@@ -203,3 +203,11 @@ def test_a_file_that_changes_while_uploaded_is_sent_as_stored(lab, tmp_path, mon
     assert url.split("/")[2] == digest
     assert on_server(lab, digest) == len(b"the bytes that get stored")
     assert on_server(lab, stale.sha1) is None
+
+
+@pytest.mark.parametrize("command", ["kachery-info", "kachery-cat"])
+def test_a_password_every_channel_refuses_exits_7_not_6(server, config_file, command):
+    password = '\npassword = "not the password"\n'
+    config_file.write_text("".join(f'[channels.{n}]\nurl = "{server.url}"\nchannel = "lab"{password}' for n in "ab"))
+    done = run(command, f"sha1://{'1' * 40}", "--fr", "a,b")
+    assert done.returncode == 7, done.stderr

@@ -3,6 +3,7 @@ one that is down is skipped until it is due to be tried again; a failed read say
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 from fixtures_server import PASSWORD, ScriptedServer, ServerProcess, quota, readable_tempdir, write_config
 
-from kacheryfs.errors import ChannelUnavailable, StoreFull
+from kacheryfs.errors import AuthError, ChannelUnavailable, HashMismatch, StoreFull
 from kacheryfs.parallel_fetch import fetch_all
 from kacheryfs.remote import HttpChannel, TrackedChannel
 from kacheryfs.resolver import BlobRef, Resolver
@@ -210,3 +211,45 @@ def test_status_shows_each_channel_up_or_down_and_counts_channel_failures_as_err
     assert (down["name"], down["state"], up["name"], up["state"]) == ("broken", "down", "lab", "up")
     assert down["down_since"] and "HTTP 503" in down["last_error"]
     assert status["errors"] == status["channel_failures"] == 1  # the read itself succeeded
+
+
+# -- what a failed read raises --------------------------------------------------------------
+
+
+@pytest.fixture
+def wrong_bytes(scripted_server):
+    """A channel's server that answers every /get with 15 zero bytes, a size `two_servers`' blob has."""
+
+    def respond(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", "15")
+        handler.end_headers()
+        handler.wfile.write(bytes(15))
+
+    return scripted_server(respond).url
+
+
+def test_wrong_bytes_from_every_channel_that_has_the_blob_is_a_hash_mismatch(two_servers, wrong_bytes, tmp_path):
+    (_, empty), _ = two_servers
+    missing = hashlib.sha1(b"on no server").hexdigest()
+    channels = [channel("liar", wrong_bytes), channel("other liar", wrong_bytes), channel("lab", empty.url)]
+    with pytest.raises(HashMismatch, match="liar: served wrong bytes.*other liar: served wrong bytes.*lab: not found"):
+        Resolver(LocalStore(tmp_path / "local"), channels).ensure("sha1", missing, 15)
+
+
+def test_credentials_refused_by_every_channel_is_an_auth_error(two_servers, tmp_path):
+    (spent, good), digest = two_servers
+    channels = [channel("a", spent.url, "wrong"), channel("b", good.url, "wrong")]
+    resolver = Resolver(LocalStore(tmp_path / "local"), channels)
+    with pytest.raises(AuthError):
+        resolver.ensure("sha1", digest)
+    with pytest.raises(AuthError):
+        resolver.find("sha1", digest)
+
+
+def test_failures_of_different_kinds_are_channel_unavailable(two_servers, scripted_server, tmp_path):
+    (_, good), digest = two_servers
+    channels = [channel("refuses", good.url, "wrong"), channel("broken", Failing(scripted_server).url)]
+    with pytest.raises(ChannelUnavailable) as caught:
+        Resolver(LocalStore(tmp_path / "local"), channels).ensure("sha1", digest)
+    assert type(caught.value) is ChannelUnavailable

@@ -19,7 +19,7 @@ import mfusepy
 import pytest
 
 from kacheryfs import manifest, vfs
-from kacheryfs.errors import ChannelUnavailable, InvalidURL, IsADirectory, NotADirectory, NotFound
+from kacheryfs.errors import ChannelUnavailable, HashMismatch, InvalidURL, IsADirectory, NotADirectory, NotFound
 from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.mount.fuse_ops import BLOCK_SIZE, FIXED_TIME_NS, MAX_READ, HashViewOperations, _FuseBufvec
 from kacheryfs.mount.passthrough import Unavailable
@@ -342,7 +342,7 @@ def test_a_slow_channel_costs_eio_after_fetch_timeout(store: LocalStore) -> None
 def test_wrong_bytes_from_a_channel_are_refused_and_not_stored(store: LocalStore) -> None:
     channel = FakeChannel({sha1(b"remote"): b"remote"}, serve=b"evil!!")
     view = FileSystemView(Resolver(store, [channel]))
-    with pytest.raises(ChannelUnavailable, match="wrong bytes"):
+    with pytest.raises(HashMismatch, match="wrong bytes"):
         view.open(f"/sha1/{sha1(b'remote')}")
     assert not store.has("sha1", sha1(b"remote"))
 
