@@ -52,7 +52,6 @@ _CHANNEL_FAILURES = (ChannelUnavailable, AuthError, QuotaExceeded)
 # The kinds of failure a failed fetch is raised as, when all its channels failed the same way.
 _FAILURE_KINDS = (HashMismatch, AuthError, QuotaExceeded)
 _ENOSPC_FREE = 64 << 20  # bytes to free when a fetch hits a full disk of unknown need
-_MD5_NOW_MAX = 16 << 20  # blobs fetched by sha1 up to this size get their md5 name at once (~30 ms)
 
 
 @dataclass(frozen=True)
@@ -228,7 +227,7 @@ class Resolver:
             started = time.monotonic()
             bar = progress(size, f"{digest[:10]}… from {channel.name}") if progress else contextlib.nullcontext()
             # A blob fetched by sha1 is verified by sha1 alone; md5 (the slower digest) would
-            # halve the download speed: it gets its md5 name afterwards (below).
+            # halve the download speed: the daemon indexes it afterwards (md5_index).
             with self.store.writer(md5=alg == "md5", size_hint=size) as writer, bar as received:
                 try:
                     channel.fetch(alg, digest, writer, expected_size=size, progress=received)
@@ -248,9 +247,6 @@ class Resolver:
                 else:
                     if digests.md5 is None and self.md5_index is not None:
                         self.md5_index.add(digests.sha1)
-                    elif digests.md5 is None and digests.size <= _MD5_NOW_MAX:
-                        # no daemon to index it later (a command): a small blob is hashed again, from the page cache
-                        self.store.add_md5(digests.sha1, self.store.digests("sha1", digests.sha1).md5)
                     self.stats.bytes_by_channel[channel.name] += digests.size
                     _log_fetch(alg, digest, channel.name, digests.size, started, "ok")
                     return self.store.blob_path(alg, digest)

@@ -211,10 +211,3 @@ def test_a_password_every_channel_refuses_exits_7_not_6(server, config_file, com
     config_file.write_text("".join(f'[channels.{n}]\nurl = "{server.url}"\nchannel = "lab"{password}' for n in "ab"))
     done = run(command, f"sha1://{'1' * 40}", "--fr", "a,b")
     assert done.returncode == 7, done.stderr
-
-
-def test_a_small_blob_fetched_by_sha1_can_be_read_by_its_md5_too(lab, tmp_path, monkeypatch):
-    url = ka.store_text("fetched by sha1", to="lab")
-    on_other_machine(tmp_path, monkeypatch)  # as after `fsck --repair` quarantined the local copy
-    assert ka.load_text(url) == "fetched by sha1"
-    assert ka.load_text(f"md5://{hashlib.md5(b'fetched by sha1').hexdigest()}/x.txt", fr="") == "fetched by sha1"
