@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -140,14 +141,23 @@ def _warm_files(blobs: Iterator[str]) -> None:
 
 
 def _in_page_cache(fd: int) -> bool:
-    """Whether the first page of a (non-empty) file is in the page cache, asked with mincore(2).
+    """Whether the first page of a (non-empty) file is in the page cache: asked, never read.
 
-    A read with RWF_NOWAIT would be one syscall, not three, but under writeback pressure it
-    sometimes reads a cold page in all the same, and then answers "cached".
+    A read with RWF_NOWAIT would answer too, but under writeback pressure it sometimes reads
+    a cold page in all the same and then says "cached". cachestat(2) (Linux 6.5) is one
+    syscall; mincore(2) on a one-page mapping, three, where there is no cachestat.
     """
+    global _has_cachestat
+    if _has_cachestat:
+        stat = _CacheStat()
+        if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(_FIRST_PAGE), ctypes.byref(stat), 0) == 0:
+            return stat.nr_cache > 0
+        if ctypes.get_errno() != errno.ENOSYS:
+            return False  # cannot tell: take it as cold
+        _has_cachestat = False
     addr = _libc.mmap(None, _PAGE, _PROT_READ, _MAP_SHARED, fd, 0)
     if addr in (None, _MAP_FAILED):
-        return False  # cannot tell: take it as cold
+        return False
     try:
         resident = ctypes.c_ubyte()
         return _libc.mincore(ctypes.c_void_p(addr), _PAGE, ctypes.byref(resident)) == 0 and bool(resident.value & 1)
@@ -155,12 +165,24 @@ def _in_page_cache(fd: int) -> bool:
         _libc.munmap(ctypes.c_void_p(addr), _PAGE)
 
 
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recent")]
+
+
+class _CacheStatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_SYS_CACHESTAT = 451  # the same number on every architecture (a syscall added after 5.x's unification)
+_has_cachestat = True
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_FIRST_PAGE = _CacheStatRange(0, 1)  # read-only to the kernel: shared by every thread
 _PROT_READ, _MAP_SHARED, _MAP_FAILED = 1, 1, ctypes.c_void_p(-1).value
 
 
@@ -201,6 +223,7 @@ class FileSystemView:
         self._blob_fds: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
         self._blob_fds_lock = threading.Lock()
         self._blob_keys: dict[str, tuple[str, str]] = {}  # path → the blob it names (forever)
+        self._blob_sizes: dict[tuple[str, str], int] = {}  # blob → its size, once opened
         self._retired_fds: collections.deque[tuple[float, int]] = collections.deque()
         self.ready = threading.Event()  # set once the whole mount answers (staging included)
         self._warmed: dict[str, bool] = {}  # snapshot directories read ahead → whether none was opened yet
@@ -261,20 +284,27 @@ class FileSystemView:
     def blob_of(self, path: str) -> tuple[str, str]:
         """(alg, digest) of the blob behind a file's path (a dict hit after the first time).
 
-        InvalidManifest if the blob is here and its size is not the one the path shows (the
-        size is checked again when a blob not here yet is fetched, in `open`).
+        InvalidManifest if the blob was opened before (under any name) and its size is not
+        the one this path shows; a blob not opened yet is checked by the `open` that follows.
         """
         key = self._blob_keys.get(path)
         if key is None:
             info = self.stat(path)
             if info.is_dir:
                 raise IsADirectory(f"{path} is a directory")
-            _check_size(info, self.resolver.store.size(info.alg, info.digest))
             key = (info.alg, info.digest)
+            _check_size(info, self._blob_sizes.get(key))
             if len(self._blob_keys) >= _SNAPSHOT_INFOS:
                 self._blob_keys.clear()
             self._blob_keys[path] = key
         return key
+
+    def _known_size(self, key: tuple[str, str], size: int) -> int:
+        """Remember the size of an opened blob, for `blob_of`'s checks of its other names."""
+        if len(self._blob_sizes) >= _SNAPSHOT_INFOS:
+            self._blob_sizes.clear()
+        self._blob_sizes[key] = size
+        return size
 
     def open(self, path: str) -> int:
         """A new read-only descriptor on the blob behind `path`, fetched and verified first if needed.
@@ -293,7 +323,7 @@ class FileSystemView:
             self._bounded(str(info.url), self.resolver.ensure, info.alg, info.digest, info.size)
             fd = store.open_fd(info.alg, info.digest)
         try:
-            _check_size(info, os.fstat(fd).st_size)
+            _check_size(info, self._known_size((info.alg, info.digest), os.fstat(fd).st_size))
         except InvalidManifest:
             os.close(fd)
             raise
