@@ -173,10 +173,9 @@ def test_a_silent_channel_costs_eio_after_fetch_timeout(
         assert "fetch_timeout" in mount.log_text()
 
 
-@pytest.mark.parametrize("passthrough", ["true", "false"])
-def test_a_name_waiting_on_a_silent_channel_holds_up_no_other_name(tmp_path: Path, passthrough: str) -> None:
-    """The kernel looks up names of one directory side by side (FUSE_PARALLEL_DIROPS): a stored
-    blob answers while lookups of missing ones wait on the channel."""
+@pytest.fixture
+def silent_listener() -> Iterator[tuple[str, list[socket.socket]]]:
+    """A channel that accepts connections and never answers: its URL, and the connections it holds."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -188,9 +187,22 @@ def test_a_name_waiting_on_a_silent_channel_holds_up_no_other_name(tmp_path: Pat
                 held.append(listener.accept()[0])
 
     threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}", held
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+@pytest.mark.parametrize("passthrough", ["true", "false"])
+def test_a_name_waiting_on_a_silent_channel_holds_up_no_other_name(
+    tmp_path: Path, passthrough: str, silent_listener: tuple[str, list[socket.socket]]
+) -> None:
+    """The kernel looks up names of one directory side by side (FUSE_PARALLEL_DIROPS): a stored
+    blob answers while lookups of missing ones wait on the channel."""
+    url, held = silent_listener
     storage = tmp_path / "storage"
     digest = LocalStore(storage).put_bytes(b"stored here").sha1
-    config = channel_config(f"http://127.0.0.1:{listener.getsockname()[1]}", channel_timeout=5.0)
+    config = channel_config(url, channel_timeout=5.0)
     config = config.replace("[mount]\n", f"[mount]\npassthrough = {passthrough}\n")
     finished: list[float] = []
 
@@ -199,52 +211,32 @@ def test_a_name_waiting_on_a_silent_channel_holds_up_no_other_name(tmp_path: Pat
             os.stat(mount.mountpoint / "sha1" / name)
         finished.append(time.monotonic())
 
-    try:
-        with mounted_at(tmp_path, storage, config) as mount:
-            waiting = [threading.Thread(target=look_up, args=(f"{i:040x}",), daemon=True) for i in range(1, 4)]
-            for thread in waiting:
-                thread.start()
-            wait_until(lambda: held, what="a lookup waiting on the channel")
-            assert (mount.mountpoint / "sha1" / digest).read_bytes() == b"stored here"
-            answered = time.monotonic()
-            for thread in waiting:
-                thread.join(60)
-            assert len(finished) == 3
-            assert answered < min(finished)  # one at a time, it would have waited behind the first
-    finally:
-        listener.close()
-        for conn in held:
-            conn.close()
+    with mounted_at(tmp_path, storage, config) as mount:
+        waiting = [threading.Thread(target=look_up, args=(f"{i:040x}",), daemon=True) for i in range(1, 4)]
+        for thread in waiting:
+            thread.start()
+        wait_until(lambda: held, what="a lookup waiting on the channel")
+        assert (mount.mountpoint / "sha1" / digest).read_bytes() == b"stored here"
+        answered = time.monotonic()
+        for thread in waiting:
+            thread.join(60)
+        assert len(finished) == 3
+        assert answered < min(finished)  # one at a time, it would have waited behind the first
 
 
 def test_a_silent_channel_is_asked_once_then_skipped_and_status_shows_it_down(
-    tmp_path: Path, server: ServerProcess
+    tmp_path: Path, server: ServerProcess, silent_listener: tuple[str, list[socket.socket]]
 ) -> None:
-    listener = socket.socket()  # a channel that accepts connections and never answers
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    held: list[socket.socket] = []
-
-    def accept() -> None:
-        with suppress(OSError):  # the listener was closed
-            while True:
-                held.append(listener.accept()[0])
-
-    threading.Thread(target=accept, daemon=True).start()
+    silent, held = silent_listener
     config = channel_config(server.url, channel_timeout=1.0).replace('fr = ["lab"]', 'fr = ["silent", "lab"]')
-    config += f'\n[channels.silent]\nurl = "http://127.0.0.1:{listener.getsockname()[1]}"\nchannel = "lab"\n'
+    config += f'\n[channels.silent]\nurl = "{silent}"\nchannel = "lab"\n'
     data = os.urandom(10_000)
     digest = LocalStore(server.directory).put_bytes(data).sha1
-    try:
-        with mounted_at(tmp_path, tmp_path / "storage", config) as mount:
-            assert (mount.mountpoint / "sha1" / digest).read_bytes() == data  # lookup, getattr, open, read
-            assert len(held) == 1  # one /check timed out; nothing more was sent to it
-            status = mount.status()
-            assert [(c["name"], c["state"]) for c in status["channel_states"]] == [("silent", "down"), ("lab", "up")]
-            assert status["errors"] == 1
-            shown = mount.cli("status", str(mount.mountpoint)).stdout
-            assert "silent        down since" in shown and "no answer in time" in shown
-    finally:
-        listener.close()
-        for conn in held:
-            conn.close()
+    with mounted_at(tmp_path, tmp_path / "storage", config) as mount:
+        assert (mount.mountpoint / "sha1" / digest).read_bytes() == data  # lookup, getattr, open, read
+        assert len(held) == 1  # one /check timed out; nothing more was sent to it
+        status = mount.status()
+        assert [(c["name"], c["state"]) for c in status["channel_states"]] == [("silent", "down"), ("lab", "up")]
+        assert status["errors"] == 1
+        shown = mount.cli("status", str(mount.mountpoint)).stdout
+        assert "silent        down since" in shown and "no answer in time" in shown
