@@ -113,7 +113,7 @@ def test_an_insert_that_cannot_fit_is_store_full(tmp_path):
 def test_blobs_stored_here_and_never_uploaded_are_never_evicted_unless_asked(tmp_path):
     store = LocalStore(tmp_path, limits=CacheLimits(max_size=2 * MiB))
     only_copies = [store.put_bytes(bytes([i]) * MiB) for i in range(2)]
-    with pytest.raises(StoreFull, match="2 blobs stored here were never uploaded"):
+    with pytest.raises(StoreFull, match="2 blobs stored here and never uploaded"):
         store.put_bytes(b"\xfc" * MiB)
     assert all(store.has("sha1", d.sha1) for d in only_copies)  # nothing evicted for nothing
     store.note_remote("sha1", only_copies[0].sha1, "lab")  # uploaded since: fetchable again
@@ -250,3 +250,24 @@ def test_pin_of_a_blob_not_in_the_store_pins_it_and_says_so(storage_dir):
 def test_gc_without_a_bound_explains_itself():
     result = run("gc")
     assert result.returncode == 2 and "max-size" in result.stdout
+
+
+def test_min_free_space_at_insert_evicts_fetched_blobs_to_make_room(tmp_path, tmpfs):
+    disk = tmpfs("8m")
+    fetched = _put(LocalStore(disk / "s"), 5)  # 5 MiB of 8
+    store = LocalStore(disk / "s", limits=CacheLimits(min_free_space=3 * MiB))
+    store.put_bytes(b"\xfb" * MiB)  # leaves less than 3 MiB free unless something goes
+    assert sum(store.has("sha1", d.sha1) for d in fetched) < 5
+    assert os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize >= 3 * MiB
+
+
+def test_blobs_without_a_note_are_evicted_only_under_a_bound_the_user_set(tmp_path):
+    from kacheryfs.store.cache import DIGESTS_XATTR
+
+    store = LocalStore(tmp_path)
+    old = [store.put_bytes(bytes([i]) * MiB) for i in range(2)]
+    for d in old:  # as an older kachery stored them: no note
+        os.removexattr(store.blob_path("sha1", d.sha1), DIGESTS_XATTR)
+    assert store.cache.evict(free_at_least=MiB) == (0, 0)  # unbounded: a full disk evicts none of them
+    bounded = LocalStore(tmp_path, limits=CacheLimits(max_size=MiB))
+    assert bounded.cache.evict() == (MiB, 1)

@@ -5,7 +5,8 @@ Eviction runs at insert time (before a blob is linked in), so the store never ov
 flock; eviction needs an exclusive one), a pinned blob or anything inside a pinned
 snapshot (`<root>/pins/`), a blob pinned by staging until it is uploaded, and a blob no
 channel is known to hold: one stored here and never uploaded may be the only copy there
-is. A blob's note (`DIGESTS_XATTR`) names the channel it was fetched from or uploaded to.
+is. A blob's note (`DIGESTS_XATTR`) names the channel it was fetched from or uploaded to;
+a blob without a note (an older store) is evicted only under a bound the user set.
 Recency is the blob's atime, set in batches by `note_access`, never once per read.
 """
 
@@ -224,15 +225,15 @@ class Cache:
         usage = sum(b.size for b in blobs.values())
         pinned = self.pinned_paths()
         unpinned = [b for b in blobs.values() if not any(p in pinned for p in b.paths)]
-        candidates = [b for b in unpinned if include_local or _has_remote_copy(b.paths[0])]
+        candidates = [b for b in unpinned if include_local or self._may_evict(b.paths[0])]
         evictable = sum(b.size for b in candidates)
         free = _free_bytes(self.root)
-        if (incoming and not self._fits(usage - evictable, incoming)) or evictable + free < need:
+        if (incoming and not self._fits(usage - evictable, incoming, freed=evictable)) or evictable + free < need:
             local_only = len(unpinned) - len(candidates)
             raise StoreFull(
                 f"the store {self.root} cannot make room for {max(incoming, need)} bytes: evicting all it may "
-                f"would free {evictable} of {usage} (the rest is pinned, or {local_only} blobs stored here "
-                f"were never uploaded: `kacheryfs gc --include-local` evicts those too; limits: "
+                f"would free {evictable} of {usage} bytes; the rest is pinned, or {local_only} blobs stored here "
+                f"and never uploaded, kept as they may be the only copies (limits: "
                 f"cache.max_size={self.limits.max_size}, cache.min_free_space={self.limits.min_free_space})"
             )
         freed = evicted = 0
@@ -252,14 +253,25 @@ class Cache:
             )
         return freed, evicted
 
-    def _fits(self, usage: int, incoming: int) -> bool:
+    def _fits(self, usage: int, incoming: int, *, freed: int = 0) -> bool:
+        """Whether `incoming` more bytes keep the store within its limits, at `usage` and with
+        `freed` bytes more free on the disk than now (an eviction being weighed)."""
         if self.limits.max_size is not None and usage + incoming > self.limits.max_size:
             return False
         if self.limits.min_free_space:
-            st = os.statvfs(self.root)
-            if st.f_bavail * st.f_frsize - incoming < self.limits.min_free_space:
+            if _free_bytes(self.root) + freed - incoming < self.limits.min_free_space:
                 return False
         return True
+
+    def _may_evict(self, path: Path) -> bool:
+        """Whether a blob may be evicted without `include_local`: a channel holds it (its note
+        says so), or, in a bounded store, nothing is known of it (stored before notes were
+        kept, as by the original kachery, or on a filesystem without user xattrs: the bound
+        the user set then rules, as it always did)."""
+        note = _note(path)
+        if note is None:
+            return self.limits.bounded
+        return bool(note.get("remote"))
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -278,13 +290,13 @@ def _touch_atime(path: str) -> None:
     _libc.utimensat(_AT_FDCWD, os.fsencode(path), _NOW_OMIT, 0)
 
 
-def _has_remote_copy(path: Path) -> bool:
-    """Whether the blob's note names a channel holding it (it can be fetched again)."""
+def _note(path: Path) -> dict[str, object] | None:
+    """A blob's note (see DIGESTS_XATTR), or None when it has none that can be read."""
     try:
         note = json.loads(os.getxattr(path, DIGESTS_XATTR))
     except (OSError, ValueError):
-        return False
-    return isinstance(note, dict) and bool(note.get("remote"))
+        return None
+    return note if isinstance(note, dict) else None
 
 
 def _free_bytes(root: Path) -> int:
