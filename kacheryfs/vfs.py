@@ -284,8 +284,8 @@ class FileSystemView:
     def blob_of(self, path: str) -> tuple[str, str]:
         """(alg, digest) of the blob behind a file's path (a dict hit after the first time).
 
-        InvalidManifest if the blob was opened before (under any name) and its size is not
-        the one this path shows; a blob not opened yet is checked by the `open` that follows.
+        InvalidManifest if the blob is here and its size is not the one this path shows (an
+        open of it may reuse a descriptor opened under another name, unchecked).
         """
         key = self._blob_keys.get(path)
         if key is None:
@@ -293,7 +293,8 @@ class FileSystemView:
             if info.is_dir:
                 raise IsADirectory(f"{path} is a directory")
             key = (info.alg, info.digest)
-            _check_size(info, self._blob_sizes.get(key))
+            size = self._blob_sizes.get(key)
+            _check_size(info, self.resolver.store.size(*key) if size is None else size)
             if len(self._blob_keys) >= _SNAPSHOT_INFOS:
                 self._blob_keys.clear()
             self._blob_keys[path] = key

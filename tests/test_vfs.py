@@ -19,7 +19,15 @@ import mfusepy
 import pytest
 
 from kacheryfs import manifest, vfs
-from kacheryfs.errors import ChannelUnavailable, HashMismatch, InvalidURL, IsADirectory, NotADirectory, NotFound
+from kacheryfs.errors import (
+    ChannelUnavailable,
+    HashMismatch,
+    InvalidManifest,
+    InvalidURL,
+    IsADirectory,
+    NotADirectory,
+    NotFound,
+)
 from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.mount.fuse_ops import BLOCK_SIZE, FIXED_TIME_NS, MAX_READ, HashViewOperations, _FuseBufvec
 from kacheryfs.mount.passthrough import Unavailable
@@ -459,3 +467,17 @@ def test_init_sets_kernel_cache_timeouts_read_size_and_splicing(view: FileSystem
     assert (config.entry_timeout, config.attr_timeout, config.negative_timeout) == (7, 8, 2)
     assert conn.max_read == MAX_READ == 1008 << 10 and called
     assert conn.want == 1 | 1 << 7 | 1 << 8  # replies from descriptors are spliced (FUSE_CAP_SPLICE_WRITE, _MOVE)
+
+
+def test_a_path_giving_its_blob_the_wrong_size_is_refused_even_once_the_blob_is_open(
+    view: FileSystemView, store: LocalStore
+) -> None:
+    blob = store.put_bytes(b"hello\n")
+    root = DirNode(files={"right": FileEntry(6, blob.sha1), "short": FileEntry(2, blob.sha1)})
+    snap = store.put_bytes(manifest.serialize(root)).sha1
+    fd = view.blob_fd(f"/sha1dir/{snap}/right")  # the blob is now open under another name
+    view._blob_sizes.clear()  # as when the bounded map is cleared: the store is asked again
+    with pytest.raises(InvalidManifest, match="says 2 bytes"):
+        view.blob_of(f"/sha1dir/{snap}/short")
+    assert view.blob_fd(f"/sha1dir/{snap}/right") == fd
+    view.close_blob_fds()
