@@ -467,7 +467,7 @@ def unmount(mountpoint: Path, *, lazy: bool = False, timeout: float = STOP_TIMEO
 def users_of(mountpoint: Path, besides: set[int]) -> list[str]:
     """Processes ("name (pid)") with a working directory, an open file or a mapping under
     `mountpoint`, as `fuser -m` finds them (only those this user may inspect)."""
-    inside = os.fsencode(mountpoint)
+    inside = os.fsencode(os.path.realpath(mountpoint))  # as /proc shows paths: resolved
     prefix = inside + b"/"
     found = []
     for entry in os.scandir("/proc"):

@@ -52,7 +52,6 @@ _XATTR_PREFIX = XATTR_PREFIX.encode()  # every attribute the mount has starts wi
 _FUSE_READDIR_PLUS = 1  # fuse_readdir_flags: the kernel wants attributes with the entries
 _FUSE_FILL_DIR_PLUS = 2  # fuse_fill_dir_flags: these attributes are complete
 _FUSE_CAP_SPLICE_WRITE, _FUSE_CAP_SPLICE_MOVE = 1 << 7, 1 << 8  # libfuse's conn.want bits
-_FUSE_CAP_PARALLEL_DIROPS = 1 << 18
 _LISTINGS_KEPT = 256  # snapshot directory listings kept by the hash views, ready for the filler
 _Entry = tuple[bytes, Any, int]  # a listing's entry as the filler takes it: name, packed stat or None, fill flags
 
@@ -139,9 +138,6 @@ class _Operations(mfusepy.Operations):
             # Reads answered from a descriptor (read_buf) are spliced into the reply, not copied
             # through a buffer (see MAX_READ for the size that allows it).
             conn_info.want |= conn_info.capable & (_FUSE_CAP_SPLICE_WRITE | _FUSE_CAP_SPLICE_MOVE)
-            # Lookups of one directory side by side (libfuse 3.14 still leaves it out of its
-            # INIT reply: the hash views' reply hook puts it in, see kacheryfs.mount.passthrough).
-            conn_info.want |= conn_info.capable & _FUSE_CAP_PARALLEL_DIROPS
         if self._on_init is not None:
             self._on_init()
 

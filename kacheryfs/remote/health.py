@@ -24,7 +24,7 @@ from kacheryfs.store import BlobWriter
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DOWN_FOR = 30.0  # seconds a channel is skipped after it first fails
+DOWN_FOR = 5.0  # seconds a channel is skipped after it first fails (a server restarting costs no more)
 MAX_DOWN_FOR = 300.0  # the longest wait between probes of a channel that stays down
 # What only a channel that was reached can answer.
 _ANSWERS = (NotFound, HashMismatch, AuthError, QuotaExceeded)
