@@ -294,14 +294,16 @@ class FileSystemView:
                 raise IsADirectory(f"{path} is a directory")
             key = (info.alg, info.digest)
             size = self._blob_sizes.get(key)
-            _check_size(info, self.resolver.store.size(*key) if size is None else size)
+            if size is None and (size := self.resolver.store.size(*key)) is not None:
+                self._known_size(key, size)  # the open that follows need not ask again
+            _check_size(info, size)
             if len(self._blob_keys) >= _SNAPSHOT_INFOS:
                 self._blob_keys.clear()
             self._blob_keys[path] = key
         return key
 
     def _known_size(self, key: tuple[str, str], size: int) -> int:
-        """Remember the size of an opened blob, for `blob_of`'s checks of its other names."""
+        """Remember the size of a blob here (a blob's size never changes), for the checks of its names."""
         if len(self._blob_sizes) >= _SNAPSHOT_INFOS:
             self._blob_sizes.clear()
         self._blob_sizes[key] = size
@@ -323,8 +325,10 @@ class FileSystemView:
         except NotFound:
             self._bounded(str(info.url), self.resolver.ensure, info.alg, info.digest, info.size)
             fd = store.open_fd(info.alg, info.digest)
+        key = (info.alg, info.digest)
         try:
-            _check_size(info, self._known_size((info.alg, info.digest), os.fstat(fd).st_size))
+            known = self._blob_sizes.get(key)
+            _check_size(info, self._known_size(key, os.fstat(fd).st_size) if known is None else known)
         except InvalidManifest:
             os.close(fd)
             raise
