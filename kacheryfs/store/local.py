@@ -19,7 +19,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from kacheryfs.errors import HashMismatch, NotFound, StoreError, StoreFull
+from kacheryfs.errors import HashMismatch, NotFound, StoreError, store_error
 from kacheryfs.hashing import CHUNK, Digests, Hasher, hash_file, write_all
 from kacheryfs.store import direct
 from kacheryfs.store.cache import DIGESTS_XATTR, Cache, CacheLimits, blob_file, blob_path
@@ -30,12 +30,6 @@ if TYPE_CHECKING:
 
 TEMP_DIR = "tmp"
 TEMP_SUFFIX = ".part"
-
-
-def _io_error(err: OSError, what: str) -> StoreError:
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StoreFull(f"no space left while {what}: free some disk space or run `kacheryfs gc`")
-    return StoreError(f"{what} failed: {err.strerror or err} ({getattr(err, 'filename', '') or ''})")
 
 
 class BlobWriter:
@@ -76,14 +70,14 @@ class BlobWriter:
                 self._sink.write(chunk)
             except OSError as err:
                 self.abort()
-                raise _io_error(err, f"writing {self.path}") from err
+                raise store_error(err, f"writing {self.path}") from err
             return
         self._hasher.update(chunk)
         try:
             write_all(self.fd, chunk)
         except OSError as err:
             self.abort()
-            raise _io_error(err, f"writing {self.path}") from err
+            raise store_error(err, f"writing {self.path}") from err
         pending = self._hasher.size - self._written_back
         if pending >= _KERNEL_COPY:  # so the fsync at commit has little left to wait for
             _start_writeback(self.fd, self._written_back, pending)
@@ -109,7 +103,7 @@ class BlobWriter:
             return self._sink.space()
         except OSError as err:
             self.abort()
-            raise _io_error(err, f"writing {self.path}") from err
+            raise store_error(err, f"writing {self.path}") from err
 
     def advance(self, n: int) -> None:
         """`n` bytes were received at the start of the last `space()`."""
@@ -118,7 +112,7 @@ class BlobWriter:
             self._sink.advance(n)
         except OSError as err:
             self.abort()
-            raise _io_error(err, f"writing {self.path}") from err
+            raise store_error(err, f"writing {self.path}") from err
 
     def write_from(self, src: BinaryIO, progress: Callable[[int], None] | None = None) -> None:
         """Append everything `src` yields."""
@@ -172,7 +166,7 @@ class BlobWriter:
                     progress(copied)
         except OSError as err:
             self.abort()
-            raise _io_error(err, f"writing {self.path}") from err
+            raise store_error(err, f"writing {self.path}") from err
 
     def commit(
         self,
@@ -189,7 +183,7 @@ class BlobWriter:
             os.fsync(self.fd)
             self.store._link_into_place(self.path, digests)
         except OSError as err:
-            raise _io_error(err, f"committing {self.path}") from err
+            raise store_error(err, f"committing {self.path}") from err
         finally:
             self.abort()
         return digests
@@ -219,7 +213,7 @@ class BlobWriter:
             _record_digests(self.fd, digests, remote)
         except OSError as err:
             self.abort()
-            raise _io_error(err, f"writing {self.path}") from err
+            raise store_error(err, f"writing {self.path}") from err
         except BaseException:
             self.abort()
             raise
@@ -299,7 +293,7 @@ class LocalStore:
         except FileNotFoundError:
             return None
         except OSError as err:
-            raise _io_error(err, f"reading {alg}:{digest}") from err
+            raise store_error(err, f"reading {alg}:{digest}") from err
 
     def noted_digests(self, alg: str, digest: str) -> Digests | None:
         """The digests noted on a blob when it was stored (md5 may still be None), or None."""
@@ -360,7 +354,7 @@ class LocalStore:
         except FileNotFoundError as err:
             raise NotFound(f"{alg}://{digest} is not in the local store {self.root}") from err
         except OSError as err:
-            raise _io_error(err, f"opening {alg}:{digest}") from err
+            raise store_error(err, f"opening {alg}:{digest}") from err
         fcntl.flock(fd, fcntl.LOCK_SH)
         self.cache.note_access(path)
         return fd
@@ -387,7 +381,7 @@ class LocalStore:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except OSError as err:
-                raise _io_error(err, f"creating a temp file in {self.root / TEMP_DIR}") from err
+                raise store_error(err, f"creating a temp file in {self.root / TEMP_DIR}") from err
             fcntl.flock(fd, fcntl.LOCK_EX)
             if os.fstat(fd).st_nlink:
                 try:
@@ -395,7 +389,7 @@ class LocalStore:
                 except OSError as err:
                     os.close(fd)
                     os.unlink(path)
-                    raise _io_error(err, f"opening {path}") from err
+                    raise store_error(err, f"opening {path}") from err
             # another process's cleanup_temp locked and removed it between our open and flock
             os.close(fd)
 
@@ -602,7 +596,7 @@ class CommitGroup:
                 for parent in {os.path.dirname(self.store.blob_file(alg, h)) for alg, h in blobs}:
                     _fsync_dir(Path(parent))
         except OSError as err:
-            raise _io_error(err, f"committing {len(sealed)} blobs to {self.store.root}") from err
+            raise store_error(err, f"committing {len(sealed)} blobs to {self.store.root}") from err
         finally:
             for w, _ in sealed:
                 w.abort()
