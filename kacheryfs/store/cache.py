@@ -111,11 +111,19 @@ class Cache:
 
     # -- pins ----------------------------------------------------------------------
     def pin(self, alg: str, digest: str, *, is_dir: bool = False, reason: str = "user") -> None:
-        """Keep a blob (or, for a snapshot manifest, its whole tree) from eviction."""
-        name = f"{alg}-{check_hash(alg, digest)}{'.dir' if is_dir else ''}.{reason}"
+        """Keep a blob (or, for a snapshot manifest, its whole tree) from eviction.
+
+        A pin is an empty file whose name says it all (`pins`): creating it is atomic, where a
+        file with contents took a write aside and a rename, the most of a staged file's ingest.
+        """
+        path = f"{self.pins_dir}/{alg}-{check_hash(alg, digest)}{'.dir' if is_dir else ''}.{reason}"
         try:
-            self.pins_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.pins_dir / name, json.dumps({"alg": alg, "hash": digest, "dir": is_dir}).encode())
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:
+                self.pins_dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            os.close(fd)
         except OSError as err:
             raise store_error(err, f"pinning {alg}://{digest}") from err
 
@@ -337,8 +345,3 @@ def blob_file(root: str, alg: str, digest: str) -> str:
     digest = check_hash(alg, digest)
     return f"{root}/{alg}/{digest[0:2]}/{digest[2:4]}/{digest[4:6]}/{digest}"
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
