@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from kacheryfs import manifest
 from kacheryfs.errors import (
@@ -98,6 +98,8 @@ class Resolver:
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, str], Future[Path]] = {}
         self._manifests: OrderedDict[tuple[str, str], DirNode] = OrderedDict()
+        # Manifests that failed validation, with the reason: their bytes never change, nor will the verdict.
+        self._invalid: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     @classmethod
     def from_config(cls, config: Config, fr: str | Sequence[str] | None = None) -> Resolver:
@@ -140,19 +142,34 @@ class Resolver:
         return self._manifests.get((alg, digest))
 
     def manifest(self, alg: str, digest: str) -> DirNode:
-        """The parsed, validated manifest stored under (alg, digest)."""
+        """The parsed, validated manifest stored under (alg, digest).
+
+        Both verdicts are kept (the last _MANIFEST_CACHE of each): a path in an invalid
+        snapshot, asked again and again, costs neither a read nor a parse of it again.
+        """
         key = (alg, digest)
         with self._lock:
             if key in self._manifests:
                 self._manifests.move_to_end(key)
                 return self._manifests[key]
+            reason = self._invalid.get(key)
+        if reason is not None:
+            raise InvalidManifest(reason)
         with self.open_blob(alg, digest) as f:
-            node = manifest.parse(f.read())
-        with self._lock:
-            self._manifests[key] = node
-            while len(self._manifests) > _MANIFEST_CACHE:
-                self._manifests.popitem(last=False)
+            data = f.read()
+        try:
+            node = manifest.parse(data)
+        except InvalidManifest as err:
+            self._remember(self._invalid, key, str(err))
+            raise
+        self._remember(self._manifests, key, node)
         return node
+
+    def _remember(self, cache: OrderedDict[tuple[str, str], Any], key: tuple[str, str], value: object) -> None:
+        with self._lock:
+            cache[key] = value
+            while len(cache) > _MANIFEST_CACHE:
+                cache.popitem(last=False)
 
     # -- blobs ---------------------------------------------------------------------
     def ensure(self, alg: str, digest: str, size: int | None = None, progress: ProgressBar | None = None) -> Path:

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 from fixtures_server import PASSWORD, ScriptedServer, ServerProcess, quota, readable_tempdir, write_config
 
-from kacheryfs.errors import AuthError, ChannelUnavailable, HashMismatch, StoreFull
+from kacheryfs.errors import AuthError, ChannelUnavailable, HashMismatch, InvalidManifest, StoreFull
 from kacheryfs.parallel_fetch import fetch_all
 from kacheryfs.remote import HttpChannel, TrackedChannel
 from kacheryfs.resolver import BlobRef, Resolver
@@ -253,3 +253,16 @@ def test_failures_of_different_kinds_are_channel_unavailable(two_servers, script
     with pytest.raises(ChannelUnavailable) as caught:
         Resolver(LocalStore(tmp_path / "local"), channels).ensure("sha1", digest)
     assert type(caught.value) is ChannelUnavailable
+
+
+def test_a_manifest_that_fails_validation_is_judged_once(tmp_path):
+    """A path in an invalid snapshot asked again (a stat loop) neither reads nor parses it again."""
+    store = LocalStore(tmp_path)
+    digest = store.put_bytes(b'{"files": {"a": {"size": "big"}}}').sha1
+    resolver = Resolver(store)
+    with pytest.raises(InvalidManifest) as first:
+        resolver.manifest("sha1", digest)
+    store.blob_path("sha1", digest).unlink()  # read again, it would now be NotFound
+    with pytest.raises(InvalidManifest) as again:
+        resolver.manifest("sha1", digest)
+    assert str(again.value) == str(first.value)
