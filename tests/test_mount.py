@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import mmap
 import os
 import random
@@ -31,6 +32,7 @@ from fixtures_mount import (
     wait_until,
 )
 
+from kacheryfs.mount import daemon
 from kacheryfs.mount.paths import url_of
 from kacheryfs.store import LocalStore
 
@@ -301,6 +303,36 @@ def test_an_invalid_manifest_is_eio_logged_and_the_daemon_lives(sample) -> None:
     assert "invalid name" in mount.log_text()
     assert mount.status()["recent_errors"]
     assert sorted(os.listdir(mount.mountpoint)) == ["md5", "sha1", "sha1dir", "staging"]
+
+
+def test_the_same_failure_asked_again_and_again_is_logged_once(sample) -> None:
+    mount = sample[0]
+    bad = LocalStore(mount.storage).put_bytes(b'{"files": {"a": {"size": "big"}}}')
+    for _ in range(20):  # an EIO is not kept by the kernel: each stat reaches the daemon
+        with pytest.raises(OSError) as err:
+            os.stat(mount.mountpoint / "sha1dir" / bad.sha1 / "a")
+        assert err.value.errno == errno.EIO
+    logged = [line for line in mount.log_text().splitlines() if bad.sha1 in line]
+    assert len(logged) == 1 and "WARNING" in logged[0], logged
+
+
+def test_the_daemon_log_is_rotated(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(daemon, "LOG_BYTES", 4096)
+    logs_dir = tmp_path / "logs"
+    logs_dir.mkdir()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        daemon.configure_logging(logs_dir / "mount.log", "INFO")
+        for i in range(400):
+            logging.getLogger("kacheryfs.test").info("line %d of a long-running mount", i)
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], root.level = handlers, level
+    assert sorted(p.name for p in logs_dir.iterdir()) == ["mount.log", "mount.log.1", "mount.log.2", "mount.log.3"]
+    assert all(p.stat().st_size <= 4096 for p in logs_dir.iterdir())
+    assert "line 399 " in (logs_dir / "mount.log").read_text()
 
 
 def test_unknown_attributes_are_enodata(snap: Path) -> None:

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import json
 import logging
+import logging.handlers
 import os
 import resource
 import shutil
@@ -40,6 +41,7 @@ INSTALL_HINT = (
 )
 START_TIMEOUT = 30.0  # seconds `kacheryfs mount` waits for the daemon's first answer
 STOP_TIMEOUT = 10.0  # seconds `kacheryfs umount` waits for the daemon to exit
+LOG_BYTES, LOG_BACKUPS = 10 << 20, 3  # the log file rotates at 10 MiB, keeping three older ones (.1–.3)
 
 # glibc mallopt parameters. libfuse allocates a fresh 1 MiB buffer per read and Python a
 # 1 MiB bytes; with glibc's dynamic thresholds each one can page-fault (measured: ~900 MB/s
@@ -57,11 +59,16 @@ def default_log_file(mountpoint: Path) -> Path:
 
 
 def configure_logging(log_file: Path | None, level: str) -> None:
-    """The daemon logs to `log_file` when given, else to stderr."""
+    """The daemon logs to `log_file` when given, else to stderr.
+
+    A mount runs for months: its log is rotated at LOG_BYTES, keeping LOG_BACKUPS older files.
+    """
     # A name that is not UTF-8 (kept by Python as surrogates) is logged escaped, not lost to an encoding error.
     handler: logging.Handler = logging.StreamHandler(sys.stderr)
     if log_file:
-        handler = logging.FileHandler(log_file, errors="backslashreplace")
+        handler = logging.handlers.RotatingFileHandler(
+            log_file, maxBytes=LOG_BYTES, backupCount=LOG_BACKUPS, errors="backslashreplace"
+        )
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -21,6 +21,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -65,17 +66,17 @@ def _translated(method: F) -> F:
             return method(self, path, *args)
         except (NotFound, InvalidURL) as err:
             # A malformed name is simply a name that does not exist: ENOENT, no network touched.
-            log.info("%s %s: %s", method.__name__, path, err)
+            _log_failure(logging.INFO, f"{method.__name__} {path}: {err}")
             raise mfusepy.FuseOSError(err.errno) from err
         except KacheryError as err:
-            log.warning("%s %s: %s", method.__name__, path, err)
+            _log_failure(logging.WARNING, f"{method.__name__} {path}: {err}")
             self.view.record_error(f"{method.__name__} {path}: {err}")
             raise mfusepy.FuseOSError(err.errno) from err
         except mfusepy.FuseOSError:
             raise
         except OSError as err:
             # The store's own file failed (disk error, blob removed under us): pass its errno on.
-            log.warning("%s %s: %s", method.__name__, path, err)
+            _log_failure(logging.WARNING, f"{method.__name__} {path}: {err}")
             self.view.record_error(f"{method.__name__} {path}: {err}")
             raise mfusepy.FuseOSError(err.errno or errno.EIO) from err
         except Exception as err:
@@ -84,6 +85,30 @@ def _translated(method: F) -> F:
             raise mfusepy.FuseOSError(errno.EIO) from err
 
     return wrapper  # type: ignore[return-value]
+
+
+def _log_failure(level: int, message: str) -> None:
+    """Log a failed request, once a _QUIET_FOR for the same path and reason (debug in between).
+
+    A program that retries a path in a loop, or probes names that do not exist, would
+    otherwise write a line per try to the daemon's log.
+    """
+    now = time.monotonic()
+    with _logged_lock:
+        last = _logged.get(message)
+        quiet = last is not None and now - last < _QUIET_FOR
+        if not quiet:
+            _logged[message] = now
+            _logged.move_to_end(message)
+            if len(_logged) > _LOGGED_KEPT:
+                _logged.popitem(last=False)
+    log.log(logging.DEBUG if quiet else level, "%s", message)
+
+
+_QUIET_FOR = 60.0  # seconds
+_LOGGED_KEPT = 1024  # failures remembered, the last logged first to go
+_logged: collections.OrderedDict[str, float] = collections.OrderedDict()
+_logged_lock = threading.Lock()
 
 
 # What any filesystem answers in ordinary use (mkdir -p, rmdir of a full directory, a lookup
