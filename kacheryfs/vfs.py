@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import dataclasses
 import errno
 import json
 import logging
@@ -506,13 +507,26 @@ class FileSystemView:
                 raise NotFound("the mount is not ready yet")  # readiness checks poll the pid
             return (json.dumps(self.status()) if name == STATUS_XATTR else str(os.getpid())).encode()
         try:
-            return self.stat(path).xattrs()[name]
+            return self._with_sha1(self.stat(path)).xattrs()[name]
         except KeyError:
             raise NotFound(f"{path} has no attribute {name}") from None
 
     def listxattr(self, path: str) -> list[str]:
-        names = list(self.stat(path).xattrs())
+        names = list(self._with_sha1(self.stat(path)).xattrs())
         return names + [STATUS_XATTR, PID_XATTR] if not split_path(path) else names
+
+    def _with_sha1(self, info: FileInfo) -> FileInfo:
+        """`info`, with the sha1 of a file named by its md5 when the blob is here (from the note
+        stored with it; hashed where there is none): every file has `user.kachery.sha1`."""
+        if info.is_dir or info.sha1 or info.alg != "md5":
+            return info
+        store = self.resolver.store
+        try:
+            noted = store.noted_digests(info.alg, info.digest)
+            sha1 = noted.sha1 if noted is not None else store.digests(info.alg, info.digest).sha1
+        except NotFound:
+            return info  # not fetched yet: its sha1 is known once it is
+        return dataclasses.replace(info, sha1=sha1)
 
     def record_error(self, message: str) -> None:
         """Keep the reason of a failed operation for `kacheryfs status`."""

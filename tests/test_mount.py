@@ -154,6 +154,8 @@ def test_blob_view_serves_a_file_under_its_extension(sample) -> None:
     assert path.read_bytes() == b"x,y\n1,2\n"
     assert url_of(path) == f"sha1://{digests.sha1}/{digests.sha1}.csv"
     assert (mount.mountpoint / "md5" / f"{digests.md5}.txt").read_bytes() == b"x,y\n1,2\n"
+    out = subprocess.run(["getfattr", "-d", mount.mountpoint / "md5" / digests.md5], capture_output=True, text=True)
+    assert f'user.kachery.sha1="{digests.sha1}"' in out.stdout, out
 
 
 def test_url_of_a_snapshot_file_and_directory(snap: Path, sample) -> None:

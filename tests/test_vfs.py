@@ -33,6 +33,7 @@ from kacheryfs.mount.fuse_ops import BLOCK_SIZE, FIXED_TIME_NS, MAX_READ, HashVi
 from kacheryfs.mount.passthrough import Unavailable
 from kacheryfs.resolver import Resolver
 from kacheryfs.store import BlobWriter, LocalStore
+from kacheryfs.store.cache import DIGESTS_XATTR
 from kacheryfs.vfs import PID_XATTR, STATUS_XATTR, FileSystemView
 
 BIG = b"0123456789" * 100_000
@@ -102,6 +103,15 @@ def test_a_stored_blob_is_a_file_of_its_size_whatever_its_extension(view: FileSy
         info = view.stat(f"/sha1/{name}")
         assert not info.is_dir and info.size == 3 and info.digest == d.sha1
     assert view.stat(f"/md5/{d.md5}.txt").size == 3
+
+
+def test_a_file_named_by_its_md5_has_its_sha1_too(view: FileSystemView, store: LocalStore) -> None:
+    noted, bare = store.put_bytes(b"noted"), store.put_bytes(b"with no note")
+    os.removexattr(store.blob_path("sha1", bare.sha1), DIGESTS_XATTR)  # as an older kachery stored it
+    for d in (noted, bare):
+        path = f"/md5/{d.md5}.txt"
+        assert view.getxattr(path, "user.kachery.sha1") == d.sha1.encode()
+        assert "user.kachery.sha1" in view.listxattr(path)
 
 
 @pytest.mark.parametrize("path", ["/sha1/xyz", "/sha1/" + "a" * 40 + "b", "/md5/" + "a" * 40, "/sha1dir/nothex"])
