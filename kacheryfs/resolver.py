@@ -71,7 +71,8 @@ class Stats:
     hits: int = 0
     misses: int = 0
     fetches_in_progress: int = 0
-    errors: int = 0
+    lookups_in_progress: int = 0  # names being looked for on the channels (a stat of a blob not here)
+    errors: int = 0  # reads and lookups that failed (not "not found"), each once
     bytes_by_channel: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     last_error: str = ""
 
@@ -80,6 +81,7 @@ class Stats:
             "hits": self.hits,
             "misses": self.misses,
             "fetches_in_progress": self.fetches_in_progress,
+            "lookups_in_progress": self.lookups_in_progress,
             "errors": self.errors,
             "bytes_by_channel": dict(self.bytes_by_channel),
             "last_error": self.last_error,
@@ -268,11 +270,14 @@ class Resolver:
                     _log_fetch(alg, digest, channel.name, digests.size, started, "ok")
                     return self.store.blob_path(alg, digest)
             _log_fetch(alg, digest, channel.name, writer.size, started, result)
-        error = _failure(f"{alg}://{digest}", "fetch", failures)
+        raise self._failed(_failure(f"{alg}://{digest}", "fetch", failures))
+
+    def _failed(self, error: KacheryError) -> KacheryError:
+        """Count a failed fetch or lookup (for `kacheryfs status`) and return its error."""
         if not isinstance(error, NotFound):
             self.stats.errors += 1
             self.stats.last_error = str(error)
-        raise error
+        return error
 
     def read_range(self, alg: str, digest: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of a blob; from the local store if present, else from a channel.
@@ -301,30 +306,34 @@ class Resolver:
         if size is not None:
             return "local", size
         failures: list[tuple[str, KacheryError]] = []
-        for channel in self.channels:
-            try:
-                size = channel.check(alg, digest)
-            except _CHANNEL_FAILURES as err:
-                if not isinstance(err, ChannelUnavailable):  # a channel down is logged once, by itself
-                    log.warning("channel %s: %s", channel.name, err)
-                failures.append((channel.name, err))
-                continue
-            if size is not None:
-                return channel.name, size
+        self.stats.lookups_in_progress += 1
+        try:
+            for channel in self.channels:
+                try:
+                    size = channel.check(alg, digest)
+                except _CHANNEL_FAILURES as err:
+                    if not isinstance(err, ChannelUnavailable):  # a channel down is logged once, by itself
+                        log.warning("channel %s: %s", channel.name, err)
+                    failures.append((channel.name, err))
+                    continue
+                if size is not None:
+                    return channel.name, size
+        finally:
+            self.stats.lookups_in_progress -= 1
         if failures:
-            raise _failure(f"{alg}://{digest}", "locate", failures)
+            raise self._failed(_failure(f"{alg}://{digest}", "locate", failures))
         return None
 
     def status(self) -> dict[str, object]:
         """The counters and each channel's state, for `kacheryfs status`.
 
-        `errors` counts failed fetches and requests that found a channel unreachable.
+        `errors` counts reads and lookups that failed, each once; `channel_failures`, the
+        requests that found a channel unreachable (a read another channel then served
+        counts there only).
         """
-        channel_failures = sum(channel.failures for channel in self.channels)
         return {
             **self.stats.as_dict(),
-            "errors": self.stats.errors + channel_failures,
-            "channel_failures": channel_failures,
+            "channel_failures": sum(channel.failures for channel in self.channels),
             "channel_states": [channel.status() for channel in self.channels],
         }
 

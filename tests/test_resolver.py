@@ -199,7 +199,7 @@ def test_going_down_and_coming_back_are_logged_once_each(scripted_server, lab_wi
     assert "broken is down" in messages[0] and "broken is back up" in messages[1]
 
 
-def test_status_shows_each_channel_up_or_down_and_counts_channel_failures_as_errors(
+def test_status_shows_each_channel_up_or_down_and_its_failures_apart_from_failed_reads(
     scripted_server, lab_with_30_blobs, tmp_path
 ):
     lab, digests = lab_with_30_blobs
@@ -210,7 +210,19 @@ def test_status_shows_each_channel_up_or_down_and_counts_channel_failures_as_err
     down, up = status["channel_states"]
     assert (down["name"], down["state"], up["name"], up["state"]) == ("broken", "down", "lab", "up")
     assert down["down_since"] and "HTTP 503" in down["last_error"]
-    assert status["errors"] == status["channel_failures"] == 1  # the read itself succeeded
+    assert (status["errors"], status["channel_failures"]) == (0, 1)  # the read itself succeeded
+
+
+def test_a_read_that_failed_counts_once_as_an_error_whatever_its_channels_did(scripted_server, tmp_path):
+    broken = Failing(scripted_server)
+    resolver = Resolver(LocalStore(tmp_path / "local"), [channel("broken", broken.url)])
+    for _ in range(2):  # the second finds the channel down and skips it
+        with pytest.raises(ChannelUnavailable):
+            resolver.ensure("sha1", "1" * 40)
+    with pytest.raises(ChannelUnavailable):
+        resolver.find("sha1", "2" * 40)
+    status = resolver.status()
+    assert (status["errors"], status["channel_failures"], status["lookups_in_progress"]) == (3, 1, 0)
 
 
 # -- what a failed read raises --------------------------------------------------------------

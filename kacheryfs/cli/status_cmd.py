@@ -44,9 +44,10 @@ def _format(mountpoint: Path, s: dict[str, Any]) -> str:
         f"reads           by the {s['reads']}{why_daemon}",
         f"blobs held      {s['blobs_held']} (being read or read last; kept from eviction)",
         f"hits / misses   {s['hits']} / {s['misses']}",
-        f"fetching now    {s['fetches_in_progress']}",
-        f"errors          {s['errors']}"
-        + (f" ({s['channel_failures']} from channels unreachable)" if s.get("channel_failures") else ""),
+        f"fetching now    {s['fetches_in_progress']}"
+        + (f" ({s['lookups_in_progress']} names being looked up)" if s.get("lookups_in_progress") else ""),
+        f"errors          {s['errors']} failed reads or lookups"
+        + (f"; {s['channel_failures']} requests found a channel unreachable" if s.get("channel_failures") else ""),
     ]
     for channel, nbytes in sorted(s["bytes_by_channel"].items()):
         lines.append(f"fetched from    {channel}: {human(nbytes)}")
