@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from kacheryfs.errors import KacheryError
+from kacheryfs.errors import ChannelUnavailable, KacheryError
 from kacheryfs.store import LocalStore
 from kacheryfs.uri import check_hash, is_hash
 
@@ -149,7 +149,12 @@ class UploadQueue:
             self._wake.clear()
 
     def _upload_due(self, channel: Channel) -> float:
-        """Try every blob that is due; how long until the next one is."""
+        """Try every blob that is due; how long until the next one is.
+
+        A channel found unreachable ends the pass: the blobs after it wait for the next one,
+        which starts with the same blob. A dead server costs one request per backoff, not
+        one (and a warning) per queued blob.
+        """
         soonest = BACKOFF_MAX
         with self._lock:
             queued = list(self._pending.items())
@@ -159,12 +164,14 @@ class UploadQueue:
             wait = entry.next_try - time.time()
             if wait > 0:
                 soonest = min(soonest, wait)
-            else:
-                self._upload(channel, sha1, entry)
+            elif self._upload(channel, sha1, entry):
                 soonest = 0
+            else:
+                return max(0.0, entry.next_try - time.time())
         return soonest
 
-    def _upload(self, channel: Channel, sha1: str, entry: _Pending) -> None:
+    def _upload(self, channel: Channel, sha1: str, entry: _Pending) -> bool:
+        """Upload one blob; False when the channel could not be reached."""
         path = self.store.blob_path("sha1", sha1)
         try:
             size = path.stat().st_size
@@ -173,7 +180,7 @@ class UploadQueue:
             # there is nothing to upload, and retrying would never end.
             log.warning("sha1://%s left the upload queue: it is no longer in the local store", sha1)
             self._done(sha1, _DROPPED)
-            return
+            return True
         try:
             channel.upload("sha1", sha1, path, size)
         except (KacheryError, OSError) as err:
@@ -181,10 +188,11 @@ class UploadQueue:
             log.warning("upload of sha1://%s to %s failed (%s); retrying in %.0f s", sha1, channel.name, err, delay)
             with self._lock:
                 entry.attempts, entry.error, entry.next_try = entry.attempts + 1, str(err), time.time() + delay
-            return
+            return not isinstance(err, ChannelUnavailable)
         self.store.note_remote("sha1", sha1, channel.name)
         self._done(sha1, _UPLOADED)
         log.info("uploaded sha1://%s to %s", sha1, channel.name)
+        return True
 
     def _done(self, sha1: str, event: str) -> None:
         with self._lock:

@@ -10,7 +10,7 @@ import pytest
 
 import kacheryfs as ka
 from kacheryfs import upload_queue
-from kacheryfs.errors import NotFound
+from kacheryfs.errors import ChannelUnavailable, NotFound
 from kacheryfs.staging import StagingArea
 from kacheryfs.store import LocalStore
 from kacheryfs.upload_queue import UploadQueue
@@ -285,6 +285,35 @@ def test_the_upload_worker_survives_any_error(storage_dir, monkeypatch):
     queue.enqueue(sha1)
     assert _uploaded(queue, sha1)
     queue.stop()
+
+
+class DeadChannel(FakeChannel):
+    """A channel whose server cannot be reached until `up` is set; counts the requests sent."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.up, self.requests = False, 0
+
+    def upload(self, alg, digest, path, size):
+        self.requests += 1
+        if not self.up:
+            raise ChannelUnavailable(f"channel {self.name!r} is unavailable: connection refused")
+        return super().upload(alg, digest, path, size)
+
+
+def test_an_unreachable_channel_is_sent_one_upload_per_pass_not_one_per_blob(storage_dir):
+    store = LocalStore(storage_dir)
+    channel = DeadChannel("a")
+    queue = UploadQueue(store, "a", lambda: channel)  # passes run here, not by its worker
+    blobs = [store.put_bytes(b"blob %d" % i).sha1 for i in range(20)]
+    for sha1 in blobs:
+        queue.enqueue(sha1)
+    assert queue._upload_due(channel) > 0
+    assert channel.requests == 1
+    assert queue.state(blobs[0]).startswith("failed: ") and {queue.state(b) for b in blobs[1:]} == {"pending"}
+    channel.up = True
+    queue._upload_due(channel)  # the first blob waits for its retry; the rest go now
+    assert channel.blobs == set(blobs[1:])
 
 
 def test_queued_uploads_survive_a_killed_daemon(storage_dir):
