@@ -80,7 +80,7 @@ class Measurement:
     """One row: kacheryfs's value, the reference's value (same unit), and the target."""
 
     name: str
-    unit: str  # "s", "ms", "MB/s", "files/s", "req/s" or "MB"
+    unit: str  # "s", "ms", "µs", "MB/s", "files/s", "req/s" or "MB"
     ours: float | None
     reference: float | None = None
     target: Target | None = None
@@ -128,7 +128,7 @@ def _format(value: float | None, unit: str, nbytes: int | None) -> str:
     if unit == "s":
         rate = f" ({nbytes / value / MB:,.0f} MB/s)" if nbytes and value else ""
         return f"{value:.3f} s{rate}"
-    if unit in ("ms", "MB"):
+    if unit in ("ms", "µs", "MB"):
         return f"{value:,.1f} {unit}"
     return f"{value:,.0f} {unit}"
 
@@ -895,6 +895,49 @@ def mount_tree_by_daemon(b: Bench) -> Iterable[Measurement]:
     yield Measurement(f"  the same, daemon reads: {b.files:,} × 4 KiB (warm)", "s", med["rd2"], med["rd2_n"])
 
 
+def _round_trip_us(parent_cpu: int, child_cpu: int, trips: int = 20_000) -> float:
+    """Microseconds per round trip of one byte over pipes between two processes on these CPUs."""
+    ping_r, ping_w = os.pipe()
+    pong_r, pong_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child answers every byte, then leaves without running any cleanup of the parent's
+        try:
+            os.sched_setaffinity(0, {child_cpu})
+            for _ in range(trips):
+                os.read(ping_r, 1)
+                os.write(pong_w, b"x")
+        finally:
+            os._exit(0)
+    cpus = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {parent_cpu})
+        started = time.perf_counter()
+        for _ in range(trips):
+            os.write(ping_w, b"x")
+            os.read(pong_r, 1)
+        return (time.perf_counter() - started) / trips * 1e6
+    finally:
+        os.sched_setaffinity(0, cpus)
+        os.waitpid(pid, 0)
+        for fd in (ping_r, ping_w, pong_r, pong_w):
+            os.close(fd)
+
+
+def mount_wakeup_floor(b: Bench) -> Iterable[Measurement]:
+    """What one request to the daemon costs at least: a reader wakes the daemon and waits to be woken.
+
+    With passthrough each open of a small file is such a round trip (its close another,
+    answered without the reader waiting); the kernel runs the daemon's thread on whichever
+    CPU it finds, so the trip is mostly one between two CPUs.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise Unavailable("one CPU: no round trip between two")
+    two = statistics.median(_round_trip_us(cpus[0], cpus[1]) for _ in range(b.repeats))
+    one = statistics.median(_round_trip_us(cpus[0], cpus[0]) for _ in range(b.repeats))
+    yield Measurement("  a wake-up round trip between two processes: two CPUs vs one", "µs", two, one)
+
+
 # -- staging (issue 5) ---------------------------------------------------------------------
 @contextlib.contextmanager
 def staging_mount(b: Bench) -> Iterator[Path]:
@@ -1053,7 +1096,7 @@ SECTIONS = {
         Section("server", 3, "storage server and client",
                 (server_load_big, server_vs_nginx_big, server_concurrent_small, server_upload_big)),
         Section("mount", 4, "the FUSE mount",
-                (mount_big_reads, mount_big_reads_by_daemon, mount_tree, mount_tree_by_daemon)),
+                (mount_big_reads, mount_big_reads_by_daemon, mount_tree, mount_tree_by_daemon, mount_wakeup_floor)),
         Section("staging", 5, "the staging directory", (staging_cp_big, staging_cp_tree)),
         Section("ops", 6, "prefetch, fsck, recency tracking", (ops_prefetch, ops_fsck, ops_recency_overhead)),
     )
