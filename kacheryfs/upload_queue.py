@@ -60,6 +60,8 @@ class UploadQueue:
         self._lock = threading.Lock()  # guards the two collections and the journal
         self._pending: dict[str, _Pending] = {}
         self._uploaded: set[str] = set()
+        # While the channel cannot be reached: when the next pass may try it, and how many passes found it so.
+        self._channel_retry_at, self._channel_misses = 0.0, 0
         self._open_journal()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -151,10 +153,15 @@ class UploadQueue:
     def _upload_due(self, channel: Channel) -> float:
         """Try every blob that is due; how long until the next one is.
 
-        A channel found unreachable ends the pass: the blobs after it wait for the next one,
-        which starts with the same blob. A dead server costs one request per backoff, not
-        one (and a warning) per queued blob.
+        A channel found unreachable ends the pass, and passes wait for the channel's own
+        backoff (a new blob queued meanwhile does not end the wait): a dead server costs one
+        request per backoff, not one (and a warning) per queued blob. The blob that found it
+        so goes to the back of the queue, so one that a server keeps refusing alone never
+        holds up the others.
         """
+        wait = self._channel_retry_at - time.time()
+        if wait > 0:
+            return wait
         soonest = BACKOFF_MAX
         with self._lock:
             queued = list(self._pending.items())
@@ -164,10 +171,17 @@ class UploadQueue:
             wait = entry.next_try - time.time()
             if wait > 0:
                 soonest = min(soonest, wait)
-            elif self._upload(channel, sha1, entry):
-                soonest = 0
-            else:
-                return max(0.0, entry.next_try - time.time())
+                continue
+            if not self._upload(channel, sha1, entry):
+                self._channel_misses += 1
+                delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self._channel_misses - 1)) * random.uniform(0.5, 1.0)
+                self._channel_retry_at = time.time() + delay
+                with self._lock:
+                    if sha1 in self._pending:
+                        self._pending[sha1] = self._pending.pop(sha1)  # to the back
+                return delay
+            self._channel_misses = 0
+            soonest = 0
         return soonest
 
     def _upload(self, channel: Channel, sha1: str, entry: _Pending) -> bool:

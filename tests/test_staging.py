@@ -311,9 +311,36 @@ def test_an_unreachable_channel_is_sent_one_upload_per_pass_not_one_per_blob(sto
     assert queue._upload_due(channel) > 0
     assert channel.requests == 1
     assert queue.state(blobs[0]).startswith("failed: ") and {queue.state(b) for b in blobs[1:]} == {"pending"}
+    queue.enqueue(store.put_bytes(b"one more").sha1)  # wakes the worker: the channel's wait still holds
+    assert queue._upload_due(channel) > 0 and channel.requests == 1
     channel.up = True
-    queue._upload_due(channel)  # the first blob waits for its retry; the rest go now
-    assert channel.blobs == set(blobs[1:])
+    queue._channel_retry_at = 0  # its wait is over
+    queue._upload_due(channel)  # the first blob (now last) waits for its own retry; the rest go now
+    assert set(blobs[1:]) <= channel.blobs and blobs[0] not in channel.blobs
+
+
+def test_a_blob_the_server_keeps_refusing_does_not_hold_up_the_others(storage_dir):
+    store = LocalStore(storage_dir)
+    refused = store.put_bytes(b"refused").sha1
+
+    class RefusesOne(FakeChannel):
+        def upload(self, alg, digest, path, size):
+            if digest == refused:
+                raise ChannelUnavailable("HTTP 500 from the server, for this blob alone")
+            return super().upload(alg, digest, path, size)
+
+    channel = RefusesOne("a")
+    queue = UploadQueue(store, "a", lambda: channel)  # passes run here, not by its worker
+    others = [store.put_bytes(b"other %d" % i).sha1 for i in range(5)]
+    for sha1 in (refused, *others):
+        queue.enqueue(sha1)
+    for _ in range(3):
+        queue._upload_due(channel)
+        queue._channel_retry_at = 0  # time passes: every wait is over
+        for entry in queue._pending.values():
+            entry.next_try = 0
+    assert set(others) == channel.blobs
+    assert queue.state(refused).startswith("failed: HTTP 500")
 
 
 def test_queued_uploads_survive_a_killed_daemon(storage_dir):
