@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import logging
 import mmap
 import os
 import random
@@ -32,7 +31,6 @@ from fixtures_mount import (
     wait_until,
 )
 
-from kacheryfs.mount import daemon
 from kacheryfs.mount.paths import url_of
 from kacheryfs.store import LocalStore
 
@@ -316,25 +314,6 @@ def test_the_same_failure_asked_again_and_again_is_logged_once(sample) -> None:
         assert err.value.errno == errno.EIO
     logged = [line for line in mount.log_text().splitlines() if bad.sha1 in line]
     assert len(logged) == 1 and "WARNING" in logged[0], logged
-
-
-def test_the_daemon_log_is_rotated(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(daemon, "LOG_BYTES", 4096)
-    logs_dir = tmp_path / "logs"
-    logs_dir.mkdir()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        daemon.configure_logging(logs_dir / "mount.log", "INFO")
-        for i in range(400):
-            logging.getLogger("kacheryfs.test").info("line %d of a long-running mount", i)
-    finally:
-        for handler in root.handlers:
-            handler.close()
-        root.handlers[:], root.level = handlers, level
-    assert sorted(p.name for p in logs_dir.iterdir()) == ["mount.log", "mount.log.1", "mount.log.2", "mount.log.3"]
-    assert all(p.stat().st_size <= 4096 for p in logs_dir.iterdir())
-    assert "line 399 " in (logs_dir / "mount.log").read_text()
 
 
 def test_unknown_attributes_are_enodata(snap: Path) -> None:

@@ -59,20 +59,42 @@ def default_log_file(mountpoint: Path) -> Path:
 
 
 def configure_logging(log_file: Path | None, level: str) -> None:
-    """The daemon logs to `log_file` when given, else to stderr.
-
-    A mount runs for months: its log is rotated at LOG_BYTES, keeping LOG_BACKUPS older files.
-    """
-    # A name that is not UTF-8 (kept by Python as surrogates) is logged escaped, not lost to an encoding error.
-    handler: logging.Handler = logging.StreamHandler(sys.stderr)
-    if log_file:
-        handler = logging.handlers.RotatingFileHandler(
-            log_file, maxBytes=LOG_BYTES, backupCount=LOG_BACKUPS, errors="backslashreplace"
-        )
+    """The daemon logs to `log_file` when given (rotated: `_LogFile`), else to stderr."""
+    handler: logging.Handler = logging.StreamHandler(sys.stderr) if log_file is None else _LogFile(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class _LogFile(logging.handlers.RotatingFileHandler):
+    """A log file rotated at LOG_BYTES, keeping LOG_BACKUPS older ones: a mount runs for months.
+
+    A daemon started in the background has that file as its stderr too (`start`), where
+    libfuse's messages and a dying interpreter's last traceback land: stderr moves to the
+    new file at each rotation, or those would go to an old one, and at last to a deleted one.
+    """
+
+    def __init__(self, path: Path) -> None:
+        # A name that is not UTF-8 (kept by Python as surrogates) is logged escaped, not lost to an encoding error.
+        super().__init__(path, maxBytes=LOG_BYTES, backupCount=LOG_BACKUPS, errors="backslashreplace")
+        self._stderr_follows = _same_file(_STDERR, self.stream.fileno())
+
+    def doRollover(self) -> None:  # noqa: N802 (logging's name)
+        super().doRollover()
+        if self._stderr_follows and self.stream is not None:
+            os.dup2(self.stream.fileno(), _STDERR)
+
+
+_STDERR = 2
+
+
+def _same_file(fd: int, other: int) -> bool:
+    try:
+        a, b = os.fstat(fd), os.fstat(other)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 # -- checks ------------------------------------------------------------------------
