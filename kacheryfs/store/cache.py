@@ -146,7 +146,7 @@ class Cache:
             return
         for entry in os.scandir(self.pins_dir):
             if entry.name.endswith(".tmp"):
-                continue  # a pin being written (or one a crash interrupted)
+                continue  # left by an older kacheryfs, which wrote pins aside first
             alg, _, rest = entry.name.partition("-")
             digest, _, tail = rest.partition(".")
             if alg in ALGORITHMS and is_hash(alg, digest):
@@ -344,4 +344,3 @@ def blob_file(root: str, alg: str, digest: str) -> str:
     """`blob_path` as a string: it is on the path of every open, where pathlib cost ~10 µs."""
     digest = check_hash(alg, digest)
     return f"{root}/{alg}/{digest[0:2]}/{digest[2:4]}/{digest[4:6]}/{digest}"
-
