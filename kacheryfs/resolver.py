@@ -10,6 +10,7 @@ are immutable).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import threading
@@ -100,7 +101,7 @@ class Resolver:
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, str], Future[Path]] = {}
         self._manifests: OrderedDict[tuple[str, str], DirNode] = OrderedDict()
-        # Manifests that failed validation, with the reason: their bytes never change, nor will the verdict.
+        # Manifests that failed validation, with the reason: their bytes (checked) never change, nor will the verdict.
         self._invalid: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     @classmethod
@@ -162,7 +163,8 @@ class Resolver:
         try:
             node = manifest.parse(data)
         except InvalidManifest as err:
-            self._remember(self._invalid, key, str(err))
+            if hashlib.new(alg, data).hexdigest() == digest:  # not a blob damaged on disk, which a repair may mend
+                self._remember(self._invalid, key, str(err))
             raise
         self._remember(self._manifests, key, node)
         return node
@@ -193,8 +195,9 @@ class Resolver:
         assert future is not None
         if not owner:
             return future.result()
-        self.stats.misses += 1
-        self.stats.fetches_in_progress += 1
+        with self._lock:
+            self.stats.misses += 1
+            self.stats.fetches_in_progress += 1
         try:
             try:
                 result = self._fetch(alg, digest, size, progress)
@@ -212,8 +215,8 @@ class Resolver:
             # the waiters hold the future; this thread re-raises it
             raise
         finally:
-            self.stats.fetches_in_progress -= 1
             with self._lock:
+                self.stats.fetches_in_progress -= 1
                 del self._inflight[key]
 
     def open_blob(
@@ -275,8 +278,9 @@ class Resolver:
     def _failed(self, error: KacheryError) -> KacheryError:
         """Count a failed fetch or lookup (for `kacheryfs status`) and return its error."""
         if not isinstance(error, NotFound):
-            self.stats.errors += 1
-            self.stats.last_error = str(error)
+            with self._lock:
+                self.stats.errors += 1
+                self.stats.last_error = str(error)
         return error
 
     def read_range(self, alg: str, digest: str, start: int, end: int) -> bytes:
@@ -306,7 +310,7 @@ class Resolver:
         if size is not None:
             return "local", size
         failures: list[tuple[str, KacheryError]] = []
-        self.stats.lookups_in_progress += 1
+        self._count_lookups(+1)
         try:
             for channel in self.channels:
                 try:
@@ -319,10 +323,14 @@ class Resolver:
                 if size is not None:
                     return channel.name, size
         finally:
-            self.stats.lookups_in_progress -= 1
+            self._count_lookups(-1)
         if failures:
             raise self._failed(_failure(f"{alg}://{digest}", "locate", failures))
         return None
+
+    def _count_lookups(self, change: int) -> None:
+        with self._lock:  # threads of the mount look names up side by side: no change may be lost
+            self.stats.lookups_in_progress += change
 
     def status(self) -> dict[str, object]:
         """The counters and each channel's state, for `kacheryfs status`.

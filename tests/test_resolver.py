@@ -278,3 +278,18 @@ def test_a_manifest_that_fails_validation_is_judged_once(tmp_path):
     with pytest.raises(InvalidManifest) as again:
         resolver.manifest("sha1", digest)
     assert str(again.value) == str(first.value)
+
+
+def test_a_manifest_damaged_on_disk_is_judged_again_once_mended(tmp_path):
+    """A verdict on bytes that are not the manifest's own is not kept: a repair or a fetch may mend them."""
+    store = LocalStore(tmp_path)
+    good = b'{"files": {"a": {"size": 1, "sha1": "%s"}}}' % (b"1" * 40)
+    digest = store.put_bytes(good).sha1
+    blob = store.blob_path("sha1", digest)
+    blob.chmod(0o644)
+    blob.write_bytes(b"{damaged")
+    resolver = Resolver(store)
+    with pytest.raises(InvalidManifest):
+        resolver.manifest("sha1", digest)
+    blob.write_bytes(good)
+    assert list(resolver.manifest("sha1", digest).files) == ["a"]
