@@ -59,6 +59,7 @@ _WARM_THREADS = 8  # parallel reads ahead: the disk serves many random reads at 
 _WARM_TASKS_MAX = 4 * _WARM_THREADS  # read-ahead tasks queued at most: four directories' worth
 _NEXT_NAMES = 1024  # snapshot directories whose subdirectories' order is kept
 _SNAPSHOT_INFOS = 100_000  # snapshot paths whose FileInfo is kept (a dict hit instead of a walk)
+_SHA1_XATTR = XATTR_PREFIX + "sha1"
 
 
 @dataclass(frozen=True)
@@ -506,27 +507,29 @@ class FileSystemView:
             if name == PID_XATTR and not self.ready.is_set():
                 raise NotFound("the mount is not ready yet")  # readiness checks poll the pid
             return (json.dumps(self.status()) if name == STATUS_XATTR else str(os.getpid())).encode()
+        info = self.stat(path)
+        if name == _SHA1_XATTR and self._sha1_unknown(info):
+            try:
+                info = dataclasses.replace(info, sha1=self.resolver.store.digests(info.alg, info.digest).sha1)
+            except NotFound:
+                pass  # not fetched yet: its sha1 is known once it is
         try:
-            return self._with_sha1(self.stat(path)).xattrs()[name]
+            return info.xattrs()[name]
         except KeyError:
             raise NotFound(f"{path} has no attribute {name}") from None
 
     def listxattr(self, path: str) -> list[str]:
-        names = list(self._with_sha1(self.stat(path)).xattrs())
+        info = self.stat(path)
+        names = list(info.xattrs())
+        if self._sha1_unknown(info) and self.resolver.store.has(info.alg, info.digest):
+            names.append(_SHA1_XATTR)
         return names + [STATUS_XATTR, PID_XATTR] if not split_path(path) else names
 
-    def _with_sha1(self, info: FileInfo) -> FileInfo:
-        """`info`, with the sha1 of a file named by its md5 when the blob is here (from the note
-        stored with it; hashed where there is none): every file has `user.kachery.sha1`."""
-        if info.is_dir or info.sha1 or info.alg != "md5":
-            return info
-        store = self.resolver.store
-        try:
-            noted = store.noted_digests(info.alg, info.digest)
-            sha1 = noted.sha1 if noted is not None else store.digests(info.alg, info.digest).sha1
-        except NotFound:
-            return info  # not fetched yet: its sha1 is known once it is
-        return dataclasses.replace(info, sha1=sha1)
+    @staticmethod
+    def _sha1_unknown(info: FileInfo) -> bool:
+        """A file named by its md5: its sha1 (every file has `user.kachery.sha1`) comes from the
+        note stored with the blob, or by hashing it once (noted then), when it is asked for."""
+        return not info.is_dir and info.alg == "md5" and not info.sha1
 
     def record_error(self, message: str) -> None:
         """Keep the reason of a failed operation for `kacheryfs status`."""

@@ -108,10 +108,12 @@ def test_a_stored_blob_is_a_file_of_its_size_whatever_its_extension(view: FileSy
 def test_a_file_named_by_its_md5_has_its_sha1_too(view: FileSystemView, store: LocalStore) -> None:
     noted, bare = store.put_bytes(b"noted"), store.put_bytes(b"with no note")
     os.removexattr(store.blob_path("sha1", bare.sha1), DIGESTS_XATTR)  # as an older kachery stored it
+    assert store.noted_digests("md5", bare.md5) is None
     for d in (noted, bare):
         path = f"/md5/{d.md5}.txt"
-        assert view.getxattr(path, "user.kachery.sha1") == d.sha1.encode()
         assert "user.kachery.sha1" in view.listxattr(path)
+        assert view.getxattr(path, "user.kachery.sha1") == d.sha1.encode()
+    assert store.noted_digests("md5", bare.md5) == bare  # hashed once, then noted
 
 
 @pytest.mark.parametrize("path", ["/sha1/xyz", "/sha1/" + "a" * 40 + "b", "/md5/" + "a" * 40, "/sha1dir/nothex"])

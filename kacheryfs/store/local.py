@@ -307,12 +307,21 @@ class LocalStore:
             return None
 
     def digests(self, alg: str, digest: str) -> Digests:
-        """Size, sha1 and md5 of a stored blob: from its note, else by hashing it (blobs
-        stored by older kachery versions carry no note; staged ones get their md5 later)."""
+        """Size, sha1 and md5 of a stored blob: from its note, else by hashing it, noted then
+        (blobs stored by older kachery versions carry no note; staged ones get their md5 later)."""
         noted = self.noted_digests(alg, digest)
         if noted is not None and noted.md5 is not None:
             return noted
-        return hash_file(self.blob_path(alg, digest))
+        path = self.blob_file(alg, digest)
+        digests = hash_file(path)
+        with suppress(OSError):  # a note is a shortcut: a read-only store goes without
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if getattr(digests, alg) == digest:  # a damaged blob gets no note that would vouch for it
+                    _record_digests(fd, digests, _noted(fd).get("remote"))
+            finally:
+                os.close(fd)
+        return digests
 
     def add_md5(self, sha1: str, md5: str) -> None:
         """Index a stored blob under its md5 too, once that is known (staging hashes it later)."""
