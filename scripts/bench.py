@@ -902,25 +902,31 @@ def _round_trip_us(parent_cpu: int, child_cpu: int, trips: int = 20_000) -> floa
     pid = os.fork()
     if pid == 0:  # the child answers every byte, then leaves without running any cleanup of the parent's
         try:
+            os.close(ping_w)
+            os.close(pong_r)  # each side holds only its own ends: one that dies ends the other's read
             os.sched_setaffinity(0, {child_cpu})
             for _ in range(trips):
-                os.read(ping_r, 1)
+                if not os.read(ping_r, 1):
+                    break
                 os.write(pong_w, b"x")
         finally:
             os._exit(0)
+    os.close(ping_r)
+    os.close(pong_w)
     cpus = os.sched_getaffinity(0)
     try:
         os.sched_setaffinity(0, {parent_cpu})
         started = time.perf_counter()
         for _ in range(trips):
             os.write(ping_w, b"x")
-            os.read(pong_r, 1)
+            if not os.read(pong_r, 1):
+                raise RuntimeError("the round-trip child ended early")
         return (time.perf_counter() - started) / trips * 1e6
     finally:
         os.sched_setaffinity(0, cpus)
+        os.close(ping_w)  # a child still reading sees the end and leaves
+        os.close(pong_r)
         os.waitpid(pid, 0)
-        for fd in (ping_r, ping_w, pong_r, pong_w):
-            os.close(fd)
 
 
 def mount_wakeup_floor(b: Bench) -> Iterable[Measurement]:
