@@ -85,6 +85,20 @@ def test_pinned_blobs_survive_gc(tmp_path):
     assert not store.has("sha1", blobs[0].sha1)
 
 
+def test_a_pin_is_an_empty_file_and_pinning_again_leaves_it_as_it_is(tmp_path):
+    store = LocalStore(tmp_path)
+    sha1 = _put(store, 1, size=10)[0].sha1
+    store.cache.pin("sha1", sha1)
+    pin = store.cache.pins_dir / f"sha1-{sha1}.user"
+    assert pin.stat().st_size == 0 and list(store.cache.pins()) == [("sha1", sha1, False, "user")]
+    # Another user's pin in a shared store cannot be opened for writing (root is let through
+    # any file mode; a pin of another kind stands in): pinning again is still success.
+    pin.unlink()
+    pin.mkdir()
+    store.cache.pin("sha1", sha1)
+    assert pin.is_dir()
+
+
 def test_pinning_a_snapshot_pins_every_file_in_it(tmp_path, storage_dir):
     (tmp_path / "ds" / "sub").mkdir(parents=True)
     (tmp_path / "ds" / "a").write_text("a")

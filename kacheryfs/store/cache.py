@@ -119,11 +119,12 @@ class Cache:
         path = f"{self.pins_dir}/{alg}-{check_hash(alg, digest)}{'.dir' if is_dir else ''}.{reason}"
         try:
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                _create(path)
             except FileNotFoundError:
                 self.pins_dir.mkdir(parents=True, exist_ok=True)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            os.close(fd)
+                _create(path)
+        except FileExistsError:
+            pass  # pinned already (perhaps by another user of a shared store, whose file this is)
         except OSError as err:
             raise store_error(err, f"pinning {alg}://{digest}") from err
 
@@ -333,6 +334,11 @@ def _remove_unless_open(paths: list[Path]) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def _create(path: str) -> None:
+    """Create an empty file; FileExistsError if there is one (whose permissions then do not matter)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
 
 
 def blob_path(root: Path, alg: str, digest: str) -> Path:
