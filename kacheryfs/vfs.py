@@ -509,8 +509,10 @@ class FileSystemView:
             return (json.dumps(self.status()) if name == STATUS_XATTR else str(os.getpid())).encode()
         info = self.stat(path)
         if name == _SHA1_XATTR and self._sha1_unknown(info):
+            store = self.resolver.store
             try:
-                info = dataclasses.replace(info, sha1=self.resolver.store.digests(info.alg, info.digest).sha1)
+                noted = store.noted_digests(info.alg, info.digest)
+                info = dataclasses.replace(info, sha1=(noted or store.digests(info.alg, info.digest)).sha1)
             except NotFound:
                 pass  # not fetched yet: its sha1 is known once it is
         try:
