@@ -135,6 +135,7 @@ def test_cp_r_of_a_tree_gives_the_directory_url_kachery_store_gives(mnt: Mount, 
     for path in tree.rglob("*"):
         if path.is_file():
             assert url_of(work / "ds001" / path.relative_to(tree), mnt) == reference_url(path, tmp_path)
+    assert "no staged file" not in mnt.log_text()  # each name cp looked up before creating it: not logged
 
 
 def test_rsync_a_temp_file_then_rename(mnt: Mount, work: Path, tmp_path: Path) -> None:

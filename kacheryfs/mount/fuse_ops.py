@@ -359,7 +359,12 @@ class StagingOperations(_Operations):
 
     @_translated
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
-        return _stat_attrs(self.staging.stat(_rel(path)))
+        try:
+            st = self.staging.stat(_rel(path))
+        except NotFound:
+            # Every name about to be created is looked up first: no line in the log for each.
+            raise mfusepy.FuseOSError(errno.ENOENT) from None
+        return _stat_attrs(st)
 
     @_translated
     def readdir(self, path: str, fh: int) -> list[Any]:
