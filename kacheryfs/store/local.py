@@ -314,13 +314,9 @@ class LocalStore:
             return noted
         path = self.blob_file(alg, digest)
         digests = hash_file(path)
-        with suppress(OSError):  # a note is a shortcut: a read-only store goes without
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if getattr(digests, alg) == digest:  # a damaged blob gets no note that would vouch for it
-                    _record_digests(fd, digests, _noted(fd).get("remote"))
-            finally:
-                os.close(fd)
+        if getattr(digests, alg) == digest:  # a damaged blob gets no note that would vouch for it
+            with suppress(OSError):  # a note is a shortcut: a read-only store goes without
+                _renote(path, digests)
         return digests
 
     def add_md5(self, sha1: str, md5: str) -> None:
@@ -328,11 +324,7 @@ class LocalStore:
         final = self.blob_path("sha1", sha1)
         digests = Digests(os.stat(final).st_size, sha1, check_hash("md5", md5))
         self._index_md5(final, digests)
-        fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _record_digests(fd, digests, _noted(fd).get("remote"))
-        finally:
-            os.close(fd)
+        _renote(final, digests)
 
     def note_remote(self, alg: str, digest: str, channel: str) -> None:
         """Note that `channel` holds a copy of this blob (it was uploaded there): it may now be
@@ -455,11 +447,7 @@ class LocalStore:
         sharing before it writes again).
         """
         if self._try_hard_link(Path(path), digests):
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _record_digests(fd, digests, _noted(fd).get("remote"))
-            finally:
-                os.close(fd)
+            _renote(path, digests)
             return
         with open(path, "rb", buffering=0) as src, self.writer() as w:
             w.copy_file(src.fileno())
@@ -657,6 +645,15 @@ def _record_digests(fd: int, digests: Digests, remote: object = None) -> None:
         note["remote"] = remote
     with suppress(OSError):  # a filesystem without user xattrs: the digests get recomputed when asked
         os.setxattr(fd, DIGESTS_XATTR, json.dumps(note).encode())
+
+
+def _renote(path: str | Path, digests: Digests) -> None:
+    """Note these digests on the file at `path`, keeping the channel its note names."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _record_digests(fd, digests, _noted(fd).get("remote"))
+    finally:
+        os.close(fd)
 
 
 def _noted(fd: int) -> dict[str, object]:
