@@ -273,10 +273,12 @@ class Resolver:
                     _log_fetch(alg, digest, channel.name, digests.size, started, "ok")
                     return self.store.blob_path(alg, digest)
             _log_fetch(alg, digest, channel.name, writer.size, started, result)
-        raise self._failed(_failure(f"{alg}://{digest}", "fetch", failures))
+        raise self.failed(_failure(f"{alg}://{digest}", "fetch", failures))
 
-    def _failed(self, error: KacheryError) -> KacheryError:
-        """Count a failed fetch or lookup (for `kacheryfs status`) and return its error."""
+    def failed(self, error: KacheryError) -> KacheryError:
+        """Count a failed fetch or lookup (for `kacheryfs status`) and return its error.
+
+        A NotFound is an answer, not a failure: it is returned uncounted."""
         if not isinstance(error, NotFound):
             with self._lock:
                 self.stats.errors += 1
@@ -325,7 +327,7 @@ class Resolver:
         finally:
             self._count_lookups(-1)
         if failures:
-            raise self._failed(_failure(f"{alg}://{digest}", "locate", failures))
+            raise self.failed(_failure(f"{alg}://{digest}", "locate", failures))
         return None
 
     def _count_lookups(self, change: int) -> None:

@@ -624,10 +624,20 @@ class FileSystemView:
         try:
             return future.result(timeout=self.fetch_timeout)
         except FutureTimeout:
-            raise ChannelUnavailable(
+            error = ChannelUnavailable(
                 f"{what}: no answer from the channels within {self.fetch_timeout:g} s (fetch_timeout); "
                 "a fetch under way goes on in the background"
-            ) from None
+            )
+        # The caller gets EIO now. The resolver counts the background's failure itself; should the
+        # channels answer after all (or find nothing), the failure the caller saw is counted here.
+        future.add_done_callback(lambda done: _uncounted(done) and self.resolver.failed(error))
+        raise error
+
+
+def _uncounted(done: Future[object]) -> bool:
+    """Whether a finished lookup or fetch ended without the resolver counting a failure."""
+    err = done.exception()
+    return err is None or isinstance(err, NotFound)
 
 
 __all__ = ["BLOB_VIEWS", "PID_XATTR", "SNAPSHOT_VIEW", "STATUS_XATTR", "TOP_LEVEL", "FileInfo", "FileSystemView"]

@@ -359,6 +359,22 @@ def test_a_slow_channel_costs_eio_after_fetch_timeout(store: LocalStore) -> None
     assert time.monotonic() - started < 10  # bounded by fetch_timeout, not by the 30 s channel (loose: no timing claim)
 
 
+@pytest.mark.parametrize("serve", [None, b"evil!!"], ids=["answers-late", "fails-late"])
+def test_a_fetch_that_timed_out_counts_once_as_an_error_however_it_ends(store: LocalStore, serve) -> None:
+    channel = FakeChannel({sha1(b"remote"): b"remote"}, delay=0.6, serve=serve)
+    resolver = Resolver(store, [channel])
+    view = FileSystemView(resolver, fetch_timeout=0.1)
+    with pytest.raises(ChannelUnavailable, match="fetch_timeout"):
+        view.open(f"/sha1/{sha1(b'remote')}")
+    deadline = time.monotonic() + 10
+    while (resolver.stats.fetches_in_progress or not resolver.stats.errors) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # room for a second count, were there one
+    assert resolver.stats.fetches_in_progress == 0
+    assert resolver.stats.errors == 1  # the caller's EIO; a late failure is not counted again
+    assert store.has("sha1", sha1(b"remote")) == (serve is None)
+
+
 def test_wrong_bytes_from_a_channel_are_refused_and_not_stored(store: LocalStore) -> None:
     channel = FakeChannel({sha1(b"remote"): b"remote"}, serve=b"evil!!")
     view = FileSystemView(Resolver(store, [channel]))
