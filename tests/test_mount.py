@@ -31,6 +31,7 @@ from fixtures_mount import (
     wait_until,
 )
 
+from kacheryfs.mount.daemon import kacheryfs_mounts
 from kacheryfs.mount.paths import url_of
 from kacheryfs.store import LocalStore
 
@@ -370,6 +371,13 @@ def test_mount_refuses_an_existing_mount(mounted: Mount) -> None:
 def test_mount_refuses_a_directory_inside_a_kacheryfs_mount(mounted: Mount) -> None:
     done = mounted.cli("mount", str(mounted.mountpoint / "sha1dir"), check=False)  # it would hide every snapshot
     assert done.returncode != 0 and "inside the kacheryfs mount" in done.stderr
+
+
+def test_a_mount_whose_path_has_a_space_tab_and_backslash_is_known_as_one(tmp_path: Path) -> None:
+    with mounted_at(tmp_path / "odd \t\\name", tmp_path / "storage") as mount:  # /proc/self/mounts escapes these
+        assert mount.mountpoint in kacheryfs_mounts()
+        done = mount.cli("mount", str(mount.mountpoint / "sha1dir"), check=False)
+        assert done.returncode != 0 and "inside the kacheryfs mount" in done.stderr
 
 
 def test_two_mounts_of_one_directory_at_once_give_one_mount_and_one_clear_error(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import json
 import logging
 import logging.handlers
 import os
+import re
 import resource
 import shutil
 import signal
@@ -139,15 +140,32 @@ def check_mountpoint(mountpoint: Path) -> None:
 
 def _kacheryfs_mount_above(path: Path) -> Path | None:
     """The kacheryfs mount `path` lies inside, if any (a mount there would hide part of it)."""
-    with open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) < 3 or fields[2] != "fuse.kacheryfs":
-                continue
-            where = Path(fields[1].replace("\\040", " "))
-            if path != where and path.is_relative_to(where):
-                return where
-    return None
+    return next((where for where in kacheryfs_mounts() if path != where and path.is_relative_to(where)), None)
+
+
+def kacheryfs_mounts() -> list[Path]:
+    """Where kacheryfs is mounted on this machine (staging mounts included)."""
+    with open("/proc/self/mounts", "rb") as mounts:
+        fields = [line.split() for line in mounts]
+    return [Path(_unescaped(f[1])) for f in fields if len(f) >= 3 and f[2] == b"fuse.kacheryfs"]
+
+
+def _unescaped(field: bytes) -> str:
+    """A path as /proc/self/mounts writes it, with space, tab, newline and backslash as octal escapes."""
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
+
+
+def mounts_of_store(root: Path) -> list[Path]:
+    """The live kacheryfs mounts whose daemon serves the store at `root`."""
+    found = []
+    for where in kacheryfs_mounts():
+        try:
+            storage_dir = daemon_status(where)["storage_dir"]
+        except (MountError, ValueError, KeyError):
+            continue  # stale, a staging mount (no status there) or not ours to read
+        if os.path.realpath(str(storage_dir)) == os.path.realpath(root):
+            found.append(where)
+    return found
 
 
 @contextlib.contextmanager
