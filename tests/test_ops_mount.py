@@ -110,3 +110,26 @@ def test_fsck_repair_quarantines_a_flipped_blob_and_the_next_read_fetches_it_aga
     assert ka.load_bytes(url) == data  # fetched again from the lab, verified
     assert hashlib.sha1(path.read_bytes()).hexdigest() == url.split("/")[2]
     assert json.loads(subprocess.run(["kacheryfs", "du", "--json"], capture_output=True, text=True).stdout)["blobs"]
+
+
+def test_fsck_repair_names_the_live_mounts_of_its_store_which_may_serve_quarantined_bytes(tmp_path):
+    storage = tmp_path / "storage"
+    store = LocalStore(storage)
+    data = os.urandom(100_000)
+    digest = store.put_bytes(data).sha1
+    with mounted_at(tmp_path, storage) as mount, mounted_at(tmp_path / "o", tmp_path / "other") as other:
+        assert (mount.mountpoint / "sha1" / digest).read_bytes() == data  # the mount holds its file now
+        path = store.blob_path("sha1", digest)
+        os.chmod(path, 0o644)
+        with open(path, "r+b") as f:
+            f.seek(5000)
+            f.write(bytes([data[5000] ^ 0xFF]))
+        check = subprocess.run(["kacheryfs", "fsck", "--storage-dir", str(storage)],
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert check.returncode == 4 and "warning" not in check.stderr  # nothing moved: nothing to warn of
+        repair = subprocess.run(["kacheryfs", "fsck", "--repair", "--storage-dir", str(storage)],
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert repair.returncode == 0 and "quarantined" in repair.stdout
+        assert f"the mount at {mount.mountpoint} uses this store" in repair.stderr
+        assert str(other.mountpoint) not in repair.stderr  # another store's mount is not named
+        assert "staging" not in repair.stderr  # nor the mount's own staging folder

@@ -42,9 +42,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"misplaced: {path}")
     for path in report.quarantined:
         print(f"quarantined: {path}")
+    if report.quarantined:
+        _warn_live_mounts(store)
     print(
         f"checked {report.checked} blobs ({human(report.checked_bytes)}): {report.corrupt_blobs} corrupt, "
         f"{len(report.misplaced)} misplaced; {report.temp_removed} temp files removed",
         file=sys.stderr,
     )
     return 0 if report.ok or args.repair else 4
+
+
+def _warn_live_mounts(store: LocalStore) -> None:
+    """A mount of this store may hold a quarantined blob's file (open, or kept for the kernel)
+    and go on serving its bytes: say so, and how to stop it."""
+    from kacheryfs.mount.daemon import mounts_of_store
+
+    for where in mounts_of_store(store.root):
+        print(
+            f"warning: the mount at {where} uses this store and may go on serving the quarantined bytes "
+            f"of blobs it has read: unmount it (kacheryfs umount {where}) and mount it again",
+            file=sys.stderr,
+        )
