@@ -445,6 +445,15 @@ def test_umount_of_something_not_mounted_fails_with_the_reason(tmp_path: Path) -
     assert done.returncode != 0 and "not mounted" in done.stderr
 
 
+@pytest.mark.parametrize("lazy", [False, True], ids=["plain", "lazy"])
+def test_umount_refuses_a_mount_that_is_not_kacheryfs_and_leaves_it_be(tmpfs, lazy: bool) -> None:
+    other = tmpfs("1m")
+    (other / "data").write_text("important")
+    done = kacheryfs("umount", *(["--lazy"] if lazy else []), str(other), check=False)
+    assert done.returncode != 0 and "is not a kacheryfs mount (it is tmpfs)" in done.stderr
+    assert os.path.ismount(other) and (other / "data").read_text() == "important"
+
+
 def test_umount_unmounts_and_the_daemon_exits(mounted: Mount) -> None:
     pid = mounted.status()["pid"]
     mounted.unmount()

@@ -42,6 +42,8 @@ INSTALL_HINT = (
 )
 START_TIMEOUT = 30.0  # seconds `kacheryfs mount` waits for the daemon's first answer
 STOP_TIMEOUT = 10.0  # seconds `kacheryfs umount` waits for the daemon to exit
+_SUBTYPE = "kacheryfs"
+_MOUNT_TYPE = f"fuse.{_SUBTYPE}"  # how /proc/self/mounts names our mounts
 LOG_BYTES, LOG_BACKUPS = 10 << 20, 3  # the log file rotates at 10 MiB, keeping three older ones (.1–.3)
 
 # glibc mallopt parameters. libfuse allocates a fresh 1 MiB buffer per read and Python a
@@ -145,9 +147,20 @@ def _kacheryfs_mount_above(path: Path) -> Path | None:
 
 def kacheryfs_mounts() -> list[Path]:
     """Where kacheryfs is mounted on this machine (staging mounts included)."""
+    return [where for where, kind in _mount_table() if kind == _MOUNT_TYPE]
+
+
+def mount_type(path: Path) -> str | None:
+    """The type of what is mounted at `path` ("fuse.kacheryfs", "tmpfs"…, the topmost); None if nothing is."""
+    where = Path(os.path.realpath(path))
+    return next((kind for mounted, kind in reversed(_mount_table()) if mounted == where), None)
+
+
+def _mount_table() -> list[tuple[Path, str]]:
+    """(mountpoint, type) of every mount this process sees, in mount order."""
     with open("/proc/self/mounts", "rb") as mounts:
         fields = [line.split() for line in mounts]
-    return [Path(_unescaped(f[1])) for f in fields if len(f) >= 3 and f[2] == b"fuse.kacheryfs"]
+    return [(Path(_unescaped(f[1])), os.fsdecode(f[2])) for f in fields if len(f) >= 3]
 
 
 def _unescaped(field: bytes) -> str:
@@ -281,8 +294,8 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
     timeouts = {"entry_timeout": config.entry_timeout, "attr_timeout": config.attr_timeout,
                 "negative_timeout": config.negative_timeout}  # fmt: skip
     fuse_options: dict[str, object] = {
-        "fsname": "kacheryfs",
-        "subtype": "kacheryfs",
+        "fsname": _SUBTYPE,
+        "subtype": _SUBTYPE,
         "default_permissions": True,  # the kernel checks modes: 0444/0555 on the hash views
         "max_read": MAX_READ,
         "max_threads": 64,  # opens that wait for a download must not starve lookups of cached files
@@ -479,9 +492,12 @@ def unmount(mountpoint: Path, *, lazy: bool = False, timeout: float = STOP_TIMEO
     The staging mount on `mountpoint/staging` goes first (the daemon then unmounts the hash
     views itself); a lazy detach takes both at once.
     """
-    stale = is_stale(mountpoint)
-    if not stale and not os.path.ismount(mountpoint):
+    kind = mount_type(mountpoint)
+    if kind is None:
         raise MountError(f"{mountpoint} is not mounted")
+    if kind != _MOUNT_TYPE:  # never someone else's filesystem, stale or busy or not
+        raise MountError(f"{mountpoint} is not a kacheryfs mount (it is {kind}): unmount it with umount")
+    stale = is_stale(mountpoint)
     pid = None
     if not stale:
         with contextlib.suppress(MountError):
