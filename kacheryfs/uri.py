@@ -17,6 +17,7 @@ ALGORITHMS = tuple(HEX_LENGTH)
 _SCHEMES = {"sha1": ("sha1", False), "md5": ("md5", False), "sha1dir": ("sha1", True), "md5dir": ("md5", True)}
 _SCHEME_RE = re.compile(r"^([A-Za-z0-9]+)://(.*)$", re.DOTALL)
 _HEX_RE = re.compile(r"^[0-9a-fA-F]+$")
+_QUERY_ITEM_RE = re.compile(r"[\w.~-]+(=[^&]*)?")
 
 
 def is_hash(alg: str, value: str) -> bool:
@@ -39,7 +40,7 @@ def check_label(label: str) -> str:
         parsed = parse_url(f"sha1dir://{'0' * 40}.{label}").label
     except InvalidURL:
         parsed = None
-    if not label or parsed != label:
+    if not label or "?" in label or parsed != label:
         raise InvalidInput(
             f"invalid label {label!r}: a label is not empty, has no '/', '?' or NUL, nor space at either end"
         )
@@ -100,13 +101,29 @@ def format_url(url: KacheryURL) -> str:
     return text
 
 
+def _split_query(rest: str) -> tuple[str, str | None]:
+    """(what precedes the query, the query or None): the query starts at the first `?` that a query follows."""
+    start = rest.find("?")
+    while start >= 0:
+        items = rest[start + 1 :].split("&")
+        if all(_QUERY_ITEM_RE.fullmatch(item) for item in items) and any("=" in item for item in items):
+            return rest[:start], rest[start + 1 :]
+        start = rest.find("?", start + 1)
+    return rest, None
+
+
 def file_url(alg: str, digest: str, name: str = "") -> KacheryURL:
     """The URL of one blob."""
     return KacheryURL(alg=alg, hash=check_hash(alg, digest), name=name)
 
 
 def parse_url(text: str) -> KacheryURL:
-    """Parse a hash URL; raise InvalidURL (quoting the input) for anything malformed."""
+    """Parse a hash URL; raise InvalidURL (quoting the input) for anything malformed.
+
+    A `?` starts the query only where what follows reads as one (`key=value`, joined by
+    `&`): elsewhere it is part of the name or sub-path, so a snapshot's file `c?d` is
+    `sha1dir://<hash>.label/c?d`, not `c` with the query `d`.
+    """
     if not isinstance(text, str):
         raise InvalidURL(f"expected a URL string, got {type(text).__name__}: {text!r}")
     match = _SCHEME_RE.match(text.strip())
@@ -120,9 +137,7 @@ def parse_url(text: str) -> KacheryURL:
     if "\x00" in rest:
         raise InvalidURL(f"NUL character in URL {text!r}")
     alg, is_dir = _SCHEMES[scheme]
-    query: str | None = None
-    if "?" in rest:
-        rest, query = rest.split("?", 1)
+    rest, query = _split_query(rest)
     # The seed README printed `sha1:////<hash>/name`; extra leading slashes carry no meaning.
     rest = rest.lstrip("/")
     head, _, tail = rest.partition("/")

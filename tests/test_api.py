@@ -74,6 +74,17 @@ def test_store_dir_and_load_through_subpaths(tmp_path):
     assert ka.load_bytes(url + "/sub/deeper/c.bin") == bytes(range(256))
 
 
+def test_a_file_named_with_a_question_mark_is_read_by_its_name_not_its_neighbour(tmp_path):
+    tree = tmp_path / "hd"
+    tree.mkdir()
+    (tree / "c?d").write_text("the file c?d")
+    (tree / "c").write_text("its neighbour c")
+    url = ka.store_dir(tree)
+    assert ka.load_text(url + "/c?d") == "the file c?d"
+    assert ka.load_text(url + "/c?manifest=x") == "its neighbour c"  # a query follows: ignored
+    assert ka.mount_path(url + "/c?d", tmp_path / "mnt").name == "c?d"
+
+
 def test_same_tree_gives_the_same_url_anywhere(tmp_path):
     one = ka.store_dir(_tree(tmp_path / "x" / "ds"))
     two = ka.store_dir(_tree(tmp_path / "y" / "ds"))
