@@ -164,6 +164,8 @@ def build(directory: str | Path, store_file: Callable[[Path], FileEntry]) -> Dir
     """
     root = Path(directory)
     if not root.is_dir():
+        if root.exists():
+            raise InvalidInput(f"{root} is not a directory: store a file with store_file or kachery-store")
         raise NotFound(f"no such directory: {root}")
     return _build(root, store_file, ancestors=frozenset(), top=os.path.realpath(root))
 

@@ -38,7 +38,7 @@ from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.remote.health import TrackedChannel
 from kacheryfs.store import LocalStore
 from kacheryfs.store.md5_index import Md5Indexer
-from kacheryfs.uri import KacheryURL, parse_url
+from kacheryfs.uri import KacheryURL, as_url
 
 if TYPE_CHECKING:
     from kacheryfs.config import Config
@@ -117,7 +117,7 @@ class Resolver:
     # -- URLs ----------------------------------------------------------------------
     def blob_ref(self, url: KacheryURL | str) -> BlobRef:
         """The blob a file URL names (a sha1dir sub-path is looked up in its manifest)."""
-        url = parse_url(url) if isinstance(url, str) else url
+        url = as_url(url)
         if not url.is_dir:
             return BlobRef(url.alg, url.hash, self.store.size(url.alg, url.hash), url.basename)
         entry = self.manifest(url.alg, url.hash).resolve_file(url.path)
@@ -125,14 +125,14 @@ class Resolver:
 
     def dir_node(self, url: KacheryURL | str) -> DirNode:
         """The directory a `sha1dir://` URL names."""
-        url = parse_url(url) if isinstance(url, str) else url
+        url = as_url(url)
         if not url.is_dir:
             raise NotFound(f"{url} is a file URL, not a directory URL")
         return self.manifest(url.alg, url.hash).resolve_dir(url.path)
 
     def resolve(self, url: KacheryURL | str) -> BlobRef | DirNode:
         """What a URL names: a blob or a directory of a snapshot."""
-        url = parse_url(url) if isinstance(url, str) else url
+        url = as_url(url)
         if not url.is_dir:
             return self.blob_ref(url)
         found = self.manifest(url.alg, url.hash).resolve(url.path)

@@ -101,6 +101,11 @@ def format_url(url: KacheryURL) -> str:
     return text
 
 
+def as_url(url: KacheryURL | str) -> KacheryURL:
+    """`url` parsed if it is text; InvalidURL for anything that is neither text nor a parsed URL."""
+    return url if isinstance(url, KacheryURL) else parse_url(url)
+
+
 def _split_query(rest: str) -> tuple[str, str | None]:
     """(what precedes the query, the query or None): the query starts at the first `?` that a query follows."""
     start = rest.find("?")

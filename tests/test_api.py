@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import kacheryfs as ka
-from kacheryfs.errors import ConfigError, InvalidInput, InvalidManifest, IsADirectory, NotFound
+from kacheryfs.errors import ConfigError, InvalidInput, InvalidManifest, InvalidURL, IsADirectory, NotFound
 
 
 def _tree(root):
@@ -83,6 +83,21 @@ def test_a_file_named_with_a_question_mark_is_read_by_its_name_not_its_neighbour
     assert ka.load_text(url + "/c?d") == "the file c?d"
     assert ka.load_text(url + "/c?manifest=x") == "its neighbour c"  # a query follows: ignored
     assert ka.mount_path(url + "/c?d", tmp_path / "mnt").name == "c?d"
+
+
+@pytest.mark.parametrize("given", [None, 123, b"sha1://0"])
+def test_a_url_that_is_not_text_is_an_invalid_url_everywhere(given, tmp_path):
+    for call in (ka.load_text, ka.load_bytes, ka.get_file_info, lambda url: ka.mount_path(url, tmp_path)):
+        with pytest.raises(InvalidURL, match="expected a URL string"):
+            call(given)
+
+
+def test_storing_a_file_as_a_directory_or_back_is_bad_input_that_says_what_to_use(tmp_path):
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(InvalidInput, match="not a directory: store a file with store_file"):
+        ka.store_dir(tmp_path / "f.txt")
+    with pytest.raises(InvalidInput, match="is a directory: store it with store_dir"):
+        ka.store_file(tmp_path)
 
 
 def test_same_tree_gives_the_same_url_anywhere(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from kacheryfs.config import Config, load_config
 from kacheryfs.errors import InvalidURL, NotFound
-from kacheryfs.uri import KacheryURL, parse_url
+from kacheryfs.uri import KacheryURL, as_url
 from kacheryfs.vfs import SNAPSHOT_VIEW, XATTR_PREFIX
 
 URL_XATTR = XATTR_PREFIX + "url"
@@ -34,7 +34,7 @@ def mount_path(url: str | KacheryURL, mountpoint: str | os.PathLike[str] | None 
     `<mnt>/sha1dir/H.ds001/a/b.txt`. Everything after the first dot of the name is kept, so
     `x.tar.gz` stays `.tar.gz`.
     """
-    url = parse_url(url) if isinstance(url, str) else url
+    url = as_url(url)
     mnt = Path(mountpoint) if mountpoint is not None else default_mountpoint()
     if url.is_dir:
         if url.alg != "sha1":

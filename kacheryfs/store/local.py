@@ -19,7 +19,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from kacheryfs.errors import HashMismatch, NotFound, StoreError, store_error
+from kacheryfs.errors import HashMismatch, InvalidInput, NotFound, StoreError, store_error
 from kacheryfs.hashing import CHUNK, Digests, Hasher, hash_file, write_all
 from kacheryfs.store import direct
 from kacheryfs.store.cache import DIGESTS_XATTR, Cache, CacheLimits, blob_file, blob_path
@@ -436,7 +436,7 @@ class LocalStore:
         except FileNotFoundError as err:
             raise NotFound(f"no such file: {path}") from err
         except IsADirectoryError as err:
-            raise StoreError(f"{path} is a directory: use store_dir") from err
+            raise InvalidInput(f"{path} is a directory: store it with store_dir or kachery-store") from err
         except PermissionError as err:
             raise StoreError(f"cannot read {path}: permission denied") from err
 
