@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,41 @@ def test_cli_store_to_then_load_info_cat_ls_with_fr(lab, tmp_path, monkeypatch):
     path = run("kachery-load", f"{dir_url}/x.txt", "--fr", "lab").stdout.strip()
     assert Path(path).read_text() == "0123456789"
     assert json.loads(run("kachery-info", file_url).stdout)["found_in"] == "local"
+
+
+def test_cli_store_to_prints_every_url_when_a_quota_refuses_one_file(server, config_file, tmp_path):
+    config_file.write_text(f'[channels.tiny]\nurl = "{server.url}"\nchannel = "tiny"\npassword = "{PASSWORD}"\n')
+    big, small = tmp_path / "big.bin", tmp_path / "small.txt"
+    big.write_bytes(os.urandom(2000))  # over the channel's 1000-byte upload limit
+    small.write_bytes(b"fits")
+    stored = run("kachery-store", "--to", "tiny", str(big), str(small))
+    assert stored.returncode == 8, stored.stderr  # QuotaExceeded's exit code
+    urls = stored.stdout.splitlines()
+    assert urls == [f"sha1://{hashlib.sha1(f.read_bytes()).hexdigest()}/{f.name}" for f in (big, small)]
+    assert [ka.load_bytes(url, fr="") for url in urls] == [big.read_bytes(), b"fits"]  # both stored locally
+    assert str(big) in stored.stderr and str(small) not in stored.stderr
+    tiny = HttpChannel("tiny", server.url, "tiny", PASSWORD)
+    assert tiny.check("sha1", urls[1].split("/")[2]) == 4  # the file after the refused one is still uploaded
+
+
+def test_cli_store_to_a_channel_that_is_down_stores_every_path_and_waits_for_it_once(
+    silent_server, config_file, tmp_path
+):
+    timeout = 3
+    config_file.write_text(f'channel_timeout = {timeout}\n[channels.down]\nurl = "{silent_server}"\nchannel = "lab"\n')
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "in.txt").write_text("in a directory")
+    paths = [tmp_path / "hello.txt", tmp_path / "ds", tmp_path / "hd"]
+    paths[0].write_text("hello")
+    paths[2].write_text("hd")
+    started = time.monotonic()
+    stored = run("kachery-store", "--to", "down", *map(str, paths))
+    assert time.monotonic() - started < 2 * timeout  # one wait for the dead channel, not one per path
+    assert stored.returncode == 6, stored.stderr  # ChannelUnavailable's exit code
+    hello, ds, hd = stored.stdout.splitlines()
+    assert (ka.load_text(hello, fr=""), ka.load_text(hd, fr="")) == ("hello", "hd")
+    assert ka.load_text(f"{ds}/in.txt", fr="") == "in a directory"
+    assert stored.stderr.count("unavailable") == 1 and str(paths[0]) in stored.stderr, stored.stderr
 
 
 def test_one_gib_round_trip_is_checked_by_hash(server_dir, config_file, tmp_path, monkeypatch):

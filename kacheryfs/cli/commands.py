@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from kacheryfs import api
 from kacheryfs.cli.common import add_fr, add_to, parser, run
-from kacheryfs.errors import NotFound
+from kacheryfs.errors import ChannelUnavailable, KacheryError
 from kacheryfs.resolver import BlobRef
 from kacheryfs.uri import check_label, parse_url
 
@@ -20,8 +20,11 @@ _CAT_CHUNK = 8 << 20
 def _store(argv: Sequence[str] | None) -> int:
     p = parser(
         "kachery-store",
-        "Store files or directories in the local store (and upload them with --to); print one URL per path.\n"
-        "A path that does not exist is reported on stderr and the others are still stored (exit code 1).\n"
+        "Store files or directories in the local store (and upload them with --to); print one URL per path\n"
+        "stored, in order: also when its upload failed, as the URL works here, from the local store.\n"
+        "A path that cannot be stored or uploaded is reported on stderr and the others are still stored and\n"
+        "uploaded; the exit code is that of the first failure. Once the channel is found unavailable, the\n"
+        "paths after it are stored locally only.\n"
         "In a directory, symlinks are followed: what they point to is stored (with a warning when that is\n"
         "outside the directory); fifos, sockets and devices are skipped.",
         "  kachery-store data.csv                 # sha1://<hash>/data.csv\n"
@@ -34,19 +37,44 @@ def _store(argv: Sequence[str] | None) -> int:
     args = p.parse_args(argv)
     if args.label is not None:
         check_label(args.label)  # before any path is stored
-    missing = 0
-    for path in args.paths:
+    with api.config(to=args.to):  # a channel not configured is refused here, before any path is stored
+        to = api.get_config()["to"] or ""  # --to, else the config's; "": store locally only
+    first_failure = 0
+    for i, path in enumerate(args.paths):
         try:
-            url = _store_one(path, args.label, args.to)
-        except NotFound as err:  # the other paths are still stored
-            print(f"kachery-store: {err}", file=sys.stderr)
-            missing += 1
+            url, upload_error = _store_one(path, args.label, to)
+        except KacheryError as err:  # not stored: the other paths still are
+            print(f"kachery-store: {err}" if path in str(err) else f"kachery-store: {path}: {err}", file=sys.stderr)
+            first_failure = first_failure or err.exit_code
             continue
         print(url, flush=True)
-    return 1 if missing else 0
+        if upload_error is not None:
+            first_failure = first_failure or upload_error.exit_code
+            # A dead channel would cost its whole timeout again for every path after this one.
+            dead = isinstance(upload_error, ChannelUnavailable) and i + 1 < len(args.paths)
+            rest = "; the paths after it are stored locally only" if dead else ""
+            print(f"kachery-store: {path}: stored but not uploaded to '{to}': {upload_error}{rest}", file=sys.stderr)
+            to = "" if dead else to
+    return first_failure
 
 
-def _store_one(path: str, label: str | None, to: str | None) -> str:
+def _store_one(path: str, label: str | None, to: str) -> tuple[str, KacheryError | None]:
+    """Store `path` locally and upload it to `to`: its URL, and why the upload failed if it did.
+
+    Raises what keeps `path` from being stored locally.
+    """
+    try:
+        return _store_to(path, label, to), None
+    except KacheryError as err:
+        if not to:
+            raise
+        upload_error = err
+    # Storing alone tells which of the two failed (a server's full disk is StoreFull too), and stores
+    # the rest of a directory whose upload stopped part way.
+    return _store_to(path, label, ""), upload_error
+
+
+def _store_to(path: str, label: str | None, to: str) -> str:
     if os.path.isdir(path):
         return api.store_dir(path, label=label, to=to)
     return api.store_file(path, to=to)
