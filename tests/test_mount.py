@@ -162,6 +162,12 @@ def test_url_of_a_snapshot_file_and_directory(snap: Path, sample) -> None:
     assert url_of(snap / "sub" / "deep" / "ünï cödé.txt").endswith("/ünï cödé.txt")
 
 
+def test_kacheryfs_url_gives_every_path_it_can_and_says_why_not_for_the_others(snap: Path, sample, tmp_path) -> None:
+    done = sample[0].cli("url", str(tmp_path), str(snap), check=False)
+    assert done.returncode == 1 and done.stdout.strip() == sample[2]
+    assert "it is not a file or directory under a kacheryfs mount" in done.stderr
+
+
 def test_a_listing_read_once_is_kept_by_the_kernel(snap: Path, sample) -> None:
     mount = sample[0]
     if "the kernel will ask for listings again" in mount.log_text():

@@ -252,7 +252,10 @@ def test_a_file_open_for_writing_has_no_url_until_closed(mnt: Mount, work: Path)
         f.write(b"partial")
         f.flush()
         assert no_url(work / "w")
-        assert mnt.cli("url", str(work / "w"), check=False).returncode != 0
+        done = mnt.cli("url", str(work / "w"), str(mnt.mountpoint / "sha1"), check=False)
+        assert done.returncode != 0 and done.stdout == ""
+        assert "has no kachery URL: not yet: a staged file has one once closed" in done.stderr
+        assert f"{mnt.mountpoint / 'sha1'} has no kachery URL: the mount's top-level folders" in done.stderr
         assert no_url(work), "a directory holding it has no URL either"
         f.write(b" and done")
     assert blob(mnt, url_of(work / "w", mnt)) == b"partial and done"

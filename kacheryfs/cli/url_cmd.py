@@ -11,7 +11,9 @@ examples:
 from __future__ import annotations
 
 import argparse
+import sys
 
+from kacheryfs.errors import KacheryError
 from kacheryfs.mount.paths import url_of
 
 
@@ -20,6 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    first_failure = 0
     for path in args.paths:
-        print(url_of(path), flush=True)
-    return 0
+        try:
+            print(url_of(path), flush=True)
+        except KacheryError as err:  # the other paths still get theirs
+            print(f"kacheryfs: {err}", file=sys.stderr)
+            first_failure = first_failure or err.exit_code
+    return first_failure

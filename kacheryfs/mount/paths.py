@@ -14,7 +14,7 @@ from pathlib import Path
 from kacheryfs.config import Config, load_config
 from kacheryfs.errors import InvalidURL, NotFound
 from kacheryfs.uri import KacheryURL, as_url
-from kacheryfs.vfs import SNAPSHOT_VIEW, XATTR_PREFIX
+from kacheryfs.vfs import SNAPSHOT_VIEW, STAGING_VIEW, XATTR_PREFIX
 
 URL_XATTR = XATTR_PREFIX + "url"
 
@@ -54,5 +54,19 @@ def url_of(path: str | os.PathLike[str]) -> str:
         raise NotFound(f"no such file or directory: {path}") from err
     except OSError as err:
         if err.errno in (errno.ENODATA, errno.ENOTSUP):
-            raise NotFound(f"{path} has no kachery URL: it is not a file or directory under a kacheryfs mount") from err
+            raise NotFound(f"{path} has no kachery URL: {_why_no_url(path)}") from err
         raise
+
+
+def _why_no_url(path: str | os.PathLike[str]) -> str:
+    from kacheryfs.mount.daemon import kacheryfs_mounts  # only here: the daemon's module is large
+
+    mounts = set(kacheryfs_mounts())
+    where = Path(os.path.realpath(path))
+    under = [m for m in mounts if where.is_relative_to(m)]
+    if not under:
+        return "it is not a file or directory under a kacheryfs mount"
+    inner = max(under, key=lambda m: len(m.parts))
+    if inner.name == STAGING_VIEW and inner.parent in mounts:
+        return "not yet: a staged file has one once closed, a staged directory once no file in it is open for writing"
+    return "the mount's top-level folders (sha1/, md5/, sha1dir/) have none"
