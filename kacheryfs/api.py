@@ -7,6 +7,7 @@ parts themselves know nothing of one another beyond their own layer.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -32,6 +33,7 @@ from kacheryfs.errors import (
     KacheryError,
     NotADirectory,
     NotFound,
+    store_error,
 )
 from kacheryfs.hashing import Digests, hash_file
 from kacheryfs.manifest import DirNode, FileEntry
@@ -282,11 +284,32 @@ def load_file(url: str, dest: str | os.PathLike[str] | None = None, *, fr: Names
         return url
     if dest is not None and os.path.isdir(dest):
         raise DestinationExists(f"{dest} is a directory: give the path of a file to write")
+    if dest is not None:
+        _check_folder_of(Path(dest))  # before a fetch that could take long
     path = _local_path(url, fr)
     if dest is None:
         return str(path)
-    shutil.copyfile(path, dest)
+    partial = Path(f"{dest}.kachery-partial")
+    try:
+        shutil.copyfile(path, partial)
+        os.replace(partial, dest)  # whole or not at all
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise _write_error(err, dest) from err
     return str(dest)
+
+
+def _check_folder_of(dest: Path) -> None:
+    """InvalidInput unless the folder `dest` is to be written into exists."""
+    if not dest.parent.is_dir():
+        raise InvalidInput(f"cannot write {dest}: there is no folder {dest.parent}")
+
+
+def _write_error(err: OSError, dest: str | os.PathLike[str]) -> KacheryError:
+    """The error of a failed write of `dest` (outside the store): StoreFull for a full disk."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return store_error(err, f"writing {dest}")
+    return KacheryError(f"cannot write {dest}: {err.strerror or err}")
 
 
 def load_bytes(
@@ -403,11 +426,18 @@ def load_dir(url: str, dest: str | os.PathLike[str], *, fr: Names = None, jobs: 
         node = res.dir_node(url)
     # Fetched in parallel first; a blob the cache could not keep is fetched again, alone,
     # when it is copied out, so only what fails then is an error.
+    _check_folder_of(dest)
     _fetch_with_progress(res, [url], jobs, strict=False)
     tmp = dest.with_name(dest.name + ".kachery-partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    _materialize(node, tmp, res)
-    os.replace(tmp, dest)
+    try:
+        _materialize(node, tmp, res)
+        os.replace(tmp, dest)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
+        if isinstance(err, OSError):
+            raise _write_error(err, dest) from err
+        raise
     return str(dest)
 
 

@@ -30,6 +30,7 @@ from kacheryfs.errors import (
     HashMismatch,
     InvalidManifest,
     KacheryError,
+    NotADirectory,
     NotFound,
     QuotaExceeded,
     StoreFull,
@@ -127,7 +128,7 @@ class Resolver:
         """The directory a `sha1dir://` URL names."""
         url = as_url(url)
         if not url.is_dir:
-            raise NotFound(f"{url} is a file URL, not a directory URL")
+            raise NotADirectory(f"{url} is a file URL, not a directory URL")
         return self.manifest(url.alg, url.hash).resolve_dir(url.path)
 
     def resolve(self, url: KacheryURL | str) -> BlobRef | DirNode:

@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 
 import kacheryfs as ka
-from kacheryfs.errors import ConfigError, InvalidInput, InvalidManifest, InvalidURL, IsADirectory, NotFound
+from kacheryfs.errors import (
+    ConfigError,
+    InvalidInput,
+    InvalidManifest,
+    InvalidURL,
+    IsADirectory,
+    KacheryError,
+    NotADirectory,
+    NotFound,
+)
 
 
 def _tree(root):
@@ -98,6 +107,29 @@ def test_storing_a_file_as_a_directory_or_back_is_bad_input_that_says_what_to_us
         ka.store_dir(tmp_path / "f.txt")
     with pytest.raises(InvalidInput, match="is a directory: store it with store_dir"):
         ka.store_file(tmp_path)
+
+
+def test_a_load_into_a_folder_that_does_not_exist_says_so_before_fetching(tmp_path):
+    url = ka.store_text("hello")
+    with pytest.raises(InvalidInput, match="there is no folder"):
+        ka.load_file(url, tmp_path / "no" / "x.txt")
+    with pytest.raises(InvalidInput, match="there is no folder"):
+        ka.load_dir(ka.store_dir(_tree(tmp_path / "d")), tmp_path / "no" / "d")
+    assert not (tmp_path / "no").exists()
+
+
+def test_a_failed_load_dir_leaves_nothing_behind(tmp_path):
+    digest = ka.store_text("hello").split("/")[2]
+    listing = {"files": {"a.txt": {"size": 6, "sha1": digest}}, "dirs": {}}  # the blob has 5 bytes
+    url = "sha1dir://" + ka.store_text(json.dumps(listing)).split("/")[2] + ".bad"
+    with pytest.raises(KacheryError):
+        ka.load_dir(url, tmp_path / "out")
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("out")]
+
+
+def test_reading_a_file_url_as_a_directory_is_bad_usage():
+    with pytest.raises(NotADirectory, match="is a file URL, not a directory URL"):
+        ka.read_dir(ka.store_text("x"))
 
 
 def test_same_tree_gives_the_same_url_anywhere(tmp_path):
