@@ -261,6 +261,13 @@ def test_pin_of_a_blob_not_in_the_store_pins_it_and_says_so(storage_dir):
     assert run("unpin", absent).stdout == ""  # it was pinned
 
 
+def test_pin_of_a_snapshot_url_whose_blob_is_no_manifest_is_refused_and_pins_nothing(storage_dir):
+    plain = ka.store_text("not a manifest").split("/")[2]
+    result = run("pin", "sha1://" + "1" * 40, f"sha1dir://{plain}.x")
+    assert result.returncode == 4 and f"sha1dir://{plain}.x names no snapshot" in result.stderr
+    assert not LocalStore(storage_dir).cache.pinned_paths()  # not even the URL before it
+
+
 def test_gc_without_a_bound_explains_itself():
     result = run("gc")
     assert result.returncode == 2 and "max-size" in result.stdout

@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kacheryfs import manifest
 from kacheryfs.cli.common import add_config_args, config_from
+from kacheryfs.errors import InvalidManifest
 from kacheryfs.store import LocalStore
-from kacheryfs.uri import parse_url
+from kacheryfs.uri import KacheryURL, parse_url
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     store = LocalStore.from_config(config_from(args))
     urls = [parse_url(u) for u in args.urls]  # all checked before any is changed
+    if args.command == "pin":
+        for url in urls:
+            _check_snapshot(store, url)
     for url in urls:
         if args.command == "unpin":
             if not store.cache.unpin(url.alg, url.hash):
@@ -36,3 +41,13 @@ def run(args: argparse.Namespace) -> int:
                 note = f"kacheryfs pin: {url} is not in the local store: pinned, it will be kept once fetched"
                 print(note, file=sys.stderr)
     return 0
+
+
+def _check_snapshot(store: LocalStore, url: KacheryURL) -> None:
+    """InvalidManifest when `url` names a snapshot whose manifest is here and is none."""
+    if not url.is_dir or not store.has(url.alg, url.hash):
+        return
+    try:
+        manifest.parse(store.blob_path(url.alg, url.hash).read_bytes())
+    except InvalidManifest as err:
+        raise InvalidManifest(f"{url} names no snapshot: {err}") from err
