@@ -352,6 +352,8 @@ def test_status_reports_cache_and_counters(sample) -> None:
     status = json.loads(mount.cli("status", str(mount.mountpoint), "--json").stdout)
     assert status["cache_blobs"] >= 6 and status["hits"] >= 1
     assert f"reads           by the {status['reads']}" in text
+    via_staging = json.loads(mount.cli("status", str(mount.mountpoint / "staging"), "--json").stdout)
+    assert via_staging["pid"] == status["pid"]  # the staging folder's mount is the same daemon's
 
 
 # -- mounting and unmounting -------------------------------------------------------------

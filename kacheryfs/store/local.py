@@ -262,7 +262,7 @@ class LocalStore:
         except OSError as err:
             raise StoreError(
                 f"cannot create the storage dir {self.root}: {err.strerror}; "
-                "set KACHERY_STORAGE_DIR to a writable directory"
+                "give a writable directory (--storage-dir, $KACHERY_STORAGE_DIR or storage_dir in the config)"
             ) from err
         if clean:
             self.cleanup_temp()
