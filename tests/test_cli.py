@@ -49,6 +49,13 @@ def test_store_label(tree):
     assert out("kachery-store", str(tree), "--label", "v1.0").endswith(".v1.0")
 
 
+def test_store_label_given_with_a_file_says_the_file_goes_without_it(tree):
+    result = sh("kachery-store", str(tree / "top.txt"), str(tree), "--label", "v1")
+    urls = result.stdout.decode().split()
+    assert result.returncode == 0 and urls[0].endswith("/top.txt") and urls[1].endswith(".v1")
+    assert f"{tree / 'top.txt'} is stored without it".encode() in result.stderr
+
+
 @pytest.mark.parametrize("label", ["a/b", ""])
 def test_store_refuses_a_bad_label_before_storing_anything(tree, label):
     result = sh("kachery-store", str(tree / "top.txt"), str(tree), "--label", label)

@@ -37,6 +37,9 @@ def _store(argv: Sequence[str] | None) -> int:
     args = p.parse_args(argv)
     if args.label is not None:
         check_label(args.label)  # before any path is stored
+        for path in args.paths:
+            if not os.path.isdir(path):
+                print(f"kachery-store: --label names directories: {path} is stored without it", file=sys.stderr)
     with api.config(to=args.to):  # a channel not configured is refused here, before any path is stored
         to = api.get_config()["to"] or ""  # --to, else the config's; "": store locally only
     first_failure = 0
@@ -169,7 +172,8 @@ def _ls(argv: Sequence[str] | None) -> int:
         "  kachery-ls sha1dir://<hash>.ds001\n  kachery-ls sha1dir://<hash>.ds001/subdir1 --long",
     )
     p.add_argument("url")
-    p.add_argument("--long", "-l", action="store_true", help="also print each file's size and sha1")
+    p.add_argument("--long", "-l", action="store_true",
+                   help="also print each file's size and hash (sha1; md5 where the manifest has no sha1)")  # fmt: skip
     add_fr(p)
     args = p.parse_args(argv)
     with api.naming(args.url):
