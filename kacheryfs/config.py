@@ -7,6 +7,8 @@ The result is a typed `Config` that flows down; nothing below this module reads
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -19,16 +21,21 @@ import platformdirs
 from kacheryfs.errors import ConfigError
 
 APP_NAME = "kachery"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ChannelConfig:
-    """One named remote: a server URL, the channel on it, and its password (None = public)."""
+    """One named remote: a server URL, the channel on it, and its password (None = public).
+
+    The password is a ConfigError when `password_env` names a variable that is not set: the
+    channel raises it when used, so a config naming it still serves every other command.
+    """
 
     name: str
     url: str
     channel: str
-    password: str | None = None
+    password: str | ConfigError | None = None
 
 
 @dataclass(frozen=True)
@@ -199,12 +206,11 @@ def _channel(name: str, spec: Any, env: Mapping[str, str], where: Path) -> Chann
     unknown = set(spec) - {"url", "channel", "password", "password_env"}
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)} in [channels.{name}] of {where}")
-    password = spec.get("password")
+    password: str | ConfigError | None = spec.get("password")
     if "password_env" in spec:
         var = spec["password_env"]
-        if var not in env:
-            raise ConfigError(f"[channels.{name}] takes its password from ${var}, which is not set")
-        password = env[var]
+        unset = f"[channels.{name}] in {where} takes its password from ${var}, which is not set"
+        password = env.get(var, ConfigError(f"{unset}: set it to use channel {name!r}"))
     return ChannelConfig(name, str(spec["url"]).rstrip("/"), str(spec.get("channel", name)), password)
 
 
@@ -242,4 +248,16 @@ def load_config(config_file: str | Path | None = None, env: Mapping[str, str] | 
         config.channel(name)
     if config.to:
         config.channel(config.to)
+    if len(config.fr) > 1 and config.fetch_timeout <= config.channel_timeout:
+        _warn_failover_too_slow(config.fetch_timeout, config.channel_timeout)
     return config
+
+
+@functools.cache  # once a process: the Python API loads the config at every call
+def _warn_failover_too_slow(fetch_timeout: float, channel_timeout: float) -> None:
+    log.warning(
+        "fetch_timeout (%g s) is not more than channel_timeout (%g s): a mount fails an open with EIO "
+        "before it tries the next channel after one that hangs; make fetch_timeout larger",
+        fetch_timeout,
+        channel_timeout,
+    )

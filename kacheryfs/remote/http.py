@@ -26,6 +26,7 @@ from kacheryfs import auth
 from kacheryfs.errors import (
     AuthError,
     ChannelUnavailable,
+    ConfigError,
     Forbidden,
     HashMismatch,
     KacheryError,
@@ -56,11 +57,19 @@ class HttpChannel:
 
     `timeout` bounds the time spent without progress: connecting, waiting for an answer
     and retrying. A transfer that keeps delivering bytes is not cut off. Safe to share
-    between threads: each thread gets its own connection pool.
+    between threads: each thread gets its own connection pool. `password` None is a public
+    channel; a ConfigError (the config names a password variable that is not set) is raised
+    by every call instead of a request.
     """
 
     def __init__(
-        self, name: str, url: str, channel: str, password: str | None, timeout: float = 10.0, retries: int = 3
+        self,
+        name: str,
+        url: str,
+        channel: str,
+        password: str | ConfigError | None,
+        timeout: float = 10.0,
+        retries: int = 3,
     ) -> None:
         self.name = name
         self.url = url.rstrip("/")
@@ -211,6 +220,8 @@ class HttpChannel:
         deadline: float | None = None,
     ) -> requests.Response:
         """Send one signed request, retrying failures to connect or answer until the deadline."""
+        if isinstance(self._password, ConfigError):  # no password to sign with (its variable is not set)
+            raise ConfigError(str(self._password))  # a new one: raising the kept one would grow its traceback
         url = f"{self.url}/{endpoint}/{alg}/{digest}"
         deadline = time.monotonic() + self.timeout if deadline is None else deadline
         reason = f"no progress for {self.timeout:g} s"
