@@ -490,3 +490,16 @@ def test_serve_on_a_port_in_use_says_so_and_exits_3(server, server_dir):
     )
     assert result.returncode == 3 and f"port {server.port} is in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--port", "99999"), ("--port", "-1"), ("--stall-timeout", "-5"), ("--stall-timeout", "nan"),
+     ("--stall-timeout", "inf"), ("--stall-timeout", "0")],
+)  # fmt: skip
+def test_serve_refuses_a_number_that_cannot_work_as_bad_usage(server_dir: Path, flag: str, value: str) -> None:
+    result = subprocess.run(
+        ["kacheryfs", "serve", str(server_dir), flag, value], capture_output=True, text=True, timeout=10
+    )
+    assert result.returncode == 2 and f"argument {flag}: '{value}' is not" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -8,17 +8,35 @@ examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 from pathlib import Path
+
+
+def _port(text: str) -> int:
+    """0 (any free port) to 65535: checked here, where bind() would refuse it with a traceback."""
+    with contextlib.suppress(ValueError):
+        if 0 <= (port := int(text)) <= 65535:
+            return port
+    raise argparse.ArgumentTypeError(f"{text!r} is not a port: give 0 (any free one) to 65535")
+
+
+def _seconds(text: str) -> float:
+    """A finite number of seconds more than 0 (nan and inf would turn a timeout off unseen)."""
+    with contextlib.suppress(ValueError):
+        if math.isfinite(seconds := float(text)) and seconds > 0:
+            return seconds
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds more than 0")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", type=Path, help="storage directory holding kachery.json")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=0, help="port (default: any free port, printed on start)")
+    p.add_argument("--port", type=_port, default=0, help="port (default: any free port, printed on start)")
     p.add_argument(
         "--stall-timeout",
-        type=float,
+        type=_seconds,
         metavar="SECONDS",
         help="drop an upload that sends nothing for this long, freeing its transfer slot (default 60)",
     )
