@@ -251,6 +251,12 @@ def test_static_nginx_never_serves_the_config(static_server: NginxProcess) -> No
         assert PUBLIC_PASSWORD not in answer.text
 
 
+def test_an_upload_to_a_static_server_is_refused_and_says_why(static_server: NginxProcess, data_file: Path) -> None:
+    channel = HttpChannel("mirror", static_server.url, "public", None)
+    with pytest.raises(Forbidden, match=r"\(HTTP 4\d\d\): not a kacheryfs server's answer, so no upload goes there"):
+        channel.upload("sha1", SHA1, data_file, len(DATA))
+
+
 def test_check_on_a_static_server_answers_from_head(static_server: NginxProcess, server_dir: Path) -> None:
     channel = HttpChannel("mirror", static_server.url, "public", None)
     assert channel.check("sha1", SHA1) is None

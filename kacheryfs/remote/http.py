@@ -283,7 +283,10 @@ class HttpChannel:
             return
         error = _error_for(response, endpoint)
         url = response.url.split("?", 1)[0]
-        raise error(f"channel {self.name!r} ({url}): {_error_text(response)} (HTTP {response.status_code})")
+        why = f"{_error_text(response)} (HTTP {response.status_code})"
+        if endpoint == "set" and not _from_kacheryfs(response):
+            why += ": not a kacheryfs server's answer, so no upload goes there (static server, proxy, wrong URL?)"
+        raise error(f"channel {self.name!r} ({url}): {why}")
 
     def _where(self, endpoint: str) -> str:
         return f"channel {self.name!r} ({self.url}/{endpoint})"
@@ -330,6 +333,8 @@ def _body(response: requests.Response, skip: int) -> Iterator[bytes]:
 
 def _error_for(response: requests.Response, endpoint: str) -> type[KacheryError]:
     status = response.status_code
+    if endpoint == "set" and not _from_kacheryfs(response):
+        return Forbidden  # a static web server, a proxy's limit or a wrong URL: no uploads there
     if status == HashMismatch.http_status:
         # On /set the server refused the bytes we sent. On /get or /check we sent a valid hash
         # (check_hash), so the server is one we cannot use: another channel may do.
@@ -342,6 +347,15 @@ def _retry_after(response: requests.Response) -> float:
         return max(0.1, float(response.headers["Retry-After"]))
     except ValueError:
         return 1.0
+
+
+def _from_kacheryfs(response: requests.Response) -> bool:
+    """Whether an error answer is a kacheryfs server's own: JSON with an "error"."""
+    try:
+        answer = response.json()
+    except ValueError:
+        return False
+    return isinstance(answer, dict) and "error" in answer
 
 
 def _error_text(response: requests.Response) -> str:
