@@ -7,11 +7,12 @@ The result is a typed `Config` that flows down; nothing below this module reads
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,27 +186,33 @@ def _from_toml(data: dict[str, Any], env: Mapping[str, str], where: Path) -> dic
             for sub, subval in value.items():
                 spec = _SECTIONS[key].get(sub)
                 if spec is None:
-                    unknown.append(f"[{key}] {sub}")
+                    unknown.append(f"[{key}] {sub}" + _did_you_mean(sub, _SECTIONS[key]))
                     continue
                 name, conv = spec if isinstance(spec, tuple) else (sub, spec)
                 out[name] = _convert(f"{key}.{sub}", conv, subval, where)
         elif key == "channels" and isinstance(value, dict):
-            out["channels"] = {n: _channel(n, c, env, where) for n, c in value.items()}
+            out["channels"] = {n: _channel(n, c, env, where, unknown) for n, c in value.items()}
         else:
-            unknown.append(repr(key))
+            unknown.append(repr(key) + _did_you_mean(key, [*_TOP, *_SECTIONS, "channels"]))
     if unknown:
         raise ConfigError(
-            f"unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)} in {where}; see mount.example.toml"
+            f"unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)} in {where} "
+            "(every key is shown, with a comment, in mount.example.toml of the kacheryfs sources)"
         )
     return out
 
 
-def _channel(name: str, spec: Any, env: Mapping[str, str], where: Path) -> ChannelConfig:
+def _did_you_mean(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _channel(name: str, spec: Any, env: Mapping[str, str], where: Path, unknown: list[str]) -> ChannelConfig:
+    """The channel [channels.`name`] describes; its unknown keys are added to `unknown`."""
     if not isinstance(spec, dict) or "url" not in spec:
         raise ConfigError(f'[channels.{name}] in {where} needs at least url = "http://…"')
-    unknown = set(spec) - {"url", "channel", "password", "password_env"}
-    if unknown:
-        raise ConfigError(f"unknown key(s) {sorted(unknown)} in [channels.{name}] of {where}")
+    keys = ("url", "channel", "password", "password_env")
+    unknown += [f"[channels.{name}] {key}" + _did_you_mean(key, keys) for key in spec if key not in keys]
     password: str | ConfigError | None = spec.get("password")
     if "password_env" in spec:
         var = spec["password_env"]
