@@ -118,7 +118,13 @@ def _split_query(rest: str) -> tuple[str, str | None]:
 
 
 def file_url(alg: str, digest: str, name: str = "") -> KacheryURL:
-    """The URL of one blob."""
+    """The URL of one blob, `name` its informational name.
+
+    Characters that do not print (a newline, a tab) become `_` in the name: a URL is one
+    line of text, and the name is never looked up.
+    """
+    if not name.isprintable():
+        name = "".join(c if c.isprintable() else "_" for c in name)
     return KacheryURL(alg=alg, hash=check_hash(alg, digest), name=name)
 
 

@@ -45,6 +45,11 @@ def test_store_prints_one_url_per_path(tmp_path, tree):
     assert lines[1].startswith("sha1dir://") and lines[1].endswith(".ds001")
 
 
+def test_store_prints_a_name_with_a_newline_on_one_line(tmp_path):
+    (tmp_path / "new\nline\t.txt").write_bytes(b"abc")
+    assert out("kachery-store", str(tmp_path / "new\nline\t.txt")).endswith("/new_line_.txt")
+
+
 def test_store_label(tree):
     assert out("kachery-store", str(tree), "--label", "v1.0").endswith(".v1.0")
 
