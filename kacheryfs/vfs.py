@@ -23,11 +23,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar, cast
 
 from kacheryfs.errors import ChannelUnavailable, InvalidManifest, InvalidURL, IsADirectory, KacheryError, NotFound
 from kacheryfs.manifest import DirNode, FileEntry
@@ -60,6 +60,18 @@ _WARM_TASKS_MAX = 4 * _WARM_THREADS  # read-ahead tasks queued at most: four dir
 _NEXT_NAMES = 1024  # snapshot directories whose subdirectories' order is kept
 _SNAPSHOT_INFOS = 100_000  # snapshot paths whose FileInfo is kept (a dict hit instead of a walk)
 _SHA1_XATTR = XATTR_PREFIX + "sha1"
+
+
+class KernelReads(Protocol):
+    """The blobs whose files the kernel reads itself (`kacheryfs.mount.passthrough`), as the view sees them."""
+
+    def __len__(self) -> int:
+        """How many blobs are held."""
+        ...
+
+    def let_go_of_replaced(self, replaced: Callable[[Hashable, tuple[int, int]], bool]) -> int:
+        """Let go of those whose file in the store `replaced(blob, (st_dev, st_ino))` says is another now."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -239,8 +251,8 @@ class FileSystemView:
         self._counting = False
         self._usage_lock = threading.Lock()
         self.recent_errors: collections.deque[str] = collections.deque(maxlen=_RECENT_ERRORS)
-        # Set by the mount when the kernel reads blobs' files itself (passthrough): how many it holds.
-        self.kernel_reads: Sized | None = None
+        # Set by the mount when the kernel reads blobs' files itself (passthrough).
+        self.kernel_reads: KernelReads | None = None
         self.daemon_reads_why = ""  # otherwise, why not
 
     # -- what is at a path -----------------------------------------------------------
@@ -484,6 +496,31 @@ class FileSystemView:
                 self._warm_pool = ThreadPoolExecutor(_WARM_THREADS, thread_name_prefix="kacheryfs-warm")
             return self._warm_pool
 
+    def let_go_of_replaced_blobs(self) -> int:
+        """Let go of the blobs held (kept descriptors, backing files) whose file in the store is no
+        longer the one held, as after `kacheryfs fsck --repair` moved it to quarantine: their next
+        read opens the store's file anew, or fetches it again. How many.
+
+        Without passthrough, pages the kernel read from such a blob stay in its cache until dropped.
+        """
+        store = self.resolver.store
+
+        def replaced(key: Hashable, file: tuple[int, int]) -> bool:
+            alg, digest = cast(tuple[str, str], key)
+            try:
+                st = os.stat(store.blob_path(alg, digest))
+            except OSError:
+                return True
+            return (st.st_dev, st.st_ino) != file
+
+        with self._blob_fds_lock:
+            gone = [(key, fd) for key, fd in self._blob_fds.items() if replaced(key, _file_of(fd))]
+            for key, fd in gone:
+                del self._blob_fds[key]
+                self._retired_fds.append((time.monotonic(), fd))  # a read may still be using it
+        kernel = self.kernel_reads
+        return len(gone) + (kernel.let_go_of_replaced(replaced) if kernel is not None else 0)
+
     def close_blob_fds(self) -> None:
         """Close every kept descriptor (the mount is gone: no read can still use them)."""
         if self._warm_pool is not None:
@@ -632,6 +669,12 @@ class FileSystemView:
         # channels answer after all (or find nothing), the failure the caller saw is counted here.
         future.add_done_callback(lambda done: _uncounted(done) and self.resolver.failed(error))
         raise error
+
+
+def _file_of(fd: int) -> tuple[int, int]:
+    """(st_dev, st_ino) of the file a descriptor is open on."""
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def _uncounted(done: Future[object]) -> bool:

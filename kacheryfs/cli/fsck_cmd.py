@@ -1,7 +1,8 @@
 """Re-hash every blob of the local store and report corrupt or misplaced ones.
 
-With --repair they move to <store>/quarantine/ so the next read fetches a good copy;
-leftover temp files of crashed writers are removed either way.
+With --repair they move to <store>/quarantine/ so the next read fetches a good copy, and
+each running mount of the store is told to let go of those it holds; leftover temp files
+of crashed writers are removed either way.
 
 examples:
   kacheryfs fsck
@@ -11,6 +12,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from kacheryfs.cli.common import add_config_args, config_from, human
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     for path in report.quarantined:
         print(f"quarantined: {path}")
     if report.quarantined:
-        _warn_live_mounts(store)
+        _tell_live_mounts(store)
     print(
         f"checked {report.checked} blobs ({human(report.checked_bytes)}): {report.corrupt_blobs} corrupt, "
         f"{len(report.misplaced)} misplaced; {report.temp_removed} temp files removed",
@@ -52,14 +54,19 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report.ok or args.repair else 4
 
 
-def _warn_live_mounts(store: LocalStore) -> None:
+def _tell_live_mounts(store: LocalStore) -> None:
     """A mount of this store may hold a quarantined blob's file (open, or kept for the kernel)
-    and go on serving its bytes: say so, and how to stop it."""
-    from kacheryfs.mount.daemon import mounts_of_store
+    and go on serving its bytes: each is told to let go of blobs moved out of the store, or,
+    where that cannot be done, the user is told what to do."""
+    from kacheryfs.mount.daemon import RECHECK_SIGNAL, mounts_of_store
 
-    for where in mounts_of_store(store.root):
-        print(
-            f"warning: the mount at {where} uses this store and may go on serving the quarantined bytes "
-            f"of blobs it has read: unmount it (kacheryfs umount {where}) and mount it again",
-            file=sys.stderr,
-        )
+    for where, pid in mounts_of_store(store.root).items():
+        try:
+            os.kill(pid, RECHECK_SIGNAL)
+            print(f"told the mount at {where} to let go of the quarantined blobs", file=sys.stderr)
+        except OSError as err:
+            print(
+                f"warning: the mount at {where} uses this store and may go on serving the quarantined bytes "
+                f"of blobs it has read ({err.strerror} telling it): unmount it and mount it again",
+                file=sys.stderr,
+            )

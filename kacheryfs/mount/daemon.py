@@ -168,16 +168,16 @@ def _unescaped(field: bytes) -> str:
     return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
 
 
-def mounts_of_store(root: Path) -> list[Path]:
-    """The live kacheryfs mounts whose daemon serves the store at `root`."""
-    found = []
+def mounts_of_store(root: Path) -> dict[Path, int]:
+    """The live kacheryfs mounts whose daemon serves the store at `root`, with the daemon's pid."""
+    found = {}
     for where in kacheryfs_mounts():
         try:
-            storage_dir = daemon_status(where)["storage_dir"]
-        except (MountError, ValueError, KeyError):
+            status = daemon_status(where)
+        except (MountError, ValueError):
             continue  # stale, a staging mount (no status there) or not ours to read
-        if os.path.realpath(str(storage_dir)) == os.path.realpath(root):
-            found.append(where)
+        if os.path.realpath(str(status.get("storage_dir"))) == os.path.realpath(root):
+            found[where] = int(str(status["pid"]))
     return found
 
 
@@ -252,7 +252,8 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
     staging area on `mountpoint/staging` (in this thread). When the staging mount ends, for
     whatever reason, the hash views are unmounted after it; when the hash views end first
     (a lazy unmount), the staging mount is let go too. SIGINT, SIGTERM and SIGHUP unmount
-    the staging mount, and so both (`_stop_on_signals`).
+    the staging mount, and so both; RECHECK_SIGNAL lets go of held blobs whose file in the
+    store was replaced (`_on_signals`).
     """
     check_fuse()
     check_mountpoint(mountpoint)
@@ -286,6 +287,12 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
             threading.Thread(target=_detach, args=(staging_mnt,), kwargs={"lazy": True}, daemon=True).start()
 
     def on_signal(signum: int) -> None:
+        if signum == RECHECK_SIGNAL:
+            try:
+                log.info("held blobs rechecked: let go of %d replaced in the store", view.let_go_of_replaced_blobs())
+            except Exception:  # this thread must live on: it also hears the signals that unmount
+                log.exception("rechecking held blobs")
+            return
         log.info("stopped by a signal (%s): unmounting %s", signal.Signals(signum).name, mountpoint)
         signalled.set()
         if view.ready.is_set():
@@ -325,7 +332,7 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
                 _detach(mountpoint, lazy=True)
 
     log.info("mounting %s (storage %s, channels %s)", mountpoint, config.storage_dir, list(config.fr) or "none")
-    with _stop_on_signals(on_signal):
+    with _on_signals(on_signal):
         threading.Thread(target=hash_views, name="kacheryfs-hash-views", daemon=True).start()
         try:
             while not hash_views_up.wait(0.05) and not signalled.is_set():
@@ -351,11 +358,12 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+RECHECK_SIGNAL = signal.SIGUSR1  # sent by `kacheryfs fsck --repair`: let go of blobs it moved away
 
 
 @contextlib.contextmanager
-def _stop_on_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
-    """Call `on_signal(signum)` from a thread of its own on SIGINT, SIGTERM or SIGHUP.
+def _on_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
+    """Call `on_signal(signum)` from a thread of its own on SIGINT, SIGTERM, SIGHUP or RECHECK_SIGNAL.
 
     Not libfuse's handlers: they end only the session set up last, and not before it is up
     (a signal in between would leave a mount without its daemon). Python's handler writes
@@ -374,7 +382,7 @@ def _stop_on_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
                 for signum in data:
                     on_signal(signum)
 
-    previous = {signum: signal.signal(signum, lambda *_: None) for signum in _STOP_SIGNALS}
+    previous = {signum: signal.signal(signum, lambda *_: None) for signum in (*_STOP_SIGNALS, RECHECK_SIGNAL)}
     previous_fd = signal.set_wakeup_fd(write_end)
     import mfusepy
 

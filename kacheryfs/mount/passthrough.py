@@ -127,7 +127,9 @@ def has_cap_sys_admin(proc_status: bytes) -> bool:
 class _Backing:
     backing_id: int
     size: int
+    file: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the store's file it holds
     opens: int = 0  # open handles naming it: while any, the kernel's inode holds it and it must stay
+    replaced: bool = False  # the store's file is another now: let go of at the last close, never reopened
 
 
 class Passthrough:
@@ -208,7 +210,7 @@ class Passthrough:
         """
         with self._lock:
             backing = self._backing.get(blob)
-            if backing is None:
+            if backing is None or backing.replaced:
                 return None
             self._opened(blob, backing)
             handle = next(self._next_handle)
@@ -226,10 +228,31 @@ class Passthrough:
             backing = self._backing.get(blob) if blob is not None else None
             if backing is not None:
                 backing.opens -= 1
-                if backing.opens == 0:
+                if backing.opens == 0 and backing.replaced:
+                    del self._backing[blob]
+                    self._unregister(backing.backing_id)
+                elif backing.opens == 0:
                     self._idle[blob] = backing
                     self._idle_bytes += backing.size
                     self._trim()
+
+    def let_go_of_replaced(self, replaced: Callable[[Hashable, tuple[int, int]], bool]) -> int:
+        """Let go of the backing files whose blob's file in the store is no longer theirs, by
+        `replaced(blob, (st_dev, st_ino))`: idle ones now, open ones at their last close (the
+        kernel keeps an inode's backing file while it is open). How many.
+
+        A blob quarantined by `kacheryfs fsck --repair` is one: its next open fetches it again.
+        """
+        with self._lock:
+            gone = [(blob, b) for blob, b in self._backing.items() if not b.replaced and replaced(blob, b.file)]
+            for blob, backing in gone:
+                backing.replaced = True
+                if backing.opens == 0:
+                    del self._backing[blob]
+                    if self._idle.pop(blob, None) is not None:
+                        self._idle_bytes -= backing.size
+                    self._unregister(backing.backing_id)
+        return len(gone)
 
     def _opened(self, blob: Hashable, backing: _Backing) -> None:
         """Count one more open of a registered backing file (under the lock)."""
@@ -240,7 +263,7 @@ class Passthrough:
     def _register(self, blob: Hashable, open_blob: Callable[[], int]) -> _Backing:
         fd = open_blob()  # outside the lock: it may wait for a download
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
             try:
                 backing_id = fcntl.ioctl(self._fd, _BACKING_OPEN, bytearray(struct.pack("<iIQ", fd, 0, 0)), True)
             except OSError as err:
@@ -262,7 +285,7 @@ class Passthrough:
                 log.info("kernel passthrough on: blobs are read by the kernel from the store's own files")
             backing = self._backing.get(blob)
             if backing is None:
-                backing = self._backing[blob] = _Backing(backing_id, size)
+                backing = self._backing[blob] = _Backing(backing_id, st.st_size, (st.st_dev, st.st_ino))
             else:
                 self._unregister(backing_id)  # another thread registered it meanwhile: one per blob
             self._opened(blob, backing)
