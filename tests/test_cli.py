@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import subprocess
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +50,12 @@ def test_store_prints_one_url_per_path(tmp_path, tree):
 def test_store_prints_a_name_with_a_newline_on_one_line(tmp_path):
     (tmp_path / "new\nline\t.txt").write_bytes(b"abc")
     assert out("kachery-store", str(tmp_path / "new\nline\t.txt")).endswith("/new_line_.txt")
+
+
+@pytest.mark.parametrize("command", ["kacheryfs", "kachery-store", "kachery-cat", "kachery-ls"])
+def test_every_command_tells_the_version_the_package_declares(command):
+    declared = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["version"]
+    assert out(command, "--version") == f"kacheryfs {declared}"
 
 
 def test_store_label(tree):

@@ -25,13 +25,22 @@ EXIT_CODES_HELP = (
 
 
 def parser(prog: str, description: str, examples: str) -> argparse.ArgumentParser:
-    """An ArgumentParser whose --help ends with examples and the exit codes."""
-    return argparse.ArgumentParser(
+    """An ArgumentParser whose --help ends with examples and the exit codes, with --version."""
+    p = argparse.ArgumentParser(
         prog=prog,
         description=description,
         epilog=f"examples:\n{examples}\n\n{EXIT_CODES_HELP}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(p)
+    return p
+
+
+def add_version(p: argparse.ArgumentParser) -> None:
+    """--version: this kacheryfs's version."""
+    from kacheryfs import __version__
+
+    p.add_argument("--version", action="version", version=f"kacheryfs {__version__}")
 
 
 def add_fr(p: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from kacheryfs.cli.common import EXIT_CODES_HELP, run
+from kacheryfs.cli.common import EXIT_CODES_HELP, add_version, run
 
 # name → (module under kacheryfs.cli, one-line help)
 SUBCOMMANDS = {
@@ -74,6 +74,7 @@ def _main(argv: Sequence[str] | None) -> int:
         epilog="run `kacheryfs SUBCOMMAND --help` for each command's options and examples\n\n" + EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(p)
     subs = p.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
     modules = {}
     for name, (module, help_text) in SUBCOMMANDS.items():
