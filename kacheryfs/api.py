@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import secrets
 import shutil
 import stat
 import sys
@@ -33,7 +34,7 @@ from kacheryfs.errors import (
     KacheryError,
     NotADirectory,
     NotFound,
-    store_error,
+    StoreFull,
 )
 from kacheryfs.hashing import Digests, hash_file
 from kacheryfs.manifest import DirNode, FileEntry
@@ -285,18 +286,32 @@ def load_file(url: str, dest: str | os.PathLike[str] | None = None, *, fr: Names
     if dest is not None and os.path.isdir(dest):
         raise DestinationExists(f"{dest} is a directory: give the path of a file to write")
     if dest is not None:
-        _check_folder_of(Path(dest))  # before a fetch that could take long
+        _check_folder_of(Path(os.path.realpath(dest)))  # before a fetch that could take long
     path = _local_path(url, fr)
     if dest is None:
         return str(path)
-    partial = Path(f"{dest}.kachery-partial")
     try:
-        shutil.copyfile(path, partial)
-        os.replace(partial, dest)  # whole or not at all
+        _copy_out(path, Path(os.path.realpath(dest)))  # through a symlink, as cp writes
     except OSError as err:
-        partial.unlink(missing_ok=True)
         raise _write_error(err, dest) from err
     return str(dest)
+
+
+def _copy_out(blob: Path, target: Path) -> None:
+    """Copy a blob to `target`: a regular file whole or not at all (a temp file beside it,
+    renamed over it); anything else that is there (a fifo, a device) is written in place."""
+    if target.exists() and not target.is_file():
+        with open(blob, "rb") as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out)
+        return
+    partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.kachery-partial")  # one per load
+    try:
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))  # umask applies
+        shutil.copyfile(blob, partial)  # in the kernel (copy_file_range, sendfile) where it can
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _check_folder_of(dest: Path) -> None:
@@ -308,7 +323,7 @@ def _check_folder_of(dest: Path) -> None:
 def _write_error(err: OSError, dest: str | os.PathLike[str]) -> KacheryError:
     """The error of a failed write of `dest` (outside the store): StoreFull for a full disk."""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return store_error(err, f"writing {dest}")
+        return StoreFull(f"no space left on the disk of {dest}")
     return KacheryError(f"cannot write {dest}: {err.strerror or err}")
 
 
@@ -421,12 +436,12 @@ def load_dir(url: str, dest: str | os.PathLike[str], *, fr: Names = None, jobs: 
     dest = Path(dest)
     if dest.exists():
         raise DestinationExists(f"{dest} already exists: load_dir writes a new directory, give a path not yet there")
+    _check_folder_of(dest)
     res = resolver(fr)
     with naming(url):
         node = res.dir_node(url)
     # Fetched in parallel first; a blob the cache could not keep is fetched again, alone,
     # when it is copied out, so only what fails then is an error.
-    _check_folder_of(dest)
     _fetch_with_progress(res, [url], jobs, strict=False)
     tmp = dest.with_name(dest.name + ".kachery-partial")
     shutil.rmtree(tmp, ignore_errors=True)

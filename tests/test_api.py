@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
+import threading
 
 import numpy as np
 import pytest
@@ -116,6 +119,26 @@ def test_a_load_into_a_folder_that_does_not_exist_says_so_before_fetching(tmp_pa
     with pytest.raises(InvalidInput, match="there is no folder"):
         ka.load_dir(ka.store_dir(_tree(tmp_path / "d")), tmp_path / "no" / "d")
     assert not (tmp_path / "no").exists()
+
+
+def test_a_load_writes_through_a_symlink_and_into_a_fifo_and_leaves_no_temp_file(tmp_path):
+    url = ka.store_text("hello")
+    (tmp_path / "target").write_text("old")
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    ka.load_file(url, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target").read_text() == "hello"
+    os.mkfifo(tmp_path / "fifo")
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append((tmp_path / "fifo").read_bytes()))
+    reader.start()
+    ka.load_file(url, tmp_path / "fifo")
+    reader.join(timeout=10)
+    assert read == [b"hello"] and stat.S_ISFIFO(os.lstat(tmp_path / "fifo").st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(("toml", "storage"))) == [
+        "fifo",
+        "link",
+        "target",
+    ]
 
 
 def test_a_failed_load_dir_leaves_nothing_behind(tmp_path):
