@@ -462,6 +462,16 @@ def test_umount_refuses_a_mount_that_is_not_kacheryfs_and_leaves_it_be(tmpfs, la
     assert os.path.ismount(other) and (other / "data").read_text() == "important"
 
 
+@pytest.mark.parametrize("lazy", [False, True], ids=["plain", "lazy"])
+def test_umount_and_status_through_a_symlink_to_the_mountpoint(tmp_path: Path, lazy: bool) -> None:
+    with mounted_at(tmp_path, tmp_path / "storage") as mount:
+        (tmp_path / "link").symlink_to(mount.mountpoint)
+        status = json.loads(mount.cli("status", str(tmp_path / "link" / "staging"), "--json").stdout)
+        assert status["pid"] == mount.status()["pid"]
+        mount.cli("umount", *(["--lazy"] if lazy else []), str(tmp_path / "link"))
+        assert not is_mounted(mount.mountpoint) and not is_mounted(mount.mountpoint / "staging")
+
+
 def test_umount_unmounts_and_the_daemon_exits(mounted: Mount) -> None:
     pid = mounted.status()["pid"]
     mounted.unmount()

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     mountpoint = (args.mountpoint or default_mountpoint(load_config(args.config))).expanduser().absolute()
     real = Path(os.path.realpath(mountpoint))
     if real.name == STAGING_VIEW and real.parent in daemon.kacheryfs_mounts():
-        mountpoint = mountpoint.parent  # the staging mount's daemon is the one of the mount it is on
+        mountpoint = real.parent  # the staging mount's daemon is the one of the mount it is on
     status = daemon.daemon_status(mountpoint)
     print(json.dumps(status, indent=2) if args.json else _format(mountpoint, status))
     return 0

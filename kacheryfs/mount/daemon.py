@@ -500,6 +500,7 @@ def unmount(mountpoint: Path, *, lazy: bool = False, timeout: float = STOP_TIMEO
     The staging mount on `mountpoint/staging` goes first (the daemon then unmounts the hash
     views itself); a lazy detach takes both at once.
     """
+    mountpoint = Path(os.path.realpath(mountpoint))  # a symlink to it names the mount, as the table does
     kind = mount_type(mountpoint)
     if kind is None:
         raise MountError(f"{mountpoint} is not mounted")
