@@ -123,25 +123,39 @@ class Resolver:
         url = as_url(url)
         if not url.is_dir:
             return BlobRef(url.alg, url.hash, self.store.size(url.alg, url.hash), url.basename)
-        entry = self.manifest(url.alg, url.hash).resolve_file(url.path)
-        return BlobRef(entry.alg, entry.digest, entry.size, url.basename)
+        snapshot, path = self._in_snapshot(url)
+        entry = snapshot.resolve_file(path)
+        return BlobRef(entry.alg, entry.digest, entry.size, _basename(path, url))
 
     def dir_node(self, url: KacheryURL | str) -> DirNode:
         """The directory a `sha1dir://` URL names."""
         url = as_url(url)
         if not url.is_dir:
             raise NotADirectory(f"{url} is a file URL, not a directory URL")
-        return self.manifest(url.alg, url.hash).resolve_dir(url.path)
+        snapshot, path = self._in_snapshot(url)
+        return snapshot.resolve_dir(path)
 
     def resolve(self, url: KacheryURL | str) -> BlobRef | DirNode:
         """What a URL names: a blob or a directory of a snapshot."""
         url = as_url(url)
         if not url.is_dir:
             return self.blob_ref(url)
-        found = self.manifest(url.alg, url.hash).resolve(url.path)
+        snapshot, path = self._in_snapshot(url)
+        found = snapshot.resolve(path)
         if isinstance(found, FileEntry):
-            return BlobRef(found.alg, found.digest, found.size, url.basename)
+            return BlobRef(found.alg, found.digest, found.size, _basename(path, url))
         return found
+
+    def _in_snapshot(self, url: KacheryURL) -> tuple[DirNode, str]:
+        """A snapshot URL's manifest and the sub-path the URL names in it: the one before the
+        query, unless the snapshot holds the name with the query put back (a file `c?d`)."""
+        snapshot = self.manifest(url.alg, url.hash)
+        literal = url.literal_path
+        if literal is not None:
+            with contextlib.suppress(NotFound, NotADirectory):
+                snapshot.resolve(literal)
+                return snapshot, literal
+        return snapshot, url.path
 
     def cached_manifest(self, alg: str, digest: str) -> DirNode | None:
         """The manifest if it was parsed already (no I/O), else None."""
@@ -349,6 +363,11 @@ class Resolver:
             "channel_failures": sum(channel.failures for channel in self.channels),
             "channel_states": [channel.status() for channel in self.channels],
         }
+
+
+def _basename(path: str, url: KacheryURL) -> str:
+    """A good file name for what `path` names in the snapshot of `url`."""
+    return path.rsplit("/", 1)[-1] if path else url.basename
 
 
 def _failure(url: str, doing: str, failures: Sequence[tuple[str, KacheryError]]) -> KacheryError:

@@ -17,7 +17,6 @@ ALGORITHMS = tuple(HEX_LENGTH)
 _SCHEMES = {"sha1": ("sha1", False), "md5": ("md5", False), "sha1dir": ("sha1", True), "md5dir": ("md5", True)}
 _SCHEME_RE = re.compile(r"^([A-Za-z0-9]+)://(.*)$", re.DOTALL)
 _HEX_RE = re.compile(r"^[0-9a-fA-F]+$")
-_QUERY_ITEM_RE = re.compile(r"[\w.~-]+(=[^&]*)?")
 
 
 def is_hash(alg: str, value: str) -> bool:
@@ -75,6 +74,17 @@ class KacheryURL:
             return self.path.rsplit("/", 1)[-1] if self.path else (self.label or self.hash)
         return self.name.rsplit("/", 1)[-1] if self.name else self.hash
 
+    @property
+    def literal_path(self) -> str | None:
+        """The sub-path with its `?` and query put back, for a snapshot whose name holds a `?`.
+
+        `sha1dir://<hash>.hd/c?d` is the sub-path `c` with the query `d`, or the file `c?d`:
+        the resolver looks for the literal name first. None when there is no query.
+        """
+        if not self.is_dir or not self.path or self.query is None:
+            return None
+        return "/".join(part for part in f"{self.path}?{self.query}".split("/") if part)
+
     def child(self, subpath: str) -> KacheryURL:
         """The directory URL of `subpath` below this one."""
         if not self.is_dir:
@@ -106,17 +116,6 @@ def as_url(url: KacheryURL | str) -> KacheryURL:
     return url if isinstance(url, KacheryURL) else parse_url(url)
 
 
-def _split_query(rest: str) -> tuple[str, str | None]:
-    """(what precedes the query, the query or None): the query starts at the first `?` that a query follows."""
-    start = rest.find("?")
-    while start >= 0:
-        items = rest[start + 1 :].split("&")
-        if all(_QUERY_ITEM_RE.fullmatch(item) for item in items) and any("=" in item for item in items):
-            return rest[:start], rest[start + 1 :]
-        start = rest.find("?", start + 1)
-    return rest, None
-
-
 def file_url(alg: str, digest: str, name: str = "") -> KacheryURL:
     """The URL of one blob, `name` its informational name.
 
@@ -131,9 +130,8 @@ def file_url(alg: str, digest: str, name: str = "") -> KacheryURL:
 def parse_url(text: str) -> KacheryURL:
     """Parse a hash URL; raise InvalidURL (quoting the input) for anything malformed.
 
-    A `?` starts the query only where what follows reads as one (`key=value`, joined by
-    `&`): elsewhere it is part of the name or sub-path, so a snapshot's file `c?d` is
-    `sha1dir://<hash>.label/c?d`, not `c` with the query `d`.
+    The query starts at the first `?`, as the original kachery read it. A snapshot's file
+    whose name holds a `?` is still reached by its URL: see `KacheryURL.literal_path`.
     """
     if not isinstance(text, str):
         raise InvalidURL(f"expected a URL string, got {type(text).__name__}: {text!r}")
@@ -148,7 +146,9 @@ def parse_url(text: str) -> KacheryURL:
     if "\x00" in rest:
         raise InvalidURL(f"NUL character in URL {text!r}")
     alg, is_dir = _SCHEMES[scheme]
-    rest, query = _split_query(rest)
+    query: str | None = None
+    if "?" in rest:
+        rest, query = rest.split("?", 1)
     # The seed README printed `sha1:////<hash>/name`; extra leading slashes carry no meaning.
     rest = rest.lstrip("/")
     head, _, tail = rest.partition("/")

@@ -93,8 +93,13 @@ def test_a_file_named_with_a_question_mark_is_read_by_its_name_not_its_neighbour
     (tree / "c").write_text("its neighbour c")
     url = ka.store_dir(tree)
     assert ka.load_text(url + "/c?d") == "the file c?d"
-    assert ka.load_text(url + "/c?manifest=x") == "its neighbour c"  # a query follows: ignored
-    assert ka.mount_path(url + "/c?d", tmp_path / "mnt").name == "c?d"
+    assert ka.load_text(url + "/c?manifest=x") == "its neighbour c"  # no such name: a query, ignored
+    assert ka.load_text(url + "/c?") == "its neighbour c"  # as the original kachery read it
+    snapshot = tmp_path / "mnt" / "sha1dir" / url.removeprefix("sha1dir://")
+    assert ka.mount_path(url + "/c?d", tmp_path / "mnt") == snapshot / "c"  # nothing on the mount to tell
+    snapshot.mkdir(parents=True)
+    (snapshot / "c?d").touch()  # as a mount of that snapshot lists it
+    assert ka.mount_path(url + "/c?d", tmp_path / "mnt") == snapshot / "c?d"
 
 
 @pytest.mark.parametrize("given", [None, 123, b"sha1://0"])

@@ -32,15 +32,19 @@ def mount_path(url: str | KacheryURL, mountpoint: str | os.PathLike[str] | None 
 
     `sha1://H/data.csv` → `<mnt>/sha1/H.csv`; `sha1dir://H.ds001/a/b.txt` →
     `<mnt>/sha1dir/H.ds001/a/b.txt`. Everything after the first dot of the name is kept, so
-    `x.tar.gz` stays `.tar.gz`.
+    `x.tar.gz` stays `.tar.gz`. A snapshot URL with a query is looked at on the mount only to
+    tell a name holding a `?` from a query.
     """
     url = as_url(url)
     mnt = Path(mountpoint) if mountpoint is not None else default_mountpoint()
     if url.is_dir:
         if url.alg != "sha1":
             raise InvalidURL(f"{url}: the mount has directory views for sha1dir:// URLs only")
-        head = url.hash if url.label is None else f"{url.hash}.{url.label}"
-        return mnt / SNAPSHOT_VIEW / head / url.path if url.path else mnt / SNAPSHOT_VIEW / head
+        snapshot = mnt / SNAPSHOT_VIEW / (url.hash if url.label is None else f"{url.hash}.{url.label}")
+        literal = url.literal_path
+        if literal is not None and os.path.lexists(snapshot / literal):
+            return snapshot / literal  # a name holding a '?' (see KacheryURL.literal_path)
+        return snapshot / url.path if url.path else snapshot
     base = url.name.rsplit("/", 1)[-1]
     dot = base.find(".")
     return mnt / url.alg / (url.hash + (base[dot:] if dot >= 0 else ""))
