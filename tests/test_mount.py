@@ -494,6 +494,10 @@ def test_kill_9_leaves_a_stale_mount_that_umount_clears(tmp_path: Path) -> None:
         wait_until(lambda: _stale(mount.mountpoint), what="the mount to go stale")
         refused = mount.cli("mount", str(mount.mountpoint), check=False)
         assert refused.returncode != 0 and "stale" in refused.stderr
+        (tmp_path / "c.txt").write_text("x")
+        url = mount.cli("url", str(mount.mountpoint / "sha1dir"), str(tmp_path / "c.txt"), check=False)
+        assert url.returncode == 3 and "is under a stale mount" in url.stderr and "Traceback" not in url.stderr
+        assert "c.txt has no kachery URL" in url.stderr  # the next path is still answered
         mount.unmount()
         assert not is_mounted(mount.mountpoint)
     with mounted_at(tmp_path, storage) as again:

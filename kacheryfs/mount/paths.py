@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from kacheryfs.config import Config, load_config
-from kacheryfs.errors import InvalidURL, NotFound
+from kacheryfs.errors import InvalidURL, KacheryError, MountError, NotFound
 from kacheryfs.uri import KacheryURL, as_url
 from kacheryfs.vfs import SNAPSHOT_VIEW, STAGING_VIEW, XATTR_PREFIX
 
@@ -59,7 +59,9 @@ def url_of(path: str | os.PathLike[str]) -> str:
     except OSError as err:
         if err.errno in (errno.ENODATA, errno.ENOTSUP):
             raise NotFound(f"{path} has no kachery URL: {_why_no_url(path)}") from err
-        raise
+        if err.errno == errno.ENOTCONN:
+            raise MountError(f"{path} is under a stale mount (its daemon died): run `kacheryfs umount` on it") from err
+        raise KacheryError(f"cannot read the URL of {path}: {err.strerror or err}") from err
 
 
 def _why_no_url(path: str | os.PathLike[str]) -> str:
