@@ -251,10 +251,13 @@ def test_static_nginx_never_serves_the_config(static_server: NginxProcess) -> No
         assert PUBLIC_PASSWORD not in answer.text
 
 
-def test_an_upload_to_a_static_server_is_refused_and_says_why(static_server: NginxProcess, data_file: Path) -> None:
+def test_an_upload_to_a_static_server_is_refused_and_says_why(static_server: NginxProcess, tmp_path: Path) -> None:
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"a few bytes")
+    digest = hashlib.sha1(b"a few bytes").hexdigest()
     channel = HttpChannel("mirror", static_server.url, "public", None)
-    with pytest.raises(Forbidden, match=r"\(HTTP 4\d\d\): not a kacheryfs server's answer, so no upload goes there"):
-        channel.upload("sha1", SHA1, data_file, len(DATA))
+    with pytest.raises(Forbidden, match=r"takes no uploads: .*\(HTTP 40[45]\); a static web server"):
+        channel.upload("sha1", digest, small, 11)
 
 
 def test_check_on_a_static_server_answers_from_head(static_server: NginxProcess, server_dir: Path) -> None:

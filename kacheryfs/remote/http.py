@@ -281,12 +281,12 @@ class HttpChannel:
     def _raise_for(self, response: requests.Response, endpoint: str) -> None:
         if response.status_code < 300:
             return
-        error = _error_for(response, endpoint)
         url = response.url.split("?", 1)[0]
         why = f"{_error_text(response)} (HTTP {response.status_code})"
-        if endpoint == "set" and not _from_kacheryfs(response):
-            why += ": not a kacheryfs server's answer, so no upload goes there (static server, proxy, wrong URL?)"
-        raise error(f"channel {self.name!r} ({url}): {why}")
+        if endpoint == "set" and _takes_no_uploads(response):
+            raise Forbidden(f"channel {self.name!r} ({url}) takes no uploads: {why}; a static web server, or not a "
+                            "kacheryfs server's URL?")  # fmt: skip
+        raise _error_for(response, endpoint)(f"channel {self.name!r} ({url}): {why}")
 
     def _where(self, endpoint: str) -> str:
         return f"channel {self.name!r} ({self.url}/{endpoint})"
@@ -333,8 +333,6 @@ def _body(response: requests.Response, skip: int) -> Iterator[bytes]:
 
 def _error_for(response: requests.Response, endpoint: str) -> type[KacheryError]:
     status = response.status_code
-    if endpoint == "set" and not _from_kacheryfs(response):
-        return Forbidden  # a static web server, a proxy's limit or a wrong URL: no uploads there
     if status == HashMismatch.http_status:
         # On /set the server refused the bytes we sent. On /get or /check we sent a valid hash
         # (check_hash), so the server is one we cannot use: another channel may do.
@@ -349,13 +347,10 @@ def _retry_after(response: requests.Response) -> float:
         return 1.0
 
 
-def _from_kacheryfs(response: requests.Response) -> bool:
-    """Whether an error answer is a kacheryfs server's own: JSON with an "error"."""
-    try:
-        answer = response.json()
-    except ValueError:
-        return False
-    return isinstance(answer, dict) and "error" in answer
+def _takes_no_uploads(response: requests.Response) -> bool:
+    """Whether an upload's answer says there is no /set here at all (a kacheryfs server never
+    answers one with 404, 405 or 501); a proxy's 413 in front of one is a size limit, and said so."""
+    return response.status_code in (404, 405, 501)
 
 
 def _error_text(response: requests.Response) -> str:
