@@ -28,6 +28,7 @@ from kacheryfs.api import (
 from kacheryfs.errors import (
     AuthError,
     ChannelBusy,
+    ChannelMisconfigured,
     ChannelUnavailable,
     ConfigError,
     DestinationExists,
@@ -64,6 +65,7 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "AuthError",
     "ChannelBusy",
+    "ChannelMisconfigured",
     "ChannelUnavailable",
     "ConfigError",
     "DestinationExists",

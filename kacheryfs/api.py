@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kacheryfs import manifest
+from kacheryfs.auth import MissingPassword
 from kacheryfs.config import Config, load_config
 from kacheryfs.errors import (
     ChannelUnavailable,
@@ -77,6 +78,14 @@ def get_config() -> dict[str, Any]:
         "channel_timeout": cfg.channel_timeout, "channels": sorted(cfg.channels),
         "config_file": str(cfg.config_file) if cfg.config_file else None,
     }  # fmt: skip
+
+
+def check_channel(name: str) -> None:
+    """ConfigError unless the channel `name` can be used now: one the config names, with its
+    password at hand (ChannelMisconfigured when its password variable is not set)."""
+    password = _current_config().channel(name).password
+    if isinstance(password, MissingPassword):
+        raise password.error()
 
 
 @contextlib.contextmanager

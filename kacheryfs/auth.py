@@ -13,11 +13,25 @@ import functools
 import hashlib
 import hmac
 import time
+from dataclasses import dataclass
+
+from kacheryfs.errors import ChannelMisconfigured
 
 OPERATIONS = ("check", "download", "upload")
 KDF_ROUNDS = 100_000
 DEFAULT_LIFETIME = 3600  # seconds a freshly made signature stays valid
 MAX_LIFETIME = 7 * 24 * 3600  # the server refuses signatures that claim to live longer
+
+
+@dataclass(frozen=True)
+class MissingPassword:
+    """A channel password the config takes from an environment variable that is not set:
+    no request can be signed, and each says so (`error`)."""
+
+    why: str
+
+    def error(self) -> ChannelMisconfigured:
+        return ChannelMisconfigured(self.why)
 
 
 @functools.lru_cache(maxsize=64)

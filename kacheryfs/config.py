@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
-import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -19,24 +17,24 @@ from typing import Any
 
 import platformdirs
 
+from kacheryfs.auth import MissingPassword
 from kacheryfs.errors import ConfigError
 
 APP_NAME = "kachery"
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ChannelConfig:
     """One named remote: a server URL, the channel on it, and its password (None = public).
 
-    The password is a ConfigError when `password_env` names a variable that is not set: the
-    channel raises it when used, so a config naming it still serves every other command.
+    The password is a MissingPassword when `password_env` names a variable that is not set:
+    the channel refuses to be used, so a config naming it still serves every other command.
     """
 
     name: str
     url: str
     channel: str
-    password: str | ConfigError | None = None
+    password: str | MissingPassword | None = None
 
 
 @dataclass(frozen=True)
@@ -193,7 +191,9 @@ def _from_toml(data: dict[str, Any], env: Mapping[str, str], where: Path) -> dic
         elif key == "channels" and isinstance(value, dict):
             out["channels"] = {n: _channel(n, c, env, where, unknown) for n, c in value.items()}
         else:
-            unknown.append(repr(key) + _did_you_mean(key, [*_TOP, *_SECTIONS, "channels"]))
+            home = next((f"[{section}]" for section, keys in _SECTIONS.items() if key in keys), None)
+            hint = f" (it belongs under {home})" if home else _did_you_mean(key, [*_TOP, *_SECTIONS, "channels"])
+            unknown.append(key + hint)
     if unknown:
         raise ConfigError(
             f"unknown key{'s' * (len(unknown) > 1)} {', '.join(unknown)} in {where} "
@@ -209,15 +209,17 @@ def _did_you_mean(key: str, known: Iterable[str]) -> str:
 
 def _channel(name: str, spec: Any, env: Mapping[str, str], where: Path, unknown: list[str]) -> ChannelConfig:
     """The channel [channels.`name`] describes; its unknown keys are added to `unknown`."""
-    if not isinstance(spec, dict) or "url" not in spec:
-        raise ConfigError(f'[channels.{name}] in {where} needs at least url = "http://…"')
     keys = ("url", "channel", "password", "password_env")
+    if not isinstance(spec, dict) or "url" not in spec:
+        typos = [key + _did_you_mean(key, keys) for key in spec if key not in keys] if isinstance(spec, dict) else []
+        unknown_keys = f" (unknown: {', '.join(typos)})" if typos else ""
+        raise ConfigError(f'[channels.{name}] in {where} needs at least url = "http://…"{unknown_keys}')
     unknown += [f"[channels.{name}] {key}" + _did_you_mean(key, keys) for key in spec if key not in keys]
-    password: str | ConfigError | None = spec.get("password")
+    password: str | MissingPassword | None = spec.get("password")
     if "password_env" in spec:
         var = spec["password_env"]
         unset = f"[channels.{name}] in {where} takes its password from ${var}, which is not set"
-        password = env.get(var, ConfigError(f"{unset}: set it to use channel {name!r}"))
+        password = env.get(var, MissingPassword(f"{unset}: set it to use channel {name!r}"))
     return ChannelConfig(name, str(spec["url"]).rstrip("/"), str(spec.get("channel", name)), password)
 
 
@@ -255,16 +257,15 @@ def load_config(config_file: str | Path | None = None, env: Mapping[str, str] | 
         config.channel(name)
     if config.to:
         config.channel(config.to)
-    if len(config.fr) > 1 and config.fetch_timeout <= config.channel_timeout:
-        _warn_failover_too_slow(config.fetch_timeout, config.channel_timeout)
     return config
 
 
-@functools.cache  # once a process: the Python API loads the config at every call
-def _warn_failover_too_slow(fetch_timeout: float, channel_timeout: float) -> None:
-    log.warning(
-        "fetch_timeout (%g s) is not more than channel_timeout (%g s): a mount fails an open with EIO "
-        "before it tries the next channel after one that hangs; make fetch_timeout larger",
-        fetch_timeout,
-        channel_timeout,
+def slow_failover(config: Config) -> str | None:
+    """Why a mount with this config fails opens before it asks the channel after one that
+    hangs (its fetch_timeout is not above channel_timeout); None when it does not."""
+    if len(config.fr) < 2 or config.fetch_timeout > config.channel_timeout:
+        return None
+    return (
+        f"fetch_timeout ({config.fetch_timeout:g} s) is not more than channel_timeout ({config.channel_timeout:g} s): "
+        "an open fails with EIO before the next channel is asked after one that hangs; make fetch_timeout larger"
     )

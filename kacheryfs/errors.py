@@ -171,3 +171,10 @@ class ConfigError(KacheryError):
     errno = _errno.EINVAL
     http_status = 500
     exit_code = 2
+
+
+class ChannelMisconfigured(ConfigError):
+    """A channel the configuration names but cannot use (its password variable is not set):
+    refused when it is used, as a channel that fails (EIO), with the configuration's exit code."""
+
+    errno = _errno.EIO

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from kacheryfs import manifest
 from kacheryfs.errors import (
     AuthError,
+    ChannelMisconfigured,
     ChannelUnavailable,
-    ConfigError,
     HashMismatch,
     InvalidManifest,
     KacheryError,
@@ -51,10 +51,10 @@ log = logging.getLogger(__name__)
 ProgressBar = Callable[[int | None, str], AbstractContextManager[Callable[[int], None] | None]]
 _MANIFEST_CACHE = 256
 # What one channel may answer that sends us on to the next one (never to the caller as such);
-# a ConfigError is a channel with no password to sign with (its password_env is not set).
-_CHANNEL_FAILURES = (ChannelUnavailable, AuthError, QuotaExceeded, ConfigError)
+# ChannelMisconfigured is a channel with no password to sign with (its password_env is not set).
+_CHANNEL_FAILURES = (ChannelUnavailable, AuthError, QuotaExceeded, ChannelMisconfigured)
 # The kinds of failure a failed fetch is raised as, when all its channels failed the same way.
-_FAILURE_KINDS = (HashMismatch, AuthError, QuotaExceeded, ConfigError)
+_FAILURE_KINDS = (HashMismatch, AuthError, QuotaExceeded, ChannelMisconfigured)
 _ENOSPC_FREE = 64 << 20  # bytes to free when a fetch hits a full disk of unknown need
 
 

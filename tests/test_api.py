@@ -311,15 +311,19 @@ def test_a_config_file_with_several_unknown_keys_names_them_all(tmp_path):
 
     config = tmp_path / "config.toml"
     config.write_text(
-        'colour = "blue"\nchanel_timeout = 3\n[mount]\nlogfile = "x"\n[cache]\nmax_sise = "1 GiB"\n'
+        'colour = "blue"\nchanel_timeout = 3\nfetch_timeout = 5\n[mount]\nlogfile = "x"\n[cache]\nmax_sise = "1 GiB"\n'
         '[channels.lab]\nurl = "http://127.0.0.1:1"\npasword = "p"\n'
     )
     with pytest.raises(ConfigError) as err:
         load_config(config, env={})
     assert (
-        "unknown keys 'colour', 'chanel_timeout' (did you mean channel_timeout?), [mount] logfile (did you mean "
-        "log_file?), [cache] max_sise (did you mean max_size?), [channels.lab] pasword (did you mean password?)"
+        "unknown keys colour, chanel_timeout (did you mean channel_timeout?), fetch_timeout (it belongs under "
+        "[mount]), [mount] logfile (did you mean log_file?), [cache] max_sise (did you mean max_size?), "
+        "[channels.lab] pasword (did you mean password?)"
     ) in str(err.value)
+    config.write_text('[channels.lab]\nulr = "http://127.0.0.1:1"\n')
+    with pytest.raises(ConfigError, match=r"needs at least url = .*\(unknown: ulr \(did you mean url\?\)\)"):
+        load_config(config, env={})
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,10 @@ only what uses that channel; timeouts that cannot fail over are warned about (re
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import logging
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import pytest
 from fixtures_mount import mounted_at
 from fixtures_server import ServerProcess
 
-from kacheryfs.config import load_config
-from kacheryfs.errors import ConfigError
+import kacheryfs as ka
+from kacheryfs.config import load_config, slow_failover
+from kacheryfs.errors import ChannelMisconfigured, ConfigError
 from kacheryfs.store import LocalStore
 
 pytestmark = pytest.mark.timeout(120)
@@ -60,14 +62,25 @@ def test_reading_through_a_channel_whose_password_variable_is_unset_is_a_config_
     assert f"could not fetch sha1://{MISSING}: lab: {unset_variable_named(config_file)}" in cat.stderr, cat.stderr
 
 
-def test_uploading_to_a_channel_whose_password_variable_is_unset_is_a_config_error_after_storing_locally(
+def test_kachery_store_to_a_channel_whose_password_variable_is_unset_refuses_before_storing_anything(
     tmp_path: Path, config_file: Path, storage_dir: Path
 ) -> None:
     config_file.write_text(config_with_unset_password())
     (tmp_path / "a.txt").write_bytes(b"to upload\n")
-    store = run("kachery-store", str(tmp_path / "a.txt"))
-    assert store.returncode == ConfigError.exit_code, store.stderr
-    assert unset_variable_named(config_file) in store.stderr
+    (tmp_path / "b.txt").write_bytes(b"and this\n")
+    store = run("kachery-store", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"))
+    assert store.returncode == ConfigError.exit_code and store.stdout == "", store.stderr
+    assert store.stderr.count(unset_variable_named(config_file)) == 1
+    assert not LocalStore(storage_dir).has("sha1", hashlib.sha1(b"to upload\n").hexdigest())
+
+
+def test_the_api_stores_locally_then_says_the_upload_channel_has_no_password(
+    config_file: Path, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(UNSET, raising=False)
+    config_file.write_text(config_with_unset_password())
+    with pytest.raises(ChannelMisconfigured, match=re.escape(unset_variable_named(config_file))):
+        ka.store_bytes(b"to upload\n")
     assert LocalStore(storage_dir).has("sha1", hashlib.sha1(b"to upload\n").hexdigest())
 
 
@@ -89,7 +102,7 @@ def test_a_mount_reading_from_a_channel_whose_password_variable_is_unset_starts_
         assert mount.path(f"sha1://{digest}/a.txt").read_bytes() == b"on public\n"
         with pytest.raises(OSError) as failed:
             mount.path(f"sha1://{MISSING}/b.txt").read_bytes()
-        assert failed.value.errno == ConfigError.errno
+        assert failed.value.errno == errno.EIO  # a channel that cannot be used, as one that fails
         assert unset_variable_named(mount.config) in mount.log_text()
 
 
@@ -102,14 +115,23 @@ def timeouts_config(path: Path, fr: str, fetch_timeout: float, channel_timeout: 
 
 
 def test_only_a_fetch_timeout_that_cannot_outlast_a_silent_channel_before_another_is_warned_about(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
 ) -> None:
     two, one = '["lab", "public"]', '["lab"]'
-    with caplog.at_level(logging.WARNING, logger="kacheryfs.config"):
-        load_config(timeouts_config(tmp_path / "fine.toml", two, 30.5, 10.5), env={})
-        load_config(timeouts_config(tmp_path / "one-channel.toml", one, 5.5, 10.5), env={})
-        assert caplog.text == ""
-        load_config(timeouts_config(tmp_path / "shorter.toml", two, 5.5, 10.5), env={})
-        load_config(timeouts_config(tmp_path / "equal.toml", two, 7.5, 7.5), env={})
-    assert "fetch_timeout (5.5 s) is not more than channel_timeout (10.5 s)" in caplog.text
-    assert "fetch_timeout (7.5 s) is not more than channel_timeout (7.5 s)" in caplog.text
+
+    def why(name: str, fr: str, fetch: float, channel: float) -> str | None:
+        return slow_failover(load_config(timeouts_config(tmp_path / name, fr, fetch, channel), env={}))
+
+    assert why("fine.toml", two, 30.5, 10.5) is None and why("one-channel.toml", one, 5.5, 10.5) is None
+    assert "fetch_timeout (5.5 s) is not more than channel_timeout (10.5 s)" in (why("a.toml", two, 5.5, 10.5) or "")
+    assert "fetch_timeout (7.5 s) is not more than channel_timeout (7.5 s)" in (why("b.toml", two, 7.5, 7.5) or "")
+
+
+def test_the_slow_failover_warning_comes_from_mount_not_from_every_command(tmp_path: Path) -> None:
+    config = timeouts_config(tmp_path / "config.toml", '["lab", "public"]', 5.5, 10.5)
+    env = dict(os.environ, KACHERY_CONFIG=str(config), KACHERY_STORAGE_DIR=str(tmp_path / "s"))
+    du = subprocess.run(["kacheryfs", "du"], capture_output=True, text=True, env=env, timeout=60)
+    assert du.returncode == 0 and "fetch_timeout" not in du.stderr
+    mount = subprocess.run(["kacheryfs", "mount", str(tmp_path / "nope")], capture_output=True, text=True, env=env,
+                           timeout=60)  # fmt: skip
+    assert "warning: fetch_timeout (5.5 s) is not more than channel_timeout (10.5 s)" in mount.stderr

@@ -38,16 +38,18 @@ def _store(argv: Sequence[str] | None) -> int:
     if args.label is not None:
         check_label(args.label)  # before any path is stored
         for path in args.paths:
-            if not os.path.isdir(path):
+            if os.path.exists(path) and not os.path.isdir(path):
                 print(f"kachery-store: --label names directories: {path} is stored without it", file=sys.stderr)
     with api.config(to=args.to):  # a channel not configured is refused here, before any path is stored
         to = api.get_config()["to"] or ""  # --to, else the config's; "": store locally only
+        if to:
+            api.check_channel(to)  # one without its password too
     first_failure = 0
     for i, path in enumerate(args.paths):
         try:
             url, upload_error = _store_one(path, args.label, to)
         except KacheryError as err:  # not stored: the other paths still are
-            print(f"kachery-store: {err}" if path in str(err) else f"kachery-store: {path}: {err}", file=sys.stderr)
+            print(f"kachery-store: {path}: {err}", file=sys.stderr)
             first_failure = first_failure or err.exit_code
             continue
         print(url, flush=True)

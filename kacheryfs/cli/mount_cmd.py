@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from kacheryfs.cli.common import add_fr
-from kacheryfs.config import Config, load_config
+from kacheryfs.config import Config, load_config, slow_failover
 from kacheryfs.errors import MountError
 from kacheryfs.mount import daemon
 from kacheryfs.mount.paths import default_mountpoint
@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     )
     mountpoint = (args.mountpoint or default_mountpoint(config)).expanduser().absolute()
     args.options = fuse_options(args.options)
+    failover = slow_failover(config)
+    if failover:
+        print(f"kacheryfs: warning: {failover}", file=sys.stderr)
     if args.foreground:
         daemon.configure_logging(config.log_file, config.log_level)
         daemon.serve(config, mountpoint, args.options)

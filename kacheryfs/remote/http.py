@@ -23,10 +23,10 @@ from typing import Any, BinaryIO
 import requests
 
 from kacheryfs import auth
+from kacheryfs.auth import MissingPassword
 from kacheryfs.errors import (
     AuthError,
     ChannelUnavailable,
-    ConfigError,
     Forbidden,
     HashMismatch,
     KacheryError,
@@ -58,8 +58,8 @@ class HttpChannel:
     `timeout` bounds the time spent without progress: connecting, waiting for an answer
     and retrying. A transfer that keeps delivering bytes is not cut off. Safe to share
     between threads: each thread gets its own connection pool. `password` None is a public
-    channel; a ConfigError (the config names a password variable that is not set) is raised
-    by every call instead of a request.
+    channel; a MissingPassword (the config names a password variable that is not set) makes
+    every call raise ChannelMisconfigured instead of sending a request.
     """
 
     def __init__(
@@ -67,7 +67,7 @@ class HttpChannel:
         name: str,
         url: str,
         channel: str,
-        password: str | ConfigError | None,
+        password: str | MissingPassword | None,
         timeout: float = 10.0,
         retries: int = 3,
     ) -> None:
@@ -220,8 +220,8 @@ class HttpChannel:
         deadline: float | None = None,
     ) -> requests.Response:
         """Send one signed request, retrying failures to connect or answer until the deadline."""
-        if isinstance(self._password, ConfigError):  # no password to sign with (its variable is not set)
-            raise ConfigError(str(self._password))  # a new one: raising the kept one would grow its traceback
+        if isinstance(self._password, MissingPassword):
+            raise self._password.error()
         url = f"{self.url}/{endpoint}/{alg}/{digest}"
         deadline = time.monotonic() + self.timeout if deadline is None else deadline
         reason = f"no progress for {self.timeout:g} s"
