@@ -15,6 +15,7 @@ class KacheryError(Exception):
     errno: int = _errno.EIO
     http_status: int = 500
     exit_code: int = 3
+    counted: bool = False  # set once `kacheryfs status` counted it as a failed read or lookup
 
 
 class InvalidURL(KacheryError, ValueError):

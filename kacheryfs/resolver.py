@@ -295,11 +295,13 @@ class Resolver:
     def failed(self, error: KacheryError) -> KacheryError:
         """Count a failed fetch or lookup (for `kacheryfs status`) and return its error.
 
-        A NotFound is an answer, not a failure: it is returned uncounted."""
+        A NotFound is an answer, not a failure: it is returned uncounted. The error is marked
+        (`counted`), so that whoever sees it again can tell."""
         if not isinstance(error, NotFound):
             with self._lock:
                 self.stats.errors += 1
                 self.stats.last_error = str(error)
+            error.counted = True
         return error
 
     def read_range(self, alg: str, digest: str, start: int, end: int) -> bytes:

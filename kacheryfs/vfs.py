@@ -665,9 +665,14 @@ class FileSystemView:
                 f"{what}: no answer from the channels within {self.fetch_timeout:g} s (fetch_timeout); "
                 "a fetch under way goes on in the background"
             )
-        # The caller gets EIO now. The resolver counts the background's failure itself; should the
-        # channels answer after all (or find nothing), the failure the caller saw is counted here.
-        future.add_done_callback(lambda done: _uncounted(done) and self.resolver.failed(error))
+        # The caller gets EIO now. The resolver counts most failures of the background itself;
+        # whatever it did not count (an answer after all, nothing found, a failure of another
+        # kind), the failure the caller saw is counted once it ends.
+        def count_unless_counted(done: Future[T]) -> None:
+            if not getattr(done.exception(), "counted", False):
+                self.resolver.failed(error)
+
+        future.add_done_callback(count_unless_counted)
         raise error
 
 
@@ -675,12 +680,6 @@ def _file_of(fd: int) -> tuple[int, int]:
     """(st_dev, st_ino) of the file a descriptor is open on."""
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
-
-
-def _uncounted(done: Future[object]) -> bool:
-    """Whether a finished lookup or fetch ended without the resolver counting a failure."""
-    err = done.exception()
-    return err is None or isinstance(err, NotFound)
 
 
 __all__ = ["BLOB_VIEWS", "PID_XATTR", "SNAPSHOT_VIEW", "STATUS_XATTR", "TOP_LEVEL", "FileInfo", "FileSystemView"]

@@ -27,6 +27,7 @@ from kacheryfs.errors import (
     IsADirectory,
     NotADirectory,
     NotFound,
+    StoreFull,
 )
 from kacheryfs.manifest import DirNode, FileEntry
 from kacheryfs.mount.fuse_ops import BLOCK_SIZE, FIXED_TIME_NS, MAX_READ, HashViewOperations, _FuseBufvec
@@ -42,9 +43,11 @@ BIG = b"0123456789" * 100_000
 class FakeChannel:
     """A channel holding `blobs` (sha1 → bytes) that can be slow or lie; it counts its calls."""
 
-    def __init__(self, blobs: dict[str, bytes], *, delay: float = 0.0, serve: bytes | None = None) -> None:
+    def __init__(
+        self, blobs: dict[str, bytes], *, delay: float = 0.0, serve: bytes | None = None, fail: Exception | None = None
+    ) -> None:
         self.name = "fake"
-        self.blobs, self.delay, self.serve = blobs, delay, serve
+        self.blobs, self.delay, self.serve, self.fail = blobs, delay, serve, fail
         self.checks = self.fetches = 0
 
     def check(self, alg: str, digest: str) -> int | None:
@@ -54,6 +57,8 @@ class FakeChannel:
     def fetch(self, alg: str, digest: str, writer: BlobWriter, expected_size: int | None = None, progress=None) -> None:
         self.fetches += 1
         time.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
         if digest not in self.blobs:
             raise NotFound(f"fake has no {digest}")
         writer.write(self.serve if self.serve is not None else self.blobs[digest])
@@ -359,9 +364,13 @@ def test_a_slow_channel_costs_eio_after_fetch_timeout(store: LocalStore) -> None
     assert time.monotonic() - started < 10  # bounded by fetch_timeout, not by the 30 s channel (loose: no timing claim)
 
 
-@pytest.mark.parametrize("serve", [None, b"evil!!"], ids=["answers-late", "fails-late"])
-def test_a_fetch_that_timed_out_counts_once_as_an_error_however_it_ends(store: LocalStore, serve) -> None:
-    channel = FakeChannel({sha1(b"remote"): b"remote"}, delay=0.6, serve=serve)
+@pytest.mark.parametrize(
+    ("serve", "fail"),
+    [(None, None), (b"evil!!", None), (None, StoreFull("no space left"))],
+    ids=["answers-late", "fails-late", "fails-late-uncounted"],
+)
+def test_a_fetch_that_timed_out_counts_once_as_an_error_however_it_ends(store: LocalStore, serve, fail) -> None:
+    channel = FakeChannel({sha1(b"remote"): b"remote"}, delay=0.6, serve=serve, fail=fail)
     resolver = Resolver(store, [channel])
     view = FileSystemView(resolver, fetch_timeout=0.1)
     with pytest.raises(ChannelUnavailable, match="fetch_timeout"):
@@ -372,7 +381,7 @@ def test_a_fetch_that_timed_out_counts_once_as_an_error_however_it_ends(store: L
     time.sleep(0.2)  # room for a second count, were there one
     assert resolver.stats.fetches_in_progress == 0
     assert resolver.stats.errors == 1  # the caller's EIO; a late failure is not counted again
-    assert store.has("sha1", sha1(b"remote")) == (serve is None)
+    assert store.has("sha1", sha1(b"remote")) == (serve is None and fail is None)
 
 
 def test_wrong_bytes_from_a_channel_are_refused_and_not_stored(store: LocalStore) -> None:
