@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 ProgressBar = Callable[[int | None, str], AbstractContextManager[Callable[[int], None] | None]]
 _MANIFEST_CACHE = 256
+MANIFEST_MAX = 1 << 30  # bytes: ten million files' manifest; a larger blob is not read as one
 # What one channel may answer that sends us on to the next one (never to the caller as such);
 # ChannelMisconfigured is a channel with no password to sign with (its password_env is not set).
 _CHANNEL_FAILURES = (ChannelUnavailable, AuthError, QuotaExceeded, ChannelMisconfigured)
@@ -175,7 +176,15 @@ class Resolver:
             reason = self._invalid.get(key)
         if reason is not None:
             raise InvalidManifest(reason)
+        found = self.find(alg, digest)  # the size first: a data file's hash given as a snapshot's is never read
+        if found is not None and found[1] > MANIFEST_MAX:
+            reason = f"{alg}://{digest} has {found[1]:,} bytes, more than any directory manifest (a file's hash?)"
+            self._remember(self._invalid, key, reason)
+            raise InvalidManifest(reason)
         with self.open_blob(alg, digest) as f:
+            if not f.read(64).lstrip().startswith(b"{"):
+                raise InvalidManifest(f"{alg}://{digest} is not a directory manifest (not a JSON object)")
+            f.seek(0)
             data = f.read()
         try:
             node = manifest.parse(data)

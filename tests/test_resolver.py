@@ -293,3 +293,14 @@ def test_a_manifest_damaged_on_disk_is_judged_again_once_mended(tmp_path):
         resolver.manifest("sha1", digest)
     blob.write_bytes(good)
     assert list(resolver.manifest("sha1", digest).files) == ["a"]
+
+
+def test_a_data_file_named_as_a_snapshot_is_refused_without_being_read_whole(tmp_path, monkeypatch):
+    store = LocalStore(tmp_path)
+    binary = store.put_bytes(b"\x93NUMPY" + bytes(1000)).sha1
+    with pytest.raises(InvalidManifest, match="is not a directory manifest"):
+        Resolver(store).manifest("sha1", binary)
+    monkeypatch.setattr("kacheryfs.resolver.MANIFEST_MAX", 100)
+    big = store.put_bytes(b'{"files": {}, "pad": "' + b"x" * 200 + b'"}').sha1
+    with pytest.raises(InvalidManifest, match=r"has 2\d\d bytes, more than any directory manifest"):
+        Resolver(store).manifest("sha1", big)

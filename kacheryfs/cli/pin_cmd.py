@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kacheryfs import manifest
 from kacheryfs.cli.common import add_config_args, config_from
 from kacheryfs.errors import InvalidManifest
+from kacheryfs.resolver import Resolver
 from kacheryfs.store import LocalStore
 from kacheryfs.uri import KacheryURL, parse_url
 
@@ -48,6 +48,6 @@ def _check_snapshot(store: LocalStore, url: KacheryURL) -> None:
     if not url.is_dir or not store.has(url.alg, url.hash):
         return
     try:
-        manifest.parse(store.blob_path(url.alg, url.hash).read_bytes())
+        Resolver(store).manifest(url.alg, url.hash)
     except InvalidManifest as err:
         raise InvalidManifest(f"{url} names no snapshot: {err}") from err
