@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -140,3 +141,22 @@ def test_fsck_repair_has_a_live_mount_let_go_of_the_blob_it_quarantined(tmp_path
         store.put_bytes(data)  # a good copy again, as the next fetch from a channel would bring
         held.close()
         assert path.read_bytes() == data
+
+
+def test_fsck_repair_does_not_hang_on_a_mount_whose_daemon_does_not_answer(tmp_path):
+    storage = tmp_path / "storage"
+    digest = LocalStore(storage).put_bytes(b"will rot").sha1
+    blob = LocalStore(storage).blob_path("sha1", digest)
+    blob.chmod(0o644)
+    blob.write_bytes(b"has rot!")
+    with mounted_at(tmp_path / "o", tmp_path / "other") as stopped:
+        pid = int(stopped.status()["pid"])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            repair = subprocess.run(["kacheryfs", "fsck", "--repair", "--storage-dir", str(storage)],
+                                    capture_output=True, text=True, timeout=60)  # fmt: skip
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert repair.returncode == 0 and "quarantined" in repair.stdout
+        assert f"the mount at {stopped.mountpoint} did not answer" in repair.stderr
+        assert "staging" not in repair.stderr  # its staging folder is the same daemon's

@@ -60,7 +60,11 @@ def _tell_live_mounts(store: LocalStore) -> None:
     where that cannot be done, the user is told what to do."""
     from kacheryfs.mount.daemon import RECHECK_SIGNAL, mounts_of_store
 
-    for where, pid in mounts_of_store(store.root).items():
+    found, silent = mounts_of_store(store.root)
+    for where in silent:
+        print(f"warning: the mount at {where} did not answer; if it uses this store, unmount it and mount it again",
+              file=sys.stderr)  # fmt: skip
+    for where, pid in found.items():
         try:
             os.kill(pid, RECHECK_SIGNAL)
             print(f"told the mount at {where} to let go of the quarantined blobs", file=sys.stderr)

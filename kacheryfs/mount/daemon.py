@@ -25,6 +25,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 from kacheryfs.config import Config
@@ -168,17 +170,39 @@ def _unescaped(field: bytes) -> str:
     return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
 
 
-def mounts_of_store(root: Path) -> dict[Path, int]:
-    """The live kacheryfs mounts whose daemon serves the store at `root`, with the daemon's pid."""
-    found = {}
-    for where in kacheryfs_mounts():
+def mounts_of_store(root: Path, timeout: float = 5.0) -> tuple[dict[Path, int], list[Path]]:
+    """The live kacheryfs mounts whose daemon serves the store at `root`, with the daemon's
+    pid; and those whose daemon did not answer within `timeout` (stopped, hung), which may.
+
+    Every daemon is asked at once, from threads of their own: asking one that hangs must not
+    hang the caller.
+    """
+    asked: dict[Path, Future[dict[str, object] | None]] = {}
+    mounts = kacheryfs_mounts()
+    for where in mounts:
+        if where.name == STAGING_VIEW and where.parent in mounts:
+            continue  # the staging folder of a mount: the same daemon's
+        answer = asked[where] = Future()
+        threading.Thread(target=lambda w=where, a=answer: a.set_result(_status_or_none(w)), daemon=True).start()
+    deadline = time.monotonic() + timeout
+    found, silent = {}, []
+    for where, answer in asked.items():
         try:
-            status = daemon_status(where)
-        except (MountError, ValueError):
-            continue  # stale, a staging mount (no status there) or not ours to read
-        if os.path.realpath(str(status.get("storage_dir"))) == os.path.realpath(root):
+            status = answer.result(max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            silent.append(where)
+            continue
+        if status is not None and os.path.realpath(str(status.get("storage_dir"))) == os.path.realpath(root):
             found[where] = int(str(status["pid"]))
-    return found
+    return found, silent
+
+
+def _status_or_none(mountpoint: Path) -> dict[str, object] | None:
+    """The daemon's status; None for a stale mount, a staging mount (no status there) or one not ours to read."""
+    try:
+        return daemon_status(mountpoint)
+    except (MountError, ValueError):
+        return None
 
 
 @contextlib.contextmanager
