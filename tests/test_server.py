@@ -494,7 +494,7 @@ def test_serve_on_a_port_in_use_says_so_and_exits_3(server, server_dir):
 
 @pytest.mark.parametrize(
     ("flag", "value"),
-    [("--port", "99999"), ("--port", "-1"), ("--stall-timeout", "-5"), ("--stall-timeout", "nan"),
+    [("--port", "99999"), ("--port", "-1"), ("--port", "1_000"), ("--stall-timeout", "-5"), ("--stall-timeout", "nan"),
      ("--stall-timeout", "inf"), ("--stall-timeout", "0")],
 )  # fmt: skip
 def test_serve_refuses_a_number_that_cannot_work_as_bad_usage(server_dir: Path, flag: str, value: str) -> None:

@@ -16,9 +16,8 @@ from pathlib import Path
 
 def _port(text: str) -> int:
     """0 (any free port) to 65535: checked here, where bind() would refuse it with a traceback."""
-    with contextlib.suppress(ValueError):
-        if 0 <= (port := int(text)) <= 65535:
-            return port
+    if text.isascii() and text.isdigit() and int(text) <= 65535:
+        return int(text)
     raise argparse.ArgumentTypeError(f"{text!r} is not a port: give 0 (any free one) to 65535")
 
 
