@@ -322,6 +322,16 @@ def test_fetch_stops_as_soon_as_a_body_without_length_outgrows_the_expected_size
             assert writer.size <= 1 << 20
 
 
+def test_a_busy_channel_is_waited_for_past_its_timeout_as_long_as_it_says_so(
+    scripted_server: Scripted, local: LocalStore
+) -> None:
+    busy = answer(429, b'{"error": "2 transfers already running"}', {"Retry-After": "0.2"})
+    until = time.monotonic() + 2.5  # longer than the channel's timeout: its slots are all taken meanwhile
+    server = scripted_server(lambda h: (busy if time.monotonic() < until else answer(200, DATA))(h))
+    fetch_into(lab(server.url, timeout=1.0), local, SHA1, len(DATA))
+    assert local.open("sha1", SHA1).read() == DATA
+
+
 def test_read_range_from_a_server_that_ignores_range_streams_only_what_it_needs(scripted_server: Scripted) -> None:
     blob = os.urandom(64 << 20)
     rogue = scripted_server(answer(200, blob))  # a 200 with the whole blob, whatever the Range

@@ -225,7 +225,9 @@ class HttpChannel:
         url = f"{self.url}/{endpoint}/{alg}/{digest}"
         deadline = time.monotonic() + self.timeout if deadline is None else deadline
         reason = f"no progress for {self.timeout:g} s"
-        failures = 0  # a busy channel (429 with Retry-After) is waited for until the deadline, not counted
+        # A busy channel (429 with Retry-After: all its transfers in use) is an answer, not a failure:
+        # it is waited for as long as it says so, each answer moving the deadline on, and not counted.
+        failures = 0
         while failures <= self.retries:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -255,6 +257,7 @@ class HttpChannel:
                 response.close()
             if busy:  # every simultaneous transfer of the channel is in use: soon there is room
                 delay = _retry_after(response) * random.uniform(0.1, 0.5)
+                deadline = max(deadline, time.monotonic() + self.timeout)
             else:
                 delay = _BACKOFF * 2**failures * random.uniform(0.5, 1.5)
                 failures += 1
