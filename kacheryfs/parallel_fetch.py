@@ -6,9 +6,11 @@ Already-present blobs are skipped, so an interrupted prefetch resumes where it s
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kacheryfs.errors import KacheryError
 from kacheryfs.resolver import BlobRef, Resolver
@@ -62,21 +64,54 @@ def fetch_all(
                 progress(1, ref.size or 0)
         else:
             missing.append(ref)
-    with ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="kachery-prefetch") as pool:
-        futures = {pool.submit(resolver.ensure, ref.alg, ref.digest, ref.size): ref for ref in missing}
-        for future in as_completed(futures):
-            ref = futures[future]
-            try:
-                path = future.result()
-                size = ref.size if ref.size is not None else path.stat().st_size
-            except (KacheryError, OSError) as err:  # OSError: evicted again by a cache smaller than the set
-                result.failed.append(f"{ref.alg}://{ref.digest} ({ref.name or 'file'}): {err}")
-                result.errors.append(err)
-                if progress:
-                    progress(1, 0)
-                continue
-            result.fetched += 1
-            result.fetched_bytes += size
+    for ref, outcome in _run(lambda ref: resolver.ensure(ref.alg, ref.digest, ref.size), missing, jobs):
+        try:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            size = ref.size if ref.size is not None else outcome.stat().st_size
+        except (KacheryError, OSError) as err:  # OSError: evicted again by a cache smaller than the set
+            result.failed.append(f"{ref.alg}://{ref.digest} ({ref.name or 'file'}): {err}")
+            result.errors.append(err)
             if progress:
-                progress(1, size)
+                progress(1, 0)
+            continue
+        result.fetched += 1
+        result.fetched_bytes += size
+        if progress:
+            progress(1, size)
     return result
+
+
+def _run(
+    fetch: Callable[[BlobRef], Path], refs: list[BlobRef], jobs: int
+) -> Iterator[tuple[BlobRef, Path | Exception]]:
+    """(ref, its path or what failed) for every ref, `jobs` fetched at a time, as they finish.
+
+    The workers are daemon threads, where a thread pool's are not: Ctrl-C (KeyboardInterrupt
+    here) ends the command at once, not after every download queued. A download cut off so
+    leaves a temp file, which the store removes the next time it is opened.
+    """
+    todo: queue.SimpleQueue[BlobRef] = queue.SimpleQueue()
+    done: queue.SimpleQueue[tuple[BlobRef, Path | Exception]] = queue.SimpleQueue()
+    for ref in refs:
+        todo.put(ref)
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                ref = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((ref, fetch(ref)))
+            except Exception as err:  # handed to the caller, which decides
+                done.put((ref, err))
+
+    for _ in range(min(max(1, jobs), len(refs))):
+        threading.Thread(target=work, name="kachery-prefetch", daemon=True).start()
+    try:
+        for _ in refs:
+            yield done.get()
+    finally:
+        stop.set()  # an interrupted caller: no new download starts

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -247,3 +248,21 @@ def test_a_password_every_channel_refuses_exits_7_not_6(server, config_file, com
     config_file.write_text("".join(f'[channels.{n}]\nurl = "{server.url}"\nchannel = "lab"{password}' for n in "ab"))
     done = run(command, f"sha1://{'1' * 40}", "--fr", "a,b")
     assert done.returncode == 7, done.stderr
+
+
+def test_ctrl_c_stops_a_prefetch_at_once_not_after_every_download_queued(scripted_server, config_file, tmp_path):
+    def slow(handler) -> None:  # a channel that takes 20 s to say it has nothing
+        time.sleep(20)
+        handler.send_response(404)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    slow_lab = scripted_server(slow)
+    config_file.write_text("channel_timeout = 60\n" + channels_config(("lab", slow_lab.url), fr=["lab"]))
+    urls = [f"sha1://{i:040x}" for i in range(1, 6)]
+    prefetch = subprocess.Popen(["kacheryfs", "prefetch", *urls, "--jobs", "2"], stderr=subprocess.PIPE, text=True)
+    time.sleep(2)  # two downloads under way, three queued
+    interrupted = time.monotonic()
+    prefetch.send_signal(signal.SIGINT)
+    assert prefetch.wait(timeout=15) == 130
+    assert time.monotonic() - interrupted < 10  # not the 20 s and more the downloads would take (loose)
