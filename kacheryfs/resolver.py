@@ -104,6 +104,7 @@ class Resolver:
         self.md5_index: Md5Indexer | None = None  # set by long-lived processes (the mount daemon)
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, str], Future[Path]] = {}
+        self._finding: dict[tuple[str, str], Future[tuple[str, int] | None]] = {}  # lookups under way
         self._manifests: OrderedDict[tuple[str, str], DirNode] = OrderedDict()
         # Manifests that failed validation, with the reason: their bytes (checked) never change, nor will the verdict.
         self._invalid: OrderedDict[tuple[str, str], str] = OrderedDict()
@@ -339,6 +340,29 @@ class Resolver:
         size = self.store.size(alg, digest)
         if size is not None:
             return "local", size
+        key = (alg, digest)
+        with self._lock:
+            asking = self._finding.get(key)
+            owner = asking is None
+            if owner:
+                asking = self._finding[key] = Future()
+        assert asking is not None
+        if not owner:
+            return asking.result()  # 16 readers of one missing blob: its channels are asked once
+        try:
+            found = self._ask_channels(alg, digest)
+        except BaseException as err:
+            asking.set_exception(err)
+            raise
+        else:
+            asking.set_result(found)
+            return found
+        finally:
+            with self._lock:
+                del self._finding[key]
+
+    def _ask_channels(self, alg: str, digest: str) -> tuple[str, int] | None:
+        """`find` of a blob that is not here: each channel in turn."""
         failures: list[tuple[str, KacheryError]] = []
         self._count_lookups(+1)
         try:

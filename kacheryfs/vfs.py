@@ -665,6 +665,7 @@ class FileSystemView:
                 f"{what}: no answer from the channels within {self.fetch_timeout:g} s (fetch_timeout); "
                 "a fetch under way goes on in the background"
             )
+
         # The caller gets EIO now. The resolver counts most failures of the background itself;
         # whatever it did not count (an answer after all, nothing found, a failure of another
         # kind), the failure the caller saw is counted once it ends.

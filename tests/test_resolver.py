@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 
 import pytest
@@ -304,3 +306,19 @@ def test_a_data_file_named_as_a_snapshot_is_refused_without_being_read_whole(tmp
     big = store.put_bytes(b'{"files": {}, "pad": "' + b"x" * 200 + b'"}').sha1
     with pytest.raises(InvalidManifest, match=r"has 2\d\d bytes, more than any directory manifest"):
         Resolver(store).manifest("sha1", big)
+
+
+def test_concurrent_lookups_of_a_missing_blob_ask_its_channels_once(tmp_path):
+    class SlowChannel:
+        name, checks = "slow", 0
+
+        def check(self, alg: str, digest: str) -> int | None:
+            SlowChannel.checks += 1
+            time.sleep(0.3)
+            return 1234
+
+    resolver = Resolver(LocalStore(tmp_path), [SlowChannel()])
+    with ThreadPoolExecutor(16) as pool:
+        found = set(pool.map(lambda _: resolver.find("sha1", "1" * 40), range(16)))
+    assert found == {("slow", 1234)} and SlowChannel.checks == 1
+    assert resolver.find("sha1", "1" * 40) == ("slow", 1234) and SlowChannel.checks == 2  # nothing kept after
