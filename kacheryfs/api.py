@@ -127,38 +127,86 @@ def resolver(fr: Names = None, **settings: Any) -> Resolver:
 def store_file(path: str | os.PathLike[str], basename: str | None = None, *, to: str | None = None) -> str:
     """Store a local file; return `sha1://<hash>/<basename>`. Uploads to `to` when set.
 
-    NotFound if there is no such file; InvalidInput for a fifo, socket or device.
+    NotFound if there is no such file; InvalidInput for a fifo, socket or device, or a
+    `path` or `basename` of the wrong type.
     """
+    path = _path_arg(path, "store_file")
+    name = _name_arg(basename or path.name)
     cfg = _current_config(to=to)
-    path = Path(path)
     _check_storable(path)
     digests = _put_file(cfg, LocalStore.from_config(cfg), path)
-    return format_url(file_url("sha1", digests.sha1, basename or path.name))
+    return format_url(file_url("sha1", digests.sha1, name))
 
 
 def store_bytes(data: bytes, basename: str = "file.dat", *, to: str | None = None) -> str:
-    """Store a byte string; return its `sha1://` URL."""
+    """Store a byte string (or any buffer: bytearray, memoryview, array); return its `sha1://` URL.
+
+    InvalidInput for `data` that is not bytes (a str: see store_text) or a `basename` that is not a str.
+    """
+    try:
+        view = memoryview(data)
+    except TypeError as err:
+        raise InvalidInput(
+            f"store_bytes takes bytes, not {type(data).__name__}; store_text takes a str, "
+            "store_object a JSON object, store_npy an array"
+        ) from err
+    name = _name_arg(basename)
     cfg = _current_config(to=to)
     store = LocalStore.from_config(cfg)
-    digests = store.put_bytes(data)
+    # bytes go as they are (a BytesIO shares them, not copies); other buffers as bytes, so len() counts bytes
+    flat = data if isinstance(data, bytes) else view.cast("B") if view.c_contiguous else view.tobytes()
+    digests = store.put_bytes(flat)
     _upload(cfg, store, "sha1", digests.sha1, digests.size)
-    return format_url(file_url("sha1", digests.sha1, basename))
+    return format_url(file_url("sha1", digests.sha1, name))
 
 
 def store_text(text: str, basename: str = "file.txt", *, to: str | None = None) -> str:
-    """Store a string as UTF-8; return its `sha1://` URL."""
-    return store_bytes(text.encode("utf-8"), basename, to=to)
+    """Store a string as UTF-8; return its `sha1://` URL.
+
+    InvalidInput for `text` that is not a str (bytes: see store_bytes) or has no UTF-8 form.
+    """
+    if not isinstance(text, str):
+        raise InvalidInput(f"store_text takes a str, not {type(text).__name__}; store_bytes takes bytes")
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate, as os.fsdecode makes of undecodable bytes
+        raise InvalidInput(f"the text cannot be encoded as UTF-8 ({err.reason} at {err.start})") from err
+    return store_bytes(data, basename, to=to)
 
 
 def store_object(obj: Any, basename: str = "file.json", *, to: str | None = None) -> str:
-    """Store a JSON-serializable object (serialized as the original kachery did)."""
-    return store_bytes(json.dumps(obj).encode("utf-8"), basename, to=to)
+    """Store a JSON-serializable object (serialized as the original kachery did).
+
+    InvalidInput for what JSON cannot hold (a set, a numpy number, a tuple key, a cycle), naming it.
+    """
+    try:
+        text = json.dumps(obj)  # the defaults, NaN included: the original's bytes, hence its URLs
+    except (TypeError, ValueError, RecursionError) as err:
+        raise InvalidInput(
+            f"store_object stores JSON, and this is not: {err} (convert it first: a set to a list, "
+            "a numpy number with .item(); store_npy stores an array)"
+        ) from err
+    return store_bytes(text.encode("utf-8"), basename, to=to)
 
 
 def store_npy(array: Any, basename: str = "file.npy", *, to: str | None = None) -> str:
-    """Store a numpy array in `.npy` format."""
+    """Store a numpy array (or what numpy makes one of) in `.npy` format.
+
+    InvalidInput for an array of Python objects (dtype=object): it would be a pickle, which
+    runs code when it is loaded, so none is ever stored; and for what is no array (ragged lists).
+    """
     import numpy as np
 
+    try:
+        array = np.asanyarray(array)  # as np.save would: the same bytes
+    except (TypeError, ValueError) as err:
+        raise InvalidInput(f"store_npy stores an array, and numpy makes none of this: {err}") from err
+    if array.dtype.hasobject:
+        raise InvalidInput(
+            "store_npy does not store an array of Python objects (dtype=object): it would be a pickle, "
+            "and a pickle runs code when it is loaded. Give it a numeric or string dtype, "
+            "or store the values with store_object"
+        )
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return store_bytes(buf.getvalue(), basename, to=to)
@@ -167,13 +215,14 @@ def store_npy(array: Any, basename: str = "file.npy", *, to: str | None = None) 
 def store_dir(path: str | os.PathLike[str], label: str | None = None, *, to: str | None = None) -> str:
     """Store a directory tree and its manifest; return `sha1dir://<hash>.<label>`.
 
-    An explicit label must be non-empty without '/' or '?' (InvalidInput, before anything is stored).
+    An explicit label must be a non-empty str without '/' or '?' (InvalidInput, before anything
+    is stored); InvalidInput too for a `path` that is not one.
     """
+    path = _path_arg(path, "store_dir")
     if label is not None:
-        check_label(label)
+        check_label(_name_arg(label, "label"))
     cfg = _current_config(to=to)
     store = LocalStore.from_config(cfg)
-    path = Path(path)
 
     with store.group() as group:
 
@@ -186,6 +235,21 @@ def store_dir(path: str | os.PathLike[str], label: str | None = None, *, to: str
     _upload(cfg, store, "sha1", digests.sha1, digests.size)
     name = path.resolve().name if label is None else label
     return format_url(KacheryURL("sha1", digests.sha1, True, name))
+
+
+def _path_arg(path: object, store: str) -> Path:
+    """`path` as a Path; InvalidInput for what is not a str or os.PathLike path."""
+    try:
+        return Path(path)  # type: ignore[arg-type]  # checked here
+    except TypeError as err:  # None, a number, bytes
+        raise InvalidInput(f"{store} takes a path, not {type(path).__name__}: a str or pathlib.Path") from err
+
+
+def _name_arg(name: object, what: str = "basename") -> str:
+    """`name` if it is a str; InvalidInput otherwise."""
+    if not isinstance(name, str):
+        raise InvalidInput(f"{what} must be a str, not {type(name).__name__}")
+    return name
 
 
 def _check_storable(path: Path) -> None:
@@ -345,6 +409,9 @@ def load_bytes(
     stored here is read from the whole blob, fetched, verified and kept, for blobs up to
     VERIFIED_RANGE_MAX (or any blob with `verify=True`). A range of a larger one is fetched
     alone, unverified, with a warning (`verify=False`: always so, without the warning).
+
+    InvalidInput (a ValueError) for a range that does not fit the file: a negative bound,
+    a start past the end, an end before the start. An end past the end reads to the end.
     """
     res = resolver(fr)
     with naming(url):
@@ -380,15 +447,15 @@ def whole_for_range(res: Resolver, ref: BlobRef, size: int, verify: bool | None)
 
 
 def check_range(start: int | None, end: int | None, size: int) -> tuple[int, int]:
-    """Validate a byte range against a file size; ValueError with the reason otherwise."""
+    """Validate a byte range against a file size; InvalidInput with the reason otherwise."""
     lo = 0 if start is None else start
     hi = size if end is None else end
     if lo < 0 or hi < 0:
-        raise ValueError(f"negative range [{start}, {end})")
+        raise InvalidInput(f"negative byte range [{start}, {end}): bytes are counted from 0 at the start of the file")
     if lo > size:
-        raise ValueError(f"start {lo} is past the end of the file ({size} bytes)")
+        raise InvalidInput(f"start {lo} is past the end of the file ({size} bytes)")
     if hi < lo:
-        raise ValueError(f"end {hi} is before start {lo}")
+        raise InvalidInput(f"end {hi} is before start {lo}: the range is [start, end), end exclusive")
     return lo, min(hi, size)
 
 
@@ -400,25 +467,52 @@ def find_size(res: Resolver, ref: BlobRef) -> int:
     return found[1]
 
 
+# The load_* below refuse bytes that are not what they decode with InvalidInput, not a
+# bad-data error: the bytes verified against their hash, so they are the file that was
+# stored; the call asked for the wrong kind of file (as IsADirectory), and another load_* reads it.
 def load_text(url: str, *, fr: Names = None) -> str:
-    """The UTF-8 text of a file URL."""
-    return load_bytes(url, fr=fr).decode("utf-8")
+    """The UTF-8 text of a file URL; InvalidInput if it is not UTF-8 (load_bytes reads any file)."""
+    data = load_bytes(url, fr=fr)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidInput(
+            f"{url} is not UTF-8 text ({err.reason} at byte {err.start}): load_bytes reads it as bytes"
+        ) from err
 
 
 def load_object(url: str, *, fr: Names = None) -> Any:
-    """The JSON object stored at a URL."""
-    return json.loads(load_bytes(url, fr=fr))
+    """The JSON object stored at a URL; InvalidInput if it is not JSON."""
+    data = load_bytes(url, fr=fr)
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as err:  # not JSON, not text, or nested past Python's recursion limit
+        raise InvalidInput(f"{url} is not JSON ({err}): load_text or load_bytes reads it") from err
 
 
 def load_npy(url: str, *, fr: Names = None) -> Any:
-    """The numpy array stored at a URL (`.npy` format, no pickles)."""
+    """The numpy array stored at a URL (`.npy` format, no pickles).
+
+    InvalidInput if the file is not an .npy array (an .npz, text, a pickle) or is an array of
+    Python objects, which is a pickle: never loaded, since loading one runs code.
+    """
     import numpy as np
 
     res = resolver(fr)
     with naming(url):
         ref = res.blob_ref(url)
     with res.open_blob(ref.alg, ref.digest, ref.size, progress=progress_bar) as f:
-        return np.load(f, allow_pickle=False)
+        magic = np.lib.format.MAGIC_PREFIX
+        if f.read(len(magic)) != magic:  # np.load would call it pickled data, whatever it is
+            raise InvalidInput(f"{url} is not an .npy array (it does not start as one): load_bytes reads it as bytes")
+        f.seek(0)
+        try:
+            return np.load(f, allow_pickle=False)
+        except ValueError as err:
+            raise InvalidInput(
+                f"{url} is not an .npy array load_npy can read ({err}); an array of Python objects "
+                "is a pickle and is never loaded, since loading one runs code"
+            ) from err
 
 
 def read_dir(url: str, recursive: bool = True, *, fr: Names = None) -> dict[str, Any]:

@@ -356,3 +356,99 @@ def test_every_kacheryfs_error_is_importable_from_the_package():
     defined = {n for n, v in vars(kacheryfs.errors).items() if isinstance(v, type) and issubclass(v, ka.KacheryError)}
     assert defined <= set(ka.__all__)
     assert all(getattr(ka, name) is getattr(kacheryfs.errors, name) for name in defined)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "reason"),
+    [(11, 12, "start 11 is past the end of the file"), (-3, None, "negative"), (5, 2, "end 2 is before start 5")],
+)
+def test_a_byte_range_that_does_not_fit_the_file_is_bad_input_saying_why(start, end, reason):
+    url = ka.store_text("0123456789")
+    with pytest.raises(InvalidInput, match=reason):
+        ka.load_bytes(url, start, end)
+
+
+@pytest.mark.parametrize("array", [np.array([1, "a", None], dtype=object), {1, 2}])
+def test_an_array_of_python_objects_is_never_stored_as_a_pickle(array):
+    with pytest.raises(InvalidInput, match=r"Python objects \(dtype=object\).*runs code when it is loaded"):
+        ka.store_npy(array)
+
+
+def test_a_ragged_list_is_not_an_array_to_store():
+    with pytest.raises(InvalidInput, match="store_npy stores an array"):
+        ka.store_npy([[1], [1, 2]])
+
+
+def test_load_npy_of_a_file_that_is_not_npy_says_so_not_pickle():
+    url = ka.store_text("just text")
+    with pytest.raises(InvalidInput, match="is not an .npy array") as raised:
+        ka.load_npy(url)
+    assert "pickle" not in str(raised.value)
+
+
+def test_load_npy_refuses_an_npy_of_python_objects():
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.array([1, None], dtype=object), allow_pickle=True)  # as another program may have stored it
+    url = ka.store_bytes(buf.getvalue(), "objects.npy")
+    with pytest.raises(InvalidInput, match="never loaded, since loading one runs code"):
+        ka.load_npy(url)
+
+
+@pytest.mark.parametrize(("obj", "type_name"), [({1, 2}, "set"), (np.int64(3), "int64"), ({(1, 2): 3}, "tuple")])
+def test_store_object_of_what_json_cannot_hold_names_the_type(obj, type_name):
+    with pytest.raises(InvalidInput, match=f"store_object stores JSON.*{type_name}"):
+        ka.store_object(obj)
+
+
+def test_store_object_keeps_the_original_nan_serialization():
+    url = ka.store_object({"x": float("nan")})
+    assert url.split("/")[2] == hashlib.sha1(b'{"x": NaN}').hexdigest()
+
+
+def test_load_text_of_bytes_that_are_not_utf8_points_to_load_bytes():
+    url = ka.store_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(InvalidInput, match="is not UTF-8 text.*load_bytes reads it as bytes"):
+        ka.load_text(url)
+
+
+@pytest.mark.parametrize(
+    "data", [b"not json", b"\xff\xfe\x00", b"[" * 100_000], ids=["text", "not utf-8", "nested too deep"]
+)
+def test_load_object_of_bytes_that_are_not_json_says_so(data):
+    url = ka.store_bytes(data)
+    with pytest.raises(InvalidInput, match="is not JSON"):
+        ka.load_object(url)
+
+
+@pytest.mark.parametrize(
+    ("store", "given", "message"),
+    [
+        (ka.store_text, b"x", "store_text takes a str, not bytes; store_bytes takes bytes"),
+        (ka.store_text, None, "store_text takes a str, not NoneType"),
+        (ka.store_text, "\udc80", "cannot be encoded as UTF-8"),
+        (ka.store_bytes, "text", "store_bytes takes bytes, not str; store_text takes a str"),
+        (ka.store_bytes, None, "store_bytes takes bytes, not NoneType"),
+        (ka.store_file, None, "store_file takes a path, not NoneType"),
+        (ka.store_file, b"/etc/hostname", "store_file takes a path, not bytes"),
+        (ka.store_dir, 3, "store_dir takes a path, not int"),
+    ],
+)
+def test_a_store_given_the_wrong_type_says_which_store_takes_it(store, given, message):
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        store(given)
+
+
+def test_a_basename_or_label_that_is_not_a_string_is_bad_input(tmp_path):
+    with pytest.raises(InvalidInput, match="basename must be a str, not int"):
+        ka.store_bytes(b"x", 12)
+    with pytest.raises(InvalidInput, match="label must be a str, not int"):
+        ka.store_dir(_tree(tmp_path / "d"), label=3)
+
+
+def test_store_bytes_stores_the_bytes_of_any_buffer():
+    array = np.arange(3, dtype=np.int64)
+    assert ka.load_bytes(ka.store_bytes(array)) == array.tobytes()
+    assert ka.load_bytes(ka.store_bytes(memoryview(array)[::2])) == array[::2].tobytes()
+    assert ka.load_bytes(ka.store_bytes(bytearray(b"ab"))) == b"ab"
