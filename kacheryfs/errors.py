@@ -27,8 +27,9 @@ class InvalidURL(KacheryError, ValueError):
 
 
 class InvalidInput(KacheryError, ValueError):
-    """Something given to store that cannot be stored as asked: a directory with a symlink
-    loop, a fifo or device, a label that would not make a working URL. Bad input, not bad data."""
+    """What a call was given cannot be done as asked: a directory with a symlink loop, a fifo
+    or device, a label that would not make a working URL, a byte range that does not fit, a
+    file that is not what its load_* decodes. Bad input, not bad data."""
 
     errno = _errno.EINVAL
     http_status = 400
