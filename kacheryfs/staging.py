@@ -11,7 +11,10 @@ anything else is hashed at close. A closed file is ingested by hard link (the st
 and the blob share their bytes) and remembered in an extended attribute of the backing
 file. Before the first change to a file whose bytes are a blob's,
 the sharing is broken (copy-on-write) and every handle open on it is moved to the copy, so
-a stored blob never changes. After start, `recover()` (in the background: the mount
+a stored blob never changes. A hard link is a second name of the same backing file (no copy):
+the names share its bytes, record and URL until a change through one of them, which gives
+that name a copy of its own the same way, while the other names keep theirs — a staged name,
+like a blob, changes only through itself. After start, `recover()` (in the background: the mount
 answers meanwhile, and asking for a URL ingests on demand) ingests whatever a crash left
 unfinished.
 
@@ -284,7 +287,12 @@ class StagingArea:
     def rename(self, old: str, new: str, flags: int = 0) -> None:
         """rename(2) and renameat2(2)'s RENAME_NOREPLACE / RENAME_EXCHANGE (tools rely on both)."""
         with self._lock:  # with the handles' names, which flush and copy-on-write go by
-            _rename(self.real(old), self.new_name(new), flags)
+            old_path, new_path = self.real(old), self.new_name(new)
+            ino = _inode(old_path)
+            same = ino is not None and ino == _inode(new_path) and old_path != new_path
+            _rename(old_path, new_path, flags)
+            if same:
+                return  # two names of one file (hard links): rename(2) leaves both as they are
             moves = [(old, new), (new, old)] if flags & RENAME_EXCHANGE else [(old, new)]
             renamed = {}
             for handle in self._handles.values():
@@ -314,6 +322,35 @@ class StagingArea:
             os.utime(path, ns=(atime, mtime), follow_symlinks=False)
             if record is not None and not any(h.dirty for h in self._on_inode(st.st_ino)):
                 _write_record(path, record)  # same bytes, new time: the record stays valid
+
+    def link(self, existing: str, rel: str) -> None:
+        """link(2): `rel` becomes a second name of the staged file `existing` (see the module doc).
+
+        A file with unsaved writes is copied instead: what its writer writes next is a change
+        through the writer's name only, so the new name holds the bytes written so far. Bytes
+        are not shared by changes because each name is a node of its own to the kernel, which
+        keeps its size: the other names would show stale sizes and cut reads short. Mode,
+        owner and times stay shared, as link(2) has them; the other names show a change of
+        them once the kernel asks again (attr_timeout).
+        """
+        source, path = self.real(existing), self.new_name(rel)
+        if self._through_link(os.path.dirname(source)) or self._through_link(os.path.dirname(path)):
+            # A name outside the staging dir would let its owner change a blob; the kernel says EXDEV too.
+            raise OSError(errno.EXDEV, "a hard link in staging must stay in the staging dir", rel)
+        with self._lock:
+            st = os.lstat(source)
+            if not (stat.S_ISREG(st.st_mode) and any(h.dirty for h in self._on_inode(st.st_ino))):
+                os.link(source, path, follow_symlinks=False)  # of a directory: EPERM, as the kernel says
+                return
+            tmp = path + _COW_SUFFIX
+            os.close(_copy_file(source, st, tmp, empty=False))
+            try:
+                _rename(tmp, path, RENAME_NOREPLACE)  # EEXIST, as link(2), when `rel` exists
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        with suppress(NotFound):  # a new file nobody writes: its URL now, as for any closed file
+            self._ingest_now(rel)
 
     def symlink(self, target: str, rel: str) -> None:
         with self._lock:
@@ -399,7 +436,8 @@ class StagingArea:
 
     def _through_link(self, path: str) -> bool:
         """True when a backing path passes through a symlink (itself or a directory above it)."""
-        return os.path.realpath(path) != os.path.join(self._root_real, os.path.relpath(path, self.root))
+        as_named = os.path.normpath(os.path.join(self._root_real, os.path.relpath(path, self.root)))  # the root too
+        return os.path.realpath(path) != as_named
 
     def _is_changing(self, ino: int) -> bool:
         with self._lock:
@@ -504,14 +542,16 @@ class StagingArea:
         handle.hashing = self._watch(handle.ino)
 
     def _break_sharing(self, path: str, st: os.stat_result, *, truncate: bool) -> None:
-        """Give the file `st` its own inode before it changes, if its bytes are also a blob's.
+        """Give the name `path` of the file `st` an inode of its own before a change through it,
+        if its bytes are also a blob's or another name's (a hard link).
 
-        The copy takes the file's name (when `path` is still it) and every handle open on
-        the file is moved to the copy, so the blob keeps its bytes whatever is written next.
+        The copy takes the name (when `path` is still it) and the handles opened through that
+        name are moved to it, so the blob and the other names (with their handles) keep their
+        bytes whatever is written next.
         """
         if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
             return
-        handles = self._on_inode(st.st_ino)
+        handles = [h for h in self._on_inode(st.st_ino) if self.real(h.rel) == path]
         try:
             named = os.lstat(path).st_ino == st.st_ino
         except FileNotFoundError:
@@ -519,18 +559,8 @@ class StagingArea:
         if not named and not handles:
             return
         tmp = (path if named else os.path.join(self.root, f".{st.st_ino}")) + _COW_SUFFIX
-        source = path if named else _fd_path(handles[0].fd)
-        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        dst = _copy_file(path if named else _fd_path(handles[0].fd), st, tmp, empty=truncate)
         try:
-            if not truncate:
-                src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    _copy_bytes(src, dst, st.st_size)
-                finally:
-                    os.close(src)
-            with suppress(PermissionError):
-                os.fchown(dst, st.st_uid, st.st_gid)
-            os.fchmod(dst, stat.S_IMODE(st.st_mode))
             if named:
                 os.rename(tmp, path)
             new_ino = os.fstat(dst).st_ino
@@ -620,6 +650,25 @@ def _inode(path: str) -> int | None:
         return os.lstat(path).st_ino
     except FileNotFoundError:
         return None
+
+
+def _copy_file(source: str, st: os.stat_result, tmp: str, *, empty: bool) -> int:
+    """A new file `tmp` with the owner and mode of `st` and (unless `empty`) the bytes of `source`; its descriptor."""
+    dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        if not empty:
+            src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _copy_bytes(src, dst, st.st_size)
+            finally:
+                os.close(src)
+        with suppress(PermissionError):
+            os.fchown(dst, st.st_uid, st.st_gid)
+        os.fchmod(dst, stat.S_IMODE(st.st_mode))
+    except BaseException:
+        os.close(dst)
+        raise
+    return dst
 
 
 def _copy_bytes(src: int, dst: int, size: int) -> None:

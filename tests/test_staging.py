@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import time
@@ -142,6 +143,82 @@ def test_the_md5_index_follows_in_the_background(area):
     assert area.store.noted_digests("sha1", hashlib.sha1(data).hexdigest()).md5 == md5
 
 
+# -- hard links: a second name for the same file, until one of them is changed ---------------
+def test_a_hard_link_shares_the_file_its_record_and_its_url(area, tmp_path):
+    area.mkdir("ds", 0o755)
+    _write(area, "ds/a", [b"linked"])
+    area.link("ds/a", "ds/b")
+    assert os.stat(area.real("ds/a")).st_ino == os.stat(area.real("ds/b")).st_ino
+    assert area.getxattr("ds/b", "user.kachery.sha1") == area.getxattr("ds/a", "user.kachery.sha1")
+    (tmp_path / "ref" / "ds").mkdir(parents=True)
+    (tmp_path / "ref" / "ds" / "a").write_bytes(b"linked")
+    (tmp_path / "ref" / "ds" / "b").write_bytes(b"linked")
+    assert _url(area, "ds") == ka.store_dir(tmp_path / "ref" / "ds")
+
+
+def test_a_write_through_one_linked_name_leaves_the_other_its_bytes_and_url(area):
+    _write(area, "a", [b"before"])
+    area.link("a", "b")
+    url = _url(area, "b")
+    reader = area.open("b", os.O_RDONLY)
+    writer = area.open("a", os.O_WRONLY)
+    area.write(writer, b"AFTER!", 0)
+    area.release(writer)
+    assert area.read(reader, 100, 0) == b"before"
+    area.release(reader)
+    assert _url(area, "b") == url and ka.load_text(url) == "before"
+    assert ka.load_text(_url(area, "a")) == "AFTER!"
+
+
+def test_a_link_to_a_file_with_unsaved_writes_is_a_copy_of_the_bytes_so_far(area):
+    fh = area.create("w", os.O_WRONLY, 0o640)
+    area.write(fh, b"so far", 0)
+    area.link("w", "copy")
+    assert area.listxattr("copy") != [], "the copy has its URL at once"
+    area.write(fh, b", and more", 6)
+    area.release(fh)
+    assert ka.load_text(_url(area, "w")) == "so far, and more"
+    assert ka.load_text(_url(area, "copy")) == "so far"
+    assert os.stat(area.real("copy")).st_mode & 0o777 == 0o640
+    assert sorted(name for name, _st in area.readdir("")) == ["copy", "w"]
+
+
+def test_a_handle_open_across_a_rename_writes_the_renamed_file(area):
+    _write(area, "a", [b"old bytes"])
+    fh = area.open("a", os.O_WRONLY)
+    area.rename("a", "b")
+    area.write(fh, b"NEW", 0)
+    area.release(fh)
+    assert ka.load_text(_url(area, "b")) == "NEW bytes"
+
+
+def test_a_rename_between_two_names_of_one_file_changes_nothing(area):
+    _write(area, "a", [b"one file"])
+    area.link("a", "b")
+    fh = area.open("a", os.O_WRONLY)
+    area.rename("a", "b")  # rename(2): two links to one file stay as they are
+    area.write(fh, b"ONE", 0)
+    area.release(fh)
+    assert ka.load_text(_url(area, "a")) == "ONE file"
+    assert ka.load_text(_url(area, "b")) == "one file"
+
+
+def test_a_link_of_a_directory_is_refused_with_eperm(area):
+    area.mkdir("d", 0o755)
+    with pytest.raises(PermissionError):
+        area.link("d", "d2")
+
+
+def test_a_link_through_a_symlinked_directory_is_refused_with_exdev(area, outside):
+    os.symlink(outside, area.real("out"))
+    _write(area, "mine", [b"staged"])
+    for existing, new in (("out/data.txt", "theirs"), ("mine", "out/mine")):
+        with pytest.raises(OSError) as refused:
+            area.link(existing, new)
+        assert refused.value.errno == errno.EXDEV
+    assert (outside / "data.txt").stat().st_nlink == 1 and not (outside / "mine").exists()
+
+
 # -- symlinks: the store never shares bytes it does not own ------------------------------
 @pytest.fixture
 def outside(tmp_path):
@@ -206,6 +283,14 @@ def test_recover_keeps_a_removed_file_this_run_still_has_open(area):
     area.release(fh)
     area.recover()
     assert not os.path.exists(area.real(".fuse_hidden0000000200000001"))
+
+
+def test_recover_ingests_two_names_of_one_file_once(area):
+    with open(area.real("left"), "wb") as f:
+        f.write(b"left behind twice")
+    os.link(area.real("left"), area.real("behind"))
+    assert area.recover() == 1
+    assert area.getxattr("behind", "user.kachery.sha1") == area.getxattr("left", "user.kachery.sha1")
 
 
 def test_recover_links_again_a_staged_file_whose_blob_was_evicted(area):

@@ -306,15 +306,97 @@ def test_a_write_only_copy_passes_the_mounts_page_cache_by_and_readers_see_every
         assert (work / "g").read_bytes() == b"a" * 5000 + b"b" * 10
 
 
-def test_hard_links_and_device_files_are_refused_with_eperm(mnt: Mount, work: Path) -> None:
+def test_device_files_fifos_and_links_of_directories_or_from_outside_are_refused(
+    mnt: Mount, work: Path, tmp_path: Path
+) -> None:
     (work / "f").write_text("x")
-    with pytest.raises(PermissionError):
-        os.link(work / "f", work / "g")
-    assert "Operation not permitted" in run("ln", work / "f", work / "g", check=False).stderr
+    (tmp_path / "mine").write_text("mine")
+    (work / "d").mkdir()
     assert "Operation not permitted" in run("mkfifo", work / "p", check=False).stderr
     with pytest.raises(PermissionError):
         os.mknod(work / "n", 0o600 | 0o020000, os.makedev(1, 3))
-    assert os.listdir(work) == ["f"]
+    with pytest.raises(PermissionError):
+        os.link(work / "d", work / "d2")
+    url = url_of(work / "f", mnt)
+    for outside in (mnt.mountpoint / "sha1" / sha1_of(url), tmp_path / "mine"):
+        with pytest.raises(OSError) as refused:  # another mount, another filesystem
+            os.link(outside, work / "g")
+        assert refused.value.errno == errno.EXDEV
+    assert sorted(os.listdir(work)) == ["d", "f"]
+
+
+# -- hard links: a second name for the same staged file ----------------------------------
+def tree_with_hard_links(root: Path) -> Path:
+    """The tester's tree (d/a.txt and its link d/b.txt), and a link across directories."""
+    (root / "d").mkdir(parents=True)
+    (root / "e").mkdir()
+    (root / "d" / "a.txt").write_text("x\n")
+    os.link(root / "d" / "a.txt", root / "d" / "b.txt")
+    (root / "d" / "big.bin").write_bytes(os.urandom(MiB + 1))
+    os.link(root / "d" / "big.bin", root / "e" / "big-too.bin")
+    return root
+
+
+@pytest.mark.parametrize("tool", ["tar x", "cp -a", "rsync -aH"], ids=["tar", "cp", "rsync"])
+def test_tools_that_keep_hard_links_give_the_url_kachery_store_gives(
+    mnt: Mount, work: Path, tmp_path: Path, tool: str
+) -> None:
+    tree = tree_with_hard_links(tmp_path / "hl")
+    if tool == "tar x":
+        run("tar", "cf", tmp_path / "hl.tar", "-C", tmp_path, "hl")
+        run("tar", "xf", tmp_path / "hl.tar", "-C", work)
+    elif tool == "cp -a":
+        run("cp", "-a", tree, work)
+    else:
+        run("rsync", "-aH", f"{tree}/", f"{work / 'hl'}/")
+    assert url_of(work / "hl", mnt) == reference_url(tree, tmp_path)
+    for name, link in (("d/a.txt", "d/b.txt"), ("d/big.bin", "e/big-too.bin")):
+        assert (work / "hl" / link).read_bytes() == (tree / name).read_bytes()
+        assert backing(mnt, work / "hl" / name).stat().st_ino == backing(mnt, work / "hl" / link).stat().st_ino
+        for staged in (name, link):  # mode and time set before the link: each name shows them
+            shown, source = os.stat(work / "hl" / staged), os.stat(tree / staged)
+            assert (shown.st_mode, int(shown.st_mtime)) == (source.st_mode, int(source.st_mtime))  # tar: seconds
+    assert verify_store(mnt.storage) > 0
+
+
+def test_a_write_through_one_linked_name_gives_it_a_copy_and_the_other_keeps_its_bytes_and_url(
+    mnt: Mount, work: Path
+) -> None:
+    (work / "f").write_bytes(b"shared\n")
+    os.link(work / "f", work / "g")
+    first = url_of(work / "g", mnt)
+    assert sha1_of(url_of(work / "f", mnt)) == sha1_of(first)
+    with open(work / "g", "rb") as reader:  # open on the other name while the first is written
+        run("sh", "-c", "echo more >> f", cwd=work)
+        assert reader.read() == b"shared\n"
+    assert (work / "f").read_bytes() == b"shared\nmore\n" and (work / "g").read_bytes() == b"shared\n"
+    assert blob(mnt, url_of(work / "f", mnt)) == b"shared\nmore\n"
+    assert url_of(work / "g", mnt) == first and blob(mnt, first) == b"shared\n"
+    os.link(work / "g", work / "h")
+    run("sh", "-c", "echo new > g", cwd=work)  # truncated at open
+    run("truncate", "-s", "3", work / "h")
+    assert [(work / n).read_bytes() for n in ("f", "g", "h")] == [b"shared\nmore\n", b"new\n", b"sha"]
+    assert [blob(mnt, url_of(work / n, mnt)) for n in ("f", "g", "h")] == [b"shared\nmore\n", b"new\n", b"sha"]
+    assert blob(mnt, first) == b"shared\n"
+    assert verify_store(mnt.storage) > 0
+
+
+def test_a_link_to_a_file_open_for_writing_holds_the_bytes_written_so_far(mnt: Mount, work: Path) -> None:
+    with open(work / "w", "wb") as f:
+        f.write(b"partial")
+        f.flush()
+        os.link(work / "w", work / "snapshot")
+        assert (work / "snapshot").read_bytes() == b"partial"
+        f.write(b" and done")
+    assert blob(mnt, url_of(work / "w", mnt)) == b"partial and done"
+    assert (work / "snapshot").read_bytes() == b"partial"
+    assert blob(mnt, url_of(work / "snapshot", mnt)) == b"partial"
+    with open(work / "w", "ab") as f:  # open, nothing written yet: linked as it is, changed apart later
+        os.link(work / "w", work / "before-append")
+        f.write(b"!")
+    assert (work / "w").read_bytes() == b"partial and done!"
+    assert blob(mnt, url_of(work / "before-append", mnt)) == b"partial and done"
+    assert verify_store(mnt.storage) > 0
 
 
 def test_a_symlink_counts_as_its_target_like_kachery_store(mnt: Mount, work: Path, tmp_path: Path) -> None:

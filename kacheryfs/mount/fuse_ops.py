@@ -460,9 +460,11 @@ class StagingOperations(_Operations):
 
     @_staged
     def link(self, target: str, source: str) -> int:
-        # A hard link would be a second name for bytes that become a blob: EPERM, as on
-        # filesystems without hard links, so tools fall back to copying.
-        raise mfusepy.FuseOSError(errno.EPERM)
+        # tar x, cp -a and rsync -H do not fall back to copying: a link is a second name
+        # (StagingArea.link). A directory (EPERM) or a source on another mount (EXDEV) the
+        # kernel refuses before asking.
+        self.staging.link(_rel(source), _rel(target))
+        return 0
 
     @_staged
     def mknod(self, path: str, mode: int, dev: int) -> int:
