@@ -51,13 +51,23 @@ def write_config(directory: Path, channels: list[dict]) -> None:
 
 
 class ServerProcess:
-    """`python -m kacheryfs.server DIR` in a subprocess; its stderr is collected in `log`."""
+    """`python -m kacheryfs.server DIR` in a subprocess; its stderr is collected in `log`.
 
-    def __init__(self, directory: Path, port: int = 0, options: tuple[str, ...] = ()) -> None:
+    `command` runs it another way, e.g. `("-m", "kacheryfs", "serve")` as the CLI does.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        port: int = 0,
+        options: tuple[str, ...] = (),
+        command: tuple[str, ...] = ("-m", "kacheryfs.server"),
+    ) -> None:
         self.directory = directory
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env = {k: v for k, v in os.environ.items() if k != "KACHERY_LOG_LEVEL"}
+        env["PYTHONPATH"] = str(REPO)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kacheryfs.server", str(directory), "--port", str(port), *options],
+            [sys.executable, *command, str(directory), "--port", str(port), *options],
             stderr=subprocess.PIPE,
             text=True,
             env=env,

@@ -80,6 +80,50 @@ def test_get_honours_range(server: ServerProcess) -> None:
     assert answer.headers["Content-Range"] == f"bytes 5-14/{len(DATA)}"
 
 
+@pytest.mark.parametrize("header", ["bytes=0-1,5-6", "bytes=10-5", "bytes=abc", "items=0-5", "bytes=5"])
+def test_get_ignores_a_range_it_cannot_honour_and_sends_the_whole_blob(server: ServerProcess, header: str) -> None:
+    # RFC 9110 §14.2: an invalid Range, another unit or (here) several ranges are ignored.
+    upload(server, DATA)
+    answer = download(server, headers={"Range": header})
+    assert answer.status_code == 200
+    assert answer.content == DATA
+
+
+@pytest.mark.parametrize(
+    ("header", "start", "stop"),
+    [("bytes= 0-5", 0, 6), ("BYTES=9990-", 9990, 10000), ("bytes=-5", 9995, 10000), ("bytes=9999-20000", 9999, 10000),
+     ("bytes=-20000", 0, 10000)],
+)  # fmt: skip
+def test_get_answers_a_single_range_clipped_to_the_blob(
+    server: ServerProcess, header: str, start: int, stop: int
+) -> None:
+    upload(server, DATA)
+    answer = download(server, headers={"Range": header})
+    assert answer.status_code == 206
+    assert answer.content == DATA[start:stop]
+    assert answer.headers["Content-Range"] == f"bytes {start}-{stop - 1}/{len(DATA)}"
+
+
+@pytest.mark.parametrize("header", [f"bytes={len(DATA)}-", f"bytes={len(DATA) + 5}-{len(DATA) + 9}", "bytes=-0"])
+def test_range_selecting_no_byte_is_416_with_the_size_and_a_json_error(server: ServerProcess, header: str) -> None:
+    upload(server, DATA)
+    answer = download(server, headers={"Range": header})
+    assert answer.status_code == 416
+    assert answer.headers["Content-Range"] == f"bytes */{len(DATA)}"
+    assert "error" in answer.json()
+
+
+def test_if_range_naming_the_blob_gives_the_range_and_any_other_the_whole_blob(server: ServerProcess) -> None:
+    upload(server, DATA)
+    validators = requests.head(f"{server.url}/get/sha1/{SHA1}", params=signed("lab", "download", SHA1)).headers
+    for current in (validators["ETag"], validators["Last-Modified"]):
+        answer = download(server, headers={"Range": "bytes=0-9", "If-Range": current})
+        assert (answer.status_code, answer.content) == (206, DATA[:10])
+    for other in ('"another"', "W/" + validators["ETag"], "Thu, 01 Jan 2015 00:00:00 GMT"):
+        answer = download(server, headers={"Range": "bytes=0-9", "If-Range": other})
+        assert (answer.status_code, answer.content) == (200, DATA)
+
+
 def test_head_gives_the_size_without_the_bytes(server: ServerProcess) -> None:
     upload(server, DATA)
     answer = requests.head(f"{server.url}/get/sha1/{SHA1}", params=signed("lab", "download", SHA1))
@@ -101,6 +145,31 @@ def test_log_has_one_line_per_request_without_the_signature(server: ServerProces
     assert re.search(rf"POST /set/sha1/{SHA1} 200 {len(DATA)} \d+ms", lines[0])
     assert re.search(rf"GET /get/sha1/{SHA1} 200 {len(DATA)} \d+ms", lines[1])
     assert not any("signature" in line for line in server.log)
+
+
+def test_kacheryfs_serve_logs_one_line_per_request_by_default(server_dir: Path) -> None:
+    # The CLI starts every command at WARNING; serve must still log its requests (journalctl shows them).
+    server = ServerProcess(server_dir, command=("-m", "kacheryfs", "serve"))
+    try:
+        upload(server, DATA)
+        download(server, headers={"Range": "bytes=0-9"})
+        time.sleep(0.2)  # the log is read by a thread
+    finally:
+        server.stop()
+    lines = [line for line in server.log if f"/sha1/{SHA1}" in line]
+    assert len(lines) == 2
+    assert re.search(rf"GET /get/sha1/{SHA1} 206 10 \d+ms", lines[1])
+
+
+def test_client_leaving_mid_upload_logs_one_line_and_no_traceback(server: ServerProcess) -> None:
+    query = "&".join(f"{k}={v}" for k, v in signed("lab", "upload", SHA1).items())
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as conn:
+        conn.sendall(f"POST /set/sha1/{SHA1}?{query} HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n".encode())
+        conn.sendall(DATA[:17])
+        time.sleep(0.2)
+    time.sleep(0.5)  # the server notices, then the log is read by a thread
+    assert [line for line in server.log if "/set/" in line][0].split()[-3:-1] == ["aborted", "0"]
+    assert not any("Traceback" in line or "Error handling request" in line for line in server.log)
 
 
 # -- authorization -------------------------------------------------------------------
@@ -270,6 +339,31 @@ def test_bytes_per_day_quota_counts_range_bytes_and_not_head(server_dir: Path) -
         server.stop()
 
 
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [({"Range": f"bytes={len(DATA)}-"}, 416), ({"If-None-Match": "*"}, 304), ({"If-Match": '"another"'}, 412)],
+)
+def test_download_answered_without_a_body_is_not_charged(server_dir: Path, headers: dict, status: int) -> None:
+    server = quota_server(server_dir, files=1)
+    try:
+        upload(server, DATA)
+        assert download(server, headers=headers).status_code == status
+        assert download(server).status_code == 200  # the day's only file is still there
+    finally:
+        server.stop()
+
+
+def test_file_larger_than_the_daily_bytes_is_refused_as_such(server_dir: Path) -> None:
+    server = quota_server(server_dir, nbytes=1000)
+    try:
+        upload(server, DATA)
+        answer = download(server)
+        assert answer.status_code == 429
+        assert f"{len(DATA)} bytes is more than the 1000 bytes it allows per day" in answer.json()["error"]
+    finally:
+        server.stop()
+
+
 def test_simultaneous_limit_is_429_at_once(server_dir: Path) -> None:
     write_config(server_dir, [{"name": "lab", "password": PASSWORD, "uploadQuotas": [quota(simultaneous=1)]}])
     server = ServerProcess(server_dir)
@@ -300,6 +394,49 @@ def test_stalled_upload_is_dropped_and_frees_its_slot(server_dir: Path) -> None:
             stalled.sendall(head.encode() + DATA[:100])
             assert stalled.makefile("rb").readline().split()[1] == b"408"
             assert upload(server, DATA).status_code == 200  # the connection is still open, its slot is not
+    finally:
+        server.stop()
+
+
+BIG = os.urandom(32 << 20)  # more than loopback's socket buffers hold, so a client that never reads stalls it
+BIG_SHA1 = hashlib.sha1(BIG).hexdigest()
+
+
+def test_download_whose_client_stops_reading_is_dropped_and_refunded(server_dir: Path) -> None:
+    write_config(server_dir, [{"name": "lab", "password": PASSWORD, "uploadQuotas": [quota()],
+                               "downloadQuotas": [quota(simultaneous=1, files=1)]}])  # fmt: skip
+    server = ServerProcess(server_dir, options=("--stall-timeout", "1"))
+    try:
+        upload(server, BIG)
+        query = "&".join(f"{k}={v}" for k, v in signed("lab", "download", BIG_SHA1).items())
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as stuck:
+            stuck.sendall(f"GET /get/sha1/{BIG_SHA1}?{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            time.sleep(0.3)
+            assert download(server, BIG_SHA1).status_code == 429  # it holds the only slot
+            started = time.monotonic()
+            while (answer := download(server, BIG_SHA1)).status_code == 429 and time.monotonic() - started < 10:
+                time.sleep(0.2)
+            # Slot freed and the day's only file refunded, while the stuck socket is still open.
+            assert answer.status_code == 200, answer.text
+            assert hashlib.sha1(answer.content).hexdigest() == BIG_SHA1
+    finally:
+        server.stop()
+    assert not any("Traceback" in line for line in server.log)
+
+
+def test_download_read_slowly_is_not_dropped(server_dir: Path) -> None:
+    server = ServerProcess(server_dir, options=("--stall-timeout", "2"))
+    try:
+        upload(server, BIG)
+        answer = download(server, BIG_SHA1, stream=True)
+        received = hashlib.sha1()
+        chunks = answer.iter_content(1 << 20)
+        for _ in range(12):  # 6 s in all, three stall timeouts, but never 2 s without reading
+            received.update(next(chunks))
+            time.sleep(0.5)
+        for chunk in chunks:
+            received.update(chunk)
+        assert received.hexdigest() == BIG_SHA1
     finally:
         server.stop()
 

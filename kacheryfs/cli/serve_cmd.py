@@ -1,5 +1,8 @@
 """Serve DIR (a store layout plus DIR/kachery.json) to other machines over HTTP.
 
+Logs one line per request to stderr (method, path, status, bytes, ms); KACHERY_LOG_LEVEL=WARNING
+keeps only warnings and errors.
+
 examples:
   kacheryfs serve /srv/kachery --host 0.0.0.0 --port 8080
   kacheryfs serve ./lab-store              # 127.0.0.1, a free port (printed)
@@ -37,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--stall-timeout",
         type=_seconds,
         metavar="SECONDS",
-        help="drop an upload that sends nothing for this long, freeing its transfer slot (default 60)",
+        help="drop a transfer that moves nothing for this long, freeing its slot: an upload whose client"
+        " sends nothing, or a download whose client reads nothing (default 60)",
     )
 
 
@@ -47,5 +51,6 @@ def run(args: argparse.Namespace) -> int:
 
     stall_timeout = STALL_TIMEOUT if args.stall_timeout is None else args.stall_timeout
     # The one place the server's configuration meets the process environment.
-    serve(args.directory, os.environ, host=args.host, port=args.port, stall_timeout=stall_timeout)
+    log_level = os.environ.get("KACHERY_LOG_LEVEL", "INFO").upper()
+    serve(args.directory, os.environ, host=args.host, port=args.port, stall_timeout=stall_timeout, log_level=log_level)
     return 0

@@ -12,27 +12,31 @@ import contextlib
 import errno
 import functools
 import logging
+import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
+from multidict import CIMultiDict
 
 from kacheryfs import auth
 from kacheryfs.errors import AuthError, ChannelBusy, ConfigError, KacheryError, NotFound, ServeError
 from kacheryfs.hashing import CHUNK
 from kacheryfs.server.channels import ServerChannel, load_channels
 from kacheryfs.server.quotas import QuotaLedger
+from kacheryfs.server.ranges import RangeNotSatisfiable, requested_range
 from kacheryfs.store import LocalStore
 from kacheryfs.uri import check_hash
 
 log = logging.getLogger(__name__)
 COUNTERS_PATH = Path(".kacheryfs") / "quota-counters.json"
 SHUTDOWN_TIMEOUT = 3.0  # seconds
-STALL_TIMEOUT = 60.0  # seconds an upload body may send nothing before it is dropped and its slot freed
+STALL_TIMEOUT = 60.0  # seconds a transfer may move no byte (either way) before it is dropped and its slot freed
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -65,13 +69,33 @@ class StorageServer:
         if size is None:
             raise NotFound(f"{alg}://{digest} is not on this server")
         quota = channel.quota("download", size)
-        response = _BlobResponse(self.store.blob_path(alg, digest), chunk_size=CHUNK)
+        path = self.store.blob_path(alg, digest)
+        # Range is only defined for GET (RFC 9110 §14.2), and an If-Range that fails turns it off.
+        wanted = requested_range(request.headers.get(hdrs.RANGE), size) if request.method == "GET" else None
+        if wanted is not None and not _if_range_holds(request, path):
+            wanted = None
+        # aiohttp's FileResponse reads Range itself: it gets the range decided here, or none.
+        headers = CIMultiDict(request.headers)
+        headers.popall(hdrs.RANGE, None)
+        headers.popall(hdrs.IF_RANGE, None)
+        if wanted is not None:
+            headers[hdrs.RANGE] = wanted.header
+        forwarded = request.clone(headers=headers)
+        response = _BlobResponse(path, chunk_size=CHUNK)
         if request.method == "HEAD":
+            await response.prepare(forwarded)
             return response  # sends no bytes, so it counts against no quota
-        with self.ledger.transfer(channel.name, "download", quota, _requested_bytes(request, size)):
+        nbytes = size if wanted is None else wanted.stop - wanted.start
+        with self.ledger.transfer(channel.name, "download", quota, nbytes) as refund:
             # Sent inside the handler so a dropped connection refunds the quota.
-            await response.prepare(request)
-            await response.write_eof()
+            _limit_unacknowledged_time(request, self.stall_timeout)
+            try:
+                await response.prepare(forwarded)
+                await response.write_eof()
+            except TimeoutError as err:  # ETIMEDOUT from TCP_USER_TIMEOUT: the client stopped reading
+                raise ConnectionAbortedError(f"the client read nothing for {self.stall_timeout:g} s") from err
+            if response.status not in (200, 206):
+                refund()  # 304 or 412: no body was sent
         return response
 
     async def upload(self, request: web.Request) -> web.Response:
@@ -142,18 +166,30 @@ def _blob_id(request: web.Request) -> tuple[str, str]:
     return alg, check_hash(alg, request.match_info["hash"])
 
 
-def _requested_bytes(request: web.Request, size: int) -> int:
-    """Bytes a GET will send: the Range if it is one aiohttp honours, else the whole file."""
-    try:
-        wanted = request.http_range
-    except ValueError:
-        return 0  # FileResponse answers 416 and sends nothing
-    start, stop = wanted.start, wanted.stop
-    if start is None:
-        return size
-    if start < 0:  # suffix range: the last -start bytes
-        return min(-start, size)
-    return max(0, min(size if stop is None else stop, size) - start)
+def _if_range_holds(request: web.Request, path: Path) -> bool:
+    """Whether If-Range, if sent, names the blob as it is (RFC 9110 §13.1.5): its ETag or Last-Modified."""
+    validator = request.headers.get(hdrs.IF_RANGE)
+    if validator is None:
+        return True
+    st = os.stat(path)
+    if validator.startswith(('"', "W/")):
+        # The ETag FileResponse sends; a weak one never matches (RFC 9110 §13.1.5).
+        return validator == f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+    when = request.if_range
+    # Last-Modified has whole seconds (aiohttp rounds up, others down): the blob's second either way.
+    return when is not None and abs(when.timestamp() - st.st_mtime) < 1
+
+
+def _limit_unacknowledged_time(request: web.Request, seconds: float) -> None:
+    """Have the kernel drop the connection when sent bytes wait `seconds` unread (TCP_USER_TIMEOUT).
+
+    Linux counts a client whose receive window stays closed too, so a download that stops being
+    read frees its slot, while one read slowly keeps opening its window and goes on.
+    """
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux only: elsewhere a stuck reader holds its slot
+    if sock is not None and option is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, option, max(1, round(seconds * 1000)))
 
 
 @web.middleware
@@ -169,10 +205,16 @@ async def _errors_and_log(request: web.Request, handler: Handler) -> web.StreamR
             response = web.json_response({"error": str(err)}, status=err.http_status)
             if isinstance(err, ChannelBusy):
                 response.headers["Retry-After"] = str(err.retry_after)
+            if isinstance(err, RangeNotSatisfiable):
+                response.headers[hdrs.CONTENT_RANGE] = f"bytes */{err.size}"
         except web.HTTPException as err:
             response = web.json_response({"error": err.reason}, status=err.status)
         except (ConnectionError, asyncio.IncompleteReadError):
-            raise  # the client went away: nobody to answer
+            # The client went away: nobody to answer. Raising would have aiohttp log a traceback;
+            # an answer on an aborted transport is dropped quietly instead.
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=400)
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
             response = web.json_response({"error": "internal server error (see the server log)"}, status=500)
@@ -221,9 +263,14 @@ def run(
     host: str = "127.0.0.1",
     port: int = 0,
     stall_timeout: float = STALL_TIMEOUT,
+    log_level: int | str = logging.INFO,
 ) -> None:
-    """Serve `directory` until SIGINT or SIGTERM; print the bound address to stderr."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    """Serve `directory` until SIGINT or SIGTERM; print the bound address to stderr.
+
+    At INFO (the default) the log has one line per request: method, path, status, bytes, ms.
+    """
+    # force: replace the quieter WARNING set-up every CLI command starts with; this process only serves.
+    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr, force=True)
     asyncio.run(_serve(make_app(Path(directory), environ, stall_timeout), host, port))
 
 

@@ -3,7 +3,7 @@
 Daily counts are saved to a JSON file (temp file, fsync, rename) by `persist`, off the
 event loop and at most once per SAVE_INTERVAL, so a restart does not hand out a fresh day's
 allowance (a crash loses at most the last interval's counts). A transfer is counted when it
-starts, so concurrent ones cannot overshoot a limit, and refunded if it fails.
+starts, so concurrent ones cannot overshoot a limit, and refunded if it fails or sends no body.
 """
 
 from __future__ import annotations
@@ -34,12 +34,22 @@ class QuotaLedger:
         self._day, self._daily = self._load()
         self._changed = False
 
-    def transfer(self, channel: str, direction: str, quota: Quota, nbytes: int) -> AbstractContextManager[None]:
-        """Admit a transfer of `nbytes` (QuotaExceeded if over a limit); use the result as a context."""
+    def transfer(
+        self, channel: str, direction: str, quota: Quota, nbytes: int
+    ) -> AbstractContextManager[Callable[[], None]]:
+        """Admit a transfer of `nbytes` (QuotaExceeded if over a limit); use the result as a context.
+
+        The context gives a `refund()` for a transfer that ends without moving its bytes.
+        """
         key = f"{channel}/{direction}/{quota.name}"
         what = f"{direction} quota {quota.name!r} of channel {channel!r}"
         if self._active.get(key, 0) >= quota.max_simultaneous:
             raise ChannelBusy(f"{what}: {quota.max_simultaneous} transfers already running; try again shortly")
+        if nbytes > quota.max_bytes_per_day:
+            raise QuotaExceeded(
+                f"{what}: {nbytes} bytes is more than the {quota.max_bytes_per_day} bytes it allows per day;"
+                " ask the server's operator to raise its maxNumBytesPerDay"
+            )
         self._roll_day()
         counts = self._daily.setdefault(key, {"files": 0, "bytes": 0})
         if counts["files"] + 1 > quota.max_files_per_day:
@@ -49,15 +59,22 @@ class QuotaLedger:
         return self._admit(key, nbytes)
 
     @contextmanager
-    def _admit(self, key: str, nbytes: int) -> Iterator[None]:
+    def _admit(self, key: str, nbytes: int) -> Iterator[Callable[[], None]]:
         day = self._day
+        counted = True
+
+        def refund() -> None:
+            nonlocal counted
+            if counted and self._day == day:  # a failed transfer costs nothing, as in the original
+                self._count(key, -1, -nbytes)
+            counted = False
+
         self._count(key, 1, nbytes)
         self._active[key] = self._active.get(key, 0) + 1
         try:
-            yield
+            yield refund
         except BaseException:
-            if self._day == day:  # a failed transfer costs nothing, as in the original
-                self._count(key, -1, -nbytes)
+            refund()
             raise
         finally:
             self._active[key] -= 1
