@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from kacheryfs import manifest
 from kacheryfs.errors import (
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from kacheryfs.remote import Channel
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ProgressBar = Callable[[int | None, str], AbstractContextManager[Callable[[int], None] | None]]
 _MANIFEST_CACHE = 256
@@ -213,38 +214,49 @@ class Resolver:
             self.stats.hits += 1
             self.store.cache.note_access(path)
             return path
-        key = (alg, digest)
-        with self._lock:
-            future = self._inflight.get(key)
-            owner = future is None
-            if owner:
-                future = self._inflight[key] = Future()
-        assert future is not None
-        if not owner:
-            return future.result()
+        return self._once(self._inflight, (alg, digest), lambda: self._fetch_counted(alg, digest, size, progress))
+
+    def _fetch_counted(self, alg: str, digest: str, size: int | None, progress: ProgressBar | None) -> Path:
+        """`ensure` of a blob that is not here (counted as a miss and a fetch in progress)."""
         with self._lock:
             self.stats.misses += 1
             self.stats.fetches_in_progress += 1
         try:
             try:
-                result = self._fetch(alg, digest, size, progress)
+                return self._fetch(alg, digest, size, progress)
             except StoreFull:
                 # the disk filled up below the cache bounds: make room once and try again
                 # (only blobs a channel holds, and only if that can make the room: see Cache.evict)
                 freed, _ = self.store.cache.evict(free_at_least=max(size or 0, _ENOSPC_FREE), need=size or 0)
                 if not freed:
                     raise
-                result = self._fetch(alg, digest, size, progress)
-            future.set_result(result)
-            return result
-        except BaseException as err:
-            future.set_exception(err)
-            # the waiters hold the future; this thread re-raises it
-            raise
+                return self._fetch(alg, digest, size, progress)
         finally:
             with self._lock:
                 self.stats.fetches_in_progress -= 1
-                del self._inflight[key]
+
+    def _once(self, under_way: dict[tuple[str, str], Future[T]], key: tuple[str, str], work: Callable[[], T]) -> T:
+        """`work()` for the first thread to ask for `key`; the threads that ask while it runs
+        wait for it and get its result, or its error (16 readers of one blob: one download)."""
+        with self._lock:
+            future = under_way.get(key)
+            owner = future is None
+            if owner:
+                future = under_way[key] = Future()
+        assert future is not None
+        if not owner:
+            return future.result()
+        try:
+            result = work()
+        except BaseException as err:
+            future.set_exception(err)  # the waiters hold the future; this thread re-raises it
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            with self._lock:
+                del under_way[key]
 
     def open_blob(
         self, alg: str, digest: str, size: int | None = None, progress: ProgressBar | None = None
@@ -340,26 +352,7 @@ class Resolver:
         size = self.store.size(alg, digest)
         if size is not None:
             return "local", size
-        key = (alg, digest)
-        with self._lock:
-            asking = self._finding.get(key)
-            owner = asking is None
-            if owner:
-                asking = self._finding[key] = Future()
-        assert asking is not None
-        if not owner:
-            return asking.result()  # 16 readers of one missing blob: its channels are asked once
-        try:
-            found = self._ask_channels(alg, digest)
-        except BaseException as err:
-            asking.set_exception(err)
-            raise
-        else:
-            asking.set_result(found)
-            return found
-        finally:
-            with self._lock:
-                del self._finding[key]
+        return self._once(self._finding, (alg, digest), lambda: self._ask_channels(alg, digest))
 
     def _ask_channels(self, alg: str, digest: str) -> tuple[str, int] | None:
         """`find` of a blob that is not here: each channel in turn."""
