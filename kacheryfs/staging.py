@@ -289,10 +289,12 @@ class StagingArea:
         with self._lock:  # with the handles' names, which flush and copy-on-write go by
             old_path, new_path = self.real(old), self.new_name(new)
             ino = _inode(old_path)
-            same = ino is not None and ino == _inode(new_path) and old_path != new_path
-            _rename(old_path, new_path, flags)
-            if same:
-                return  # two names of one file (hard links): rename(2) leaves both as they are
+            if not flags and ino is not None and ino == _inode(new_path) and old_path != new_path:
+                # Two names of one file (hard links): rename(2) would leave both, but the kernel
+                # now knows the old name's node as the new name and no longer `old`: so must we.
+                os.unlink(old_path)
+            else:
+                _rename(old_path, new_path, flags)  # of two names of one file: EEXIST or, exchanged, nothing
             moves = [(old, new), (new, old)] if flags & RENAME_EXCHANGE else [(old, new)]
             renamed = {}
             for handle in self._handles.values():
@@ -549,7 +551,7 @@ class StagingArea:
         name are moved to it, so the blob and the other names (with their handles) keep their
         bytes whatever is written next.
         """
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+        if not stat.S_ISREG(st.st_mode):
             return
         handles = [h for h in self._on_inode(st.st_ino) if self.real(h.rel) == path]
         try:
@@ -558,8 +560,11 @@ class StagingArea:
             named = False
         if not named and not handles:
             return
+        source = path if named else _fd_path(handles[0].fd)
+        if st.st_nlink < 2 and _read_record(source) is None:
+            return  # nobody else's bytes: no other name, and no blob's (a blob's file has a record)
         tmp = (path if named else os.path.join(self.root, f".{st.st_ino}")) + _COW_SUFFIX
-        dst = _copy_file(path if named else _fd_path(handles[0].fd), st, tmp, empty=truncate)
+        dst = _copy_file(source, st, tmp, empty=truncate)
         try:
             if named:
                 os.rename(tmp, path)

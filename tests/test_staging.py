@@ -192,15 +192,44 @@ def test_a_handle_open_across_a_rename_writes_the_renamed_file(area):
     assert ka.load_text(_url(area, "b")) == "NEW bytes"
 
 
-def test_a_rename_between_two_names_of_one_file_changes_nothing(area):
+def test_a_rename_onto_another_name_of_the_same_file_leaves_the_name_the_kernel_sees(area):
     _write(area, "a", [b"one file"])
     area.link("a", "b")
     fh = area.open("a", os.O_WRONLY)
-    area.rename("a", "b")  # rename(2): two links to one file stay as they are
+    area.rename("a", "b")  # rename(2) would leave both names, but the kernel now knows a's node as b, and no a
+    assert [name for name, _st in area.readdir("")] == ["b"]
     area.write(fh, b"ONE", 0)
     area.release(fh)
-    assert ka.load_text(_url(area, "a")) == "ONE file"
-    assert ka.load_text(_url(area, "b")) == "one file"
+    assert ka.load_text(_url(area, "b")) == "ONE file"
+    assert ka.load_text("sha1://" + hashlib.sha1(b"one file").hexdigest()) == "one file"  # the blob kept its bytes
+
+
+def _blob_intact(area: StagingArea, sha1: str) -> bool:
+    return hashlib.sha1(area.store.blob_path("sha1", sha1).read_bytes()).hexdigest() == sha1
+
+
+def test_no_link_rename_unlink_and_truncate_lets_a_write_into_a_stored_blob(area):
+    data = os.urandom(3 << 20)  # no md5 name yet: the staged names and the store's are the file's only ones
+    _write(area, "a", [data])
+    area.link("a", "b")
+    fh = area.open("a", os.O_WRONLY)
+    area.rename("a", "b")
+    with pytest.raises(FileNotFoundError):
+        area.unlink("a")
+    area.truncate("b", 0)
+    area.write(fh, b"EVIL", 0)
+    area.release(fh)
+    assert _blob_intact(area, hashlib.sha1(data).hexdigest())
+
+
+def test_a_write_through_a_handle_whose_name_is_gone_never_reaches_the_blob(area):
+    data = os.urandom(3 << 20)
+    _write(area, "a", [data])
+    fh = area.open("a", os.O_WRONLY)
+    area.unlink("a")  # only the store's name is left on the file: one link, but a blob's
+    area.write(fh, b"EVIL", 0)
+    area.release(fh)
+    assert _blob_intact(area, hashlib.sha1(data).hexdigest())
 
 
 def test_a_link_of_a_directory_is_refused_with_eperm(area):

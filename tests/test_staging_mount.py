@@ -359,6 +359,21 @@ def test_tools_that_keep_hard_links_give_the_url_kachery_store_gives(
     assert verify_store(mnt.storage) > 0
 
 
+def test_mv_of_a_linked_name_onto_its_other_name_leaves_one_name_and_the_blob_intact(mnt: Mount, work: Path) -> None:
+    data = os.urandom(3 << 20)  # no md5 name yet: the staged names and the store's are the file's only ones
+    (work / "a").write_bytes(data)
+    os.link(work / "a", work / "b")
+    fd = os.open(work / "a", os.O_WRONLY)
+    try:
+        os.rename(work / "a", work / "b")
+        assert sorted(os.listdir(work)) == ["b"]  # what the kernel shows is what the staging dir holds
+        os.truncate(work / "b", 0)
+        os.pwrite(fd, b"EVIL", 0)
+    finally:
+        os.close(fd)
+    assert verify_store(mnt.storage) > 0  # every blob still hashes to its name
+
+
 def test_a_write_through_one_linked_name_gives_it_a_copy_and_the_other_keeps_its_bytes_and_url(
     mnt: Mount, work: Path
 ) -> None:
