@@ -254,6 +254,9 @@ class FileSystemView:
         # Set by the mount when the kernel reads blobs' files itself (passthrough).
         self.kernel_reads: KernelReads | None = None
         self.daemon_reads_why = ""  # otherwise, why not
+        # The signal the daemon takes as "let go of held blobs replaced in the store" (see
+        # let_go_of_replaced_blobs), shown in the status for `kacheryfs fsck`; None: no such signal.
+        self.recheck_signal: str | None = None
 
     # -- what is at a path -----------------------------------------------------------
     def stat(self, path: str) -> FileInfo:
@@ -591,6 +594,7 @@ class FileSystemView:
             "reads": "daemon" if self.kernel_reads is None else "kernel (passthrough)",
             "reads_why": self.daemon_reads_why if self.kernel_reads is None else "",
             "fetch_timeout_s": self.fetch_timeout,
+            "recheck_signal": self.recheck_signal,
             **self.resolver.status(),
             "recent_errors": list(self.recent_errors),
             "staging": self.staging.status() if self.staging is not None else None,

@@ -292,3 +292,19 @@ def test_blobs_without_a_note_are_evicted_only_under_a_bound_the_user_set(tmp_pa
     assert store.cache.evict(free_at_least=MiB) == (0, 0)  # unbounded: a full disk evicts none of them
     bounded = LocalStore(tmp_path, limits=CacheLimits(max_size=MiB))
     assert bounded.cache.evict() == (MiB, 1)
+
+
+def test_fsck_repair_never_signals_a_daemon_that_does_not_say_it_takes_the_signal(tmp_path, monkeypatch, capsys):
+    from kacheryfs.cli import fsck_cmd
+    from kacheryfs.mount import daemon
+
+    older = subprocess.Popen(["sleep", "30"])  # SIGUSR1 would end it, as it ends a daemon without the handler
+    try:
+        status = {"pid": older.pid, "storage_dir": str(tmp_path)}  # no "recheck_signal": an older kacheryfs
+        monkeypatch.setattr(daemon, "mounts_of_store", lambda root: ({tmp_path / "mnt": status}, []))
+        fsck_cmd._tell_live_mounts(LocalStore(tmp_path / "store"))
+        assert older.poll() is None
+        assert "may go on serving the quarantined bytes" in capsys.readouterr().err
+    finally:
+        older.kill()
+        older.wait()

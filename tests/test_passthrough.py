@@ -240,3 +240,20 @@ def test_two_first_opens_of_one_blob_at_once_end_with_one_backing_file(kernel: F
     for handle in handles:
         pt.release(handle)
     assert len(kernel.registered) == 1 and pt.reopen("b") is not None  # idle now, and kept
+
+
+def test_a_replaced_blob_is_never_named_again_and_its_old_file_goes_at_its_last_close(
+    kernel: FakeKernel, tmp_path: Path
+) -> None:
+    pt = passthrough.Passthrough(SimpleNamespace(fd=-1))
+    old, new = blobs(tmp_path, 10, 20)
+    held = pt.open("b", opener(old))  # a program keeps the old file open across the repair
+    assert pt.let_go_of_replaced(lambda blob, file: True) == 1
+    assert pt.reopen("b") is None and len(kernel.registered) == 1  # open: the kernel still reads it
+    fetched: list[Path] = []
+    again = pt.open("b", lambda: (fetched.append(new), os.open(new, os.O_RDONLY))[1])
+    assert fetched == [new] and sorted(kernel.registered.values()) == [10, 20]  # the store's file anew
+    pt.release(held)
+    assert sorted(kernel.registered.values()) == [20]  # the old one went at its last close
+    pt.release(again)
+    assert pt.reopen("b") is not None  # the new one is kept idle, as any other

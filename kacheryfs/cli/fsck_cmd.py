@@ -12,6 +12,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -64,9 +65,11 @@ def _tell_live_mounts(store: LocalStore) -> None:
     for where in silent:
         print(f"warning: the mount at {where} did not answer; if it uses this store, unmount it and mount it again",
               file=sys.stderr)  # fmt: skip
-    for where, pid in found.items():
+    for where, status in found.items():
         try:
-            os.kill(pid, RECHECK_SIGNAL)
+            if status.get("recheck_signal") != RECHECK_SIGNAL.name:  # an older daemon: the signal would end it
+                raise OSError(errno.ENOTSUP, "it takes no such request")
+            os.kill(int(str(status["pid"])), RECHECK_SIGNAL)
             print(f"told the mount at {where} to let go of the quarantined blobs", file=sys.stderr)
         except OSError as err:
             print(

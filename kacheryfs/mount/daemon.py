@@ -170,9 +170,9 @@ def _unescaped(field: bytes) -> str:
     return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
 
 
-def mounts_of_store(root: Path, timeout: float = 5.0) -> tuple[dict[Path, int], list[Path]]:
+def mounts_of_store(root: Path, timeout: float = 5.0) -> tuple[dict[Path, dict[str, object]], list[Path]]:
     """The live kacheryfs mounts whose daemon serves the store at `root`, with the daemon's
-    pid; and those whose daemon did not answer within `timeout` (stopped, hung), which may.
+    status; and those whose daemon did not answer within `timeout` (stopped, hung), which may.
 
     Every daemon is asked at once, from threads of their own: asking one that hangs must not
     hang the caller.
@@ -193,7 +193,7 @@ def mounts_of_store(root: Path, timeout: float = 5.0) -> tuple[dict[Path, int], 
             silent.append(where)
             continue
         if status is not None and os.path.realpath(str(status.get("storage_dir"))) == os.path.realpath(root):
-            found[where] = int(str(status["pid"]))
+            found[where] = status
     return found, silent
 
 
@@ -310,12 +310,17 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
         if signalled.is_set():  # a signal came while it was mounting
             threading.Thread(target=_detach, args=(staging_mnt,), kwargs={"lazy": True}, daemon=True).start()
 
+    view.recheck_signal = RECHECK_SIGNAL.name
+
+    def recheck() -> None:
+        try:
+            log.info("held blobs rechecked: let go of %d replaced in the store", view.let_go_of_replaced_blobs())
+        except Exception:
+            log.exception("rechecking held blobs")
+
     def on_signal(signum: int) -> None:
-        if signum == RECHECK_SIGNAL:
-            try:
-                log.info("held blobs rechecked: let go of %d replaced in the store", view.let_go_of_replaced_blobs())
-            except Exception:  # this thread must live on: it also hears the signals that unmount
-                log.exception("rechecking held blobs")
+        if signum == RECHECK_SIGNAL:  # in a thread of its own: this one must hear a stop signal at once
+            threading.Thread(target=recheck, name="kacheryfs-recheck", daemon=True).start()
             return
         log.info("stopped by a signal (%s): unmounting %s", signal.Signals(signum).name, mountpoint)
         signalled.set()

@@ -129,7 +129,7 @@ class _Backing:
     size: int
     file: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the store's file it holds
     opens: int = 0  # open handles naming it: while any, the kernel's inode holds it and it must stay
-    replaced: bool = False  # the store's file is another now: let go of at the last close, never reopened
+    replaced: bool = False  # the store's file is another now: no new open names it; let go of at its last close
 
 
 class Passthrough:
@@ -155,7 +155,9 @@ class Passthrough:
         self._backing: dict[Hashable, _Backing] = {}
         self._idle: collections.OrderedDict[Hashable, _Backing] = collections.OrderedDict()  # not open, oldest first
         self._idle_bytes = 0
-        self._handles: dict[int, Hashable] = {}  # open handle → the blob it names
+        # open handle → the blob it names and the backing file its reply named (a replaced one
+        # is no longer the blob's: it lives on through its handles alone)
+        self._handles: dict[int, tuple[Hashable, _Backing]] = {}
         self._next_handle = itertools.count(1)
         self.working = False  # a backing file was registered: the kernel does passthrough
         self._refused = False  # the first one was refused: never any passthrough on this mount
@@ -197,7 +199,7 @@ class Passthrough:
             backing = self._register(blob, open_blob)
         handle = next(self._next_handle)
         with self._lock:
-            self._handles[handle] = blob
+            self._handles[handle] = (blob, backing)
             self._replies[threading.get_ident()] = (handle, backing.backing_id)
             self._set_writev(self._hook_address)  # libfuse's next write of this thread is the reply
         return handle
@@ -210,45 +212,48 @@ class Passthrough:
         """
         with self._lock:
             backing = self._backing.get(blob)
-            if backing is None or backing.replaced:
+            if backing is None:
                 return None
             self._opened(blob, backing)
             handle = next(self._next_handle)
-            self._handles[handle] = blob
+            self._handles[handle] = (blob, backing)
         return handle, _OPEN_OUT.pack(handle, _OPEN_FLAGS, backing.backing_id)
 
     def blob_of(self, handle: int) -> Hashable | None:
         """The blob an open handle names."""
-        return self._handles.get(handle)
+        named = self._handles.get(handle)
+        return None if named is None else named[0]
 
     def release(self, handle: int) -> None:
         """The kernel closed `handle`: its backing file may now be let go."""
         with self._lock:
-            blob = self._handles.pop(handle, None)
-            backing = self._backing.get(blob) if blob is not None else None
-            if backing is not None:
-                backing.opens -= 1
-                if backing.opens == 0 and backing.replaced:
-                    del self._backing[blob]
-                    self._unregister(backing.backing_id)
-                elif backing.opens == 0:
-                    self._idle[blob] = backing
-                    self._idle_bytes += backing.size
-                    self._trim()
+            blob, backing = self._handles.pop(handle, (None, None))
+            if backing is None:
+                return
+            backing.opens -= 1
+            if backing.opens == 0 and backing.replaced:
+                self._unregister(backing.backing_id)
+            elif backing.opens == 0:
+                self._idle[blob] = backing
+                self._idle_bytes += backing.size
+                self._trim()
 
     def let_go_of_replaced(self, replaced: Callable[[Hashable, tuple[int, int]], bool]) -> int:
         """Let go of the backing files whose blob's file in the store is no longer theirs, by
         `replaced(blob, (st_dev, st_ino))`: idle ones now, open ones at their last close (the
         kernel keeps an inode's backing file while it is open). How many.
 
-        A blob quarantined by `kacheryfs fsck --repair` is one: its next open fetches it again.
+        A blob quarantined by `kacheryfs fsck --repair` is one: its next open registers the
+        store's file anew (fetching it again). An inode the kernel still reads through the old
+        file cannot take the new one until that is closed: such an open fails, where serving
+        the quarantined bytes would be worse.
         """
         with self._lock:
-            gone = [(blob, b) for blob, b in self._backing.items() if not b.replaced and replaced(blob, b.file)]
+            gone = [(blob, b) for blob, b in self._backing.items() if replaced(blob, b.file)]
             for blob, backing in gone:
                 backing.replaced = True
+                del self._backing[blob]
                 if backing.opens == 0:
-                    del self._backing[blob]
                     if self._idle.pop(blob, None) is not None:
                         self._idle_bytes -= backing.size
                     self._unregister(backing.backing_id)
