@@ -29,6 +29,7 @@ from fixtures_server import write_config as write_server_config
 
 from kacheryfs.errors import (
     AuthError,
+    ChannelBusy,
     ChannelUnavailable,
     Forbidden,
     HashMismatch,
@@ -330,6 +331,16 @@ def test_a_busy_channel_is_waited_for_past_its_timeout_as_long_as_it_says_so(
     server = scripted_server(lambda h: (busy if time.monotonic() < until else answer(200, DATA))(h))
     fetch_into(lab(server.url, timeout=1.0), local, SHA1, len(DATA))
     assert local.open("sha1", SHA1).read() == DATA
+
+
+def test_a_channel_busy_for_good_is_given_up_after_busy_waits_timeouts(
+    scripted_server: Scripted, local: LocalStore
+) -> None:
+    server = scripted_server(answer(429, b'{"error": "2 transfers already running"}', {"Retry-After": "0.2"}))
+    started = time.monotonic()
+    with pytest.raises(ChannelBusy, match=r"stayed busy for 3 s: HTTP 429 2 transfers already running"):
+        fetch_into(lab(server.url, timeout=0.3), local, SHA1, len(DATA))
+    assert time.monotonic() - started < 3 + 5  # BUSY_WAITS (10) × 0.3 s, then no more (loose: no timing claim)
 
 
 def test_read_range_from_a_server_that_ignores_range_streams_only_what_it_needs(scripted_server: Scripted) -> None:

@@ -26,6 +26,7 @@ from kacheryfs import auth
 from kacheryfs.auth import MissingPassword
 from kacheryfs.errors import (
     AuthError,
+    ChannelBusy,
     ChannelUnavailable,
     Forbidden,
     HashMismatch,
@@ -46,6 +47,7 @@ _OPERATIONS = {"check": "check", "get": "download", "set": "upload"}
 _STATUS_ERRORS: dict[int, type[KacheryError]] = {
     error.http_status: error for error in (AuthError, Forbidden, NotFound, TooLarge, QuotaExceeded, StoreFull)
 }
+BUSY_WAITS = 10  # a channel with all its transfers in use is waited for up to this many timeouts
 _BACKOFF = 0.2  # seconds before the first retry; doubled for each next one
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+)")
 _QUERY = re.compile(r"\?[^\s'\"()]*")
@@ -226,8 +228,9 @@ class HttpChannel:
         deadline = time.monotonic() + self.timeout if deadline is None else deadline
         reason = f"no progress for {self.timeout:g} s"
         # A busy channel (429 with Retry-After: all its transfers in use) is an answer, not a failure:
-        # it is waited for as long as it says so, each answer moving the deadline on, and not counted.
+        # each such answer moves the deadline on, up to BUSY_WAITS timeouts in all, and is not counted.
         failures = 0
+        busy_until = time.monotonic() + BUSY_WAITS * self.timeout
         while failures <= self.retries:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -257,7 +260,10 @@ class HttpChannel:
                 response.close()
             if busy:  # every simultaneous transfer of the channel is in use: soon there is room
                 delay = _retry_after(response) * random.uniform(0.1, 0.5)
-                deadline = max(deadline, time.monotonic() + self.timeout)
+                if time.monotonic() + delay >= busy_until:
+                    waited = BUSY_WAITS * self.timeout
+                    raise ChannelBusy(f"channel {self.name!r} ({url}) stayed busy for {waited:g} s: {reason}")
+                deadline = max(deadline, min(busy_until, time.monotonic() + self.timeout))
             else:
                 delay = _BACKOFF * 2**failures * random.uniform(0.5, 1.5)
                 failures += 1
