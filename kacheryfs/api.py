@@ -154,7 +154,7 @@ def store_bytes(data: bytes, basename: str = "file.dat", *, to: str | None = Non
     cfg = _current_config(to=to)
     store = LocalStore.from_config(cfg)
     # bytes go as they are (a BytesIO shares them, not copies); other buffers as bytes, so len() counts bytes
-    flat = data if isinstance(data, bytes) else view.cast("B") if view.c_contiguous else view.tobytes()
+    flat = data if isinstance(data, bytes) else view.tobytes()  # in C order, whatever the buffer's shape
     digests = store.put_bytes(flat)
     _upload(cfg, store, "sha1", digests.sha1, digests.size)
     return format_url(file_url("sha1", digests.sha1, name))

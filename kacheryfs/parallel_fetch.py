@@ -105,8 +105,8 @@ def _run(
                 return
             try:
                 done.put((ref, fetch(ref)))
-            except Exception as err:  # handed to the caller, which decides
-                done.put((ref, err))
+            except BaseException as err:  # handed to the caller, which decides: each ref gets its answer
+                done.put((ref, err if isinstance(err, Exception) else RuntimeError(f"fetch ended: {err!r}")))
 
     for _ in range(min(max(1, jobs), len(refs))):
         threading.Thread(target=work, name="kachery-prefetch", daemon=True).start()

@@ -180,8 +180,10 @@ class Resolver:
             raise InvalidManifest(reason)
         found = self.find(alg, digest)  # the size first: a data file's hash given as a snapshot's is never read
         if found is not None and found[1] > MANIFEST_MAX:
-            reason = f"{alg}://{digest} has {found[1]:,} bytes, more than any directory manifest (a file's hash?)"
-            self._remember(self._invalid, key, reason)
+            where, size = found
+            reason = f"{alg}://{digest} has {size:,} bytes, more than any directory manifest (a file's hash?)"
+            if where == "local":  # a channel's word is not checked: another may say otherwise later
+                self._remember(self._invalid, key, reason)
             raise InvalidManifest(reason)
         with self.open_blob(alg, digest) as f:
             if not f.read(64).lstrip().startswith(b"{"):

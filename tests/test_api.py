@@ -452,3 +452,4 @@ def test_store_bytes_stores_the_bytes_of_any_buffer():
     assert ka.load_bytes(ka.store_bytes(array)) == array.tobytes()
     assert ka.load_bytes(ka.store_bytes(memoryview(array)[::2])) == array[::2].tobytes()
     assert ka.load_bytes(ka.store_bytes(bytearray(b"ab"))) == b"ab"
+    assert ka.load_bytes(ka.store_bytes(np.zeros((0, 3)))) == b""  # an empty array is empty bytes

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 from fixtures_server import PASSWORD, ScriptedServer, ServerProcess, quota, readable_tempdir, write_config
 
-from kacheryfs.errors import AuthError, ChannelUnavailable, HashMismatch, InvalidManifest, StoreFull
+from kacheryfs.errors import AuthError, ChannelUnavailable, HashMismatch, InvalidManifest, NotFound, StoreFull
 from kacheryfs.parallel_fetch import fetch_all
 from kacheryfs.remote import HttpChannel, TrackedChannel
 from kacheryfs.resolver import BlobRef, Resolver
@@ -322,3 +322,22 @@ def test_concurrent_lookups_of_a_missing_blob_ask_its_channels_once(tmp_path):
         found = set(pool.map(lambda _: resolver.find("sha1", "1" * 40), range(16)))
     assert found == {("slow", 1234)} and SlowChannel.checks == 1
     assert resolver.find("sha1", "1" * 40) == ("slow", 1234) and SlowChannel.checks == 2  # nothing kept after
+
+
+def test_a_channels_word_that_a_blob_is_too_big_for_a_manifest_is_not_kept(tmp_path, monkeypatch):
+    class Channel:
+        name, size = "lab", 10**12
+
+        def check(self, alg: str, digest: str) -> int | None:
+            return Channel.size
+
+        def fetch(self, alg: str, digest: str, writer, expected_size=None, progress=None) -> None:
+            raise NotFound("lab has no such blob")
+
+    monkeypatch.setattr("kacheryfs.resolver.MANIFEST_MAX", 100)
+    resolver = Resolver(LocalStore(tmp_path), [Channel()])
+    with pytest.raises(InvalidManifest, match="more than any directory manifest"):
+        resolver.manifest("sha1", "2" * 40)
+    Channel.size = None  # the channel thinks again: it has no such blob
+    with pytest.raises(NotFound):
+        resolver.manifest("sha1", "2" * 40)

@@ -122,6 +122,14 @@ def test_if_range_naming_the_blob_gives_the_range_and_any_other_the_whole_blob(s
     for other in ('"another"', "W/" + validators["ETag"], "Thu, 01 Jan 2015 00:00:00 GMT"):
         answer = download(server, headers={"Range": "bytes=0-9", "If-Range": other})
         assert (answer.status_code, answer.content) == (200, DATA)
+        past_the_end = download(server, headers={"Range": f"bytes={len(DATA)}-", "If-Range": other})
+        assert past_the_end.status_code == 200  # a range of another version is not read at all: no 416
+
+
+def test_a_range_of_thousands_of_digits_is_ignored_not_a_server_error(server: ServerProcess) -> None:
+    upload(server, DATA)
+    answer = download(server, headers={"Range": "bytes=" + "9" * 5000 + "-"})
+    assert (answer.status_code, answer.content) == (200, DATA)
 
 
 def test_head_gives_the_size_without_the_bytes(server: ServerProcess) -> None:
@@ -422,6 +430,15 @@ def test_download_whose_client_stops_reading_is_dropped_and_refunded(server_dir:
     finally:
         server.stop()
     assert not any("Traceback" in line for line in server.log)
+
+
+def test_a_stall_timeout_longer_than_the_socket_option_holds_still_serves(server_dir: Path) -> None:
+    server = ServerProcess(server_dir, options=("--stall-timeout", "3e6"))  # 35 days: past 2^31 ms
+    try:
+        upload(server, DATA)
+        assert download(server).content == DATA
+    finally:
+        server.stop()
 
 
 def test_download_read_slowly_is_not_dropped(server_dir: Path) -> None:

@@ -38,6 +38,7 @@ COUNTERS_PATH = Path(".kacheryfs") / "quota-counters.json"
 SHUTDOWN_TIMEOUT = 3.0  # seconds
 STALL_TIMEOUT = 60.0  # seconds a transfer may move no byte (either way) before it is dropped and its slot freed
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_MAX_USER_TIMEOUT_MS = 2**31 - 1  # TCP_USER_TIMEOUT is an int of milliseconds (24 days)
 
 
 class StorageServer:
@@ -70,10 +71,10 @@ class StorageServer:
             raise NotFound(f"{alg}://{digest} is not on this server")
         quota = channel.quota("download", size)
         path = self.store.blob_path(alg, digest)
-        # Range is only defined for GET (RFC 9110 §14.2), and an If-Range that fails turns it off.
-        wanted = requested_range(request.headers.get(hdrs.RANGE), size) if request.method == "GET" else None
-        if wanted is not None and not _if_range_holds(request, path):
-            wanted = None
+        # Range is only defined for GET (RFC 9110 §14.2), and an If-Range that fails turns it off
+        # before it is read: no 416 for a range of another version of the file.
+        ranged = request.method == "GET" and _if_range_holds(request, path)
+        wanted = requested_range(request.headers.get(hdrs.RANGE), size) if ranged else None
         # aiohttp's FileResponse reads Range itself: it gets the range decided here, or none.
         headers = CIMultiDict(request.headers)
         headers.popall(hdrs.RANGE, None)
@@ -189,7 +190,7 @@ def _limit_unacknowledged_time(request: web.Request, seconds: float) -> None:
     sock = request.transport.get_extra_info("socket") if request.transport else None
     option = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux only: elsewhere a stuck reader holds its slot
     if sock is not None and option is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, option, max(1, round(seconds * 1000)))
+        sock.setsockopt(socket.IPPROTO_TCP, option, min(_MAX_USER_TIMEOUT_MS, max(1, round(seconds * 1000))))
 
 
 @web.middleware

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from kacheryfs.errors import KacheryError
 
-# One range-spec: `first-[last]` or `-suffix`; [0-9] because str.isdigit also takes '²'.
-_SPEC = re.compile(r"(?:([0-9]+)-([0-9]*)|-([0-9]+))")
+# One range-spec: `first-[last]` or `-suffix`; [0-9] because str.isdigit also takes '²'. At most
+# 19 digits (more than any file's size): int() refuses 4,300 and more, and a longer one is invalid.
+_SPEC = re.compile(r"(?:([0-9]{1,19})-([0-9]{0,19})|-([0-9]{1,19}))")
 
 
 class RangeNotSatisfiable(KacheryError):
