@@ -75,13 +75,16 @@ class StorageServer:
         # before it is read: no 416 for a range of another version of the file.
         ranged = request.method == "GET" and _if_range_holds(request, path)
         wanted = requested_range(request.headers.get(hdrs.RANGE), size) if ranged else None
-        # aiohttp's FileResponse reads Range itself: it gets the range decided here, or none.
-        headers = CIMultiDict(request.headers)
-        headers.popall(hdrs.RANGE, None)
-        headers.popall(hdrs.IF_RANGE, None)
-        if wanted is not None:
-            headers[hdrs.RANGE] = wanted.header
-        forwarded = request.clone(headers=headers)
+        # aiohttp's FileResponse reads Range itself: it gets the range decided here, or none
+        # (a request without either header, most of them, goes as it is).
+        forwarded = request
+        if hdrs.RANGE in request.headers or hdrs.IF_RANGE in request.headers:
+            headers = CIMultiDict(request.headers)
+            headers.popall(hdrs.RANGE, None)
+            headers.popall(hdrs.IF_RANGE, None)
+            if wanted is not None:
+                headers[hdrs.RANGE] = wanted.header
+            forwarded = request.clone(headers=headers)
         response = _BlobResponse(path, chunk_size=CHUNK)
         if request.method == "HEAD":
             await response.prepare(forwarded)
