@@ -12,7 +12,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 
@@ -66,14 +65,18 @@ def _tell_live_mounts(store: LocalStore) -> None:
         print(f"warning: the mount at {where} did not answer; if it uses this store, unmount it and mount it again",
               file=sys.stderr)  # fmt: skip
     for where, status in found.items():
-        try:
-            if status.get("recheck_signal") != RECHECK_SIGNAL.name:  # an older daemon: the signal would end it
-                raise OSError(errno.ENOTSUP, "it takes no such request")
-            os.kill(int(str(status["pid"])), RECHECK_SIGNAL)
-            print(f"told the mount at {where} to let go of the quarantined blobs", file=sys.stderr)
-        except OSError as err:
-            print(
-                f"warning: the mount at {where} uses this store and may go on serving the quarantined bytes "
-                f"of blobs it has read ({err.strerror} telling it): unmount it and mount it again",
-                file=sys.stderr,
-            )
+        if status.get("recheck_signal") != RECHECK_SIGNAL.name:  # an older daemon: the signal would end it
+            why = "its kacheryfs is older than this one and cannot be told"
+        else:
+            try:
+                os.kill(int(str(status["pid"])), RECHECK_SIGNAL)
+            except OSError as err:
+                why = f"it cannot be told: {err.strerror}"
+            else:
+                print(f"told the mount at {where} to let go of the quarantined blobs", file=sys.stderr)
+                continue
+        print(
+            f"warning: the mount at {where} uses this store and may go on serving the quarantined bytes of "
+            f"blobs it has read ({why}): unmount it and mount it again",
+            file=sys.stderr,
+        )
