@@ -39,7 +39,7 @@ def check_label(label: str) -> str:
         parsed = parse_url(f"sha1dir://{'0' * 40}.{label}").label
     except InvalidURL:
         parsed = None
-    if not label or "?" in label or parsed != label:
+    if not label or parsed != label:
         raise InvalidInput(
             f"invalid label {label!r}: a label is not empty, has no '/', '?' or NUL, nor space at either end"
         )

@@ -17,7 +17,6 @@ from kacheryfs.cli.common import human
 from kacheryfs.config import load_config
 from kacheryfs.mount import daemon
 from kacheryfs.mount.paths import default_mountpoint
-from kacheryfs.vfs import STAGING_VIEW
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     mountpoint = (args.mountpoint or default_mountpoint(load_config(args.config))).expanduser().absolute()
     real = Path(os.path.realpath(mountpoint))
-    if real.name == STAGING_VIEW and real.parent in daemon.kacheryfs_mounts():
+    if daemon.is_staging_mount(real, daemon.kacheryfs_mounts()):
         mountpoint = real.parent  # the staging mount's daemon is the one of the mount it is on
     status = daemon.daemon_status(mountpoint)
     print(json.dumps(status, indent=2) if args.json else _format(mountpoint, status))

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -152,6 +152,11 @@ def kacheryfs_mounts() -> list[Path]:
     return [where for where, kind in _mount_table() if kind == _MOUNT_TYPE]
 
 
+def is_staging_mount(where: Path, mounts: Collection[Path]) -> bool:
+    """Whether `where`, one of `mounts`, is the staging folder of another: the same daemon's."""
+    return where.name == STAGING_VIEW and where.parent in mounts
+
+
 def mount_type(path: Path) -> str | None:
     """The type of what is mounted at `path` ("fuse.kacheryfs", "tmpfs"…, the topmost); None if nothing is."""
     where = Path(os.path.realpath(path))
@@ -180,8 +185,8 @@ def mounts_of_store(root: Path, timeout: float = 5.0) -> tuple[dict[Path, dict[s
     asked: dict[Path, Future[dict[str, object] | None]] = {}
     mounts = kacheryfs_mounts()
     for where in mounts:
-        if where.name == STAGING_VIEW and where.parent in mounts:
-            continue  # the staging folder of a mount: the same daemon's
+        if is_staging_mount(where, mounts):
+            continue  # the mount it is on is asked
         answer = asked[where] = Future()
         threading.Thread(target=lambda w=where, a=answer: a.set_result(_status_or_none(w)), daemon=True).start()
     deadline = time.monotonic() + timeout
