@@ -381,6 +381,14 @@ class StagingOperations(_Operations):
         _point_at_fd(bufpp, fi.fh, size, offset)  # the staged file's own descriptor, as for blobs
         return 0
 
+    def opendir(self, path: str) -> int:
+        # Defined so that libfuse sends directory opens on (mfusepy skips what an Operations
+        # class leaves undefined): the FUSE class gives each its handle and one listing.
+        return 0
+
+    def releasedir(self, path: str, fh: int) -> int:
+        return 0
+
     @_translated
     def release(self, path: str, fi: Any) -> int:
         self.staging.release(fi.fh)
