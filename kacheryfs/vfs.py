@@ -257,6 +257,7 @@ class FileSystemView:
         # The signal the daemon takes as "let go of held blobs replaced in the store" (see
         # let_go_of_replaced_blobs), shown in the status for `kacheryfs fsck`; None: no such signal.
         self.recheck_signal: str | None = None
+        self.staging_shared = False  # set by a mount serving staging on the hash views' connection
 
     # -- what is at a path -----------------------------------------------------------
     def stat(self, path: str) -> FileInfo:
@@ -598,6 +599,7 @@ class FileSystemView:
             **self.resolver.status(),
             "recent_errors": list(self.recent_errors),
             "staging": self.staging.status() if self.staging is not None else None,
+            "staging_shared": self.staging_shared,
         }
 
     def _store_usage(self) -> Usage | None:

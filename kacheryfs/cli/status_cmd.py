@@ -58,6 +58,8 @@ def _format(mountpoint: Path, s: dict[str, Any]) -> str:
     staging = s.get("staging")
     if staging:
         lines.append(f"staging         {staging['dir']}: {staging['open_for_write']} open for writing")
+        if s.get("staging_shared"):
+            lines.append("                on the mount's own connection (not root): every open of a blob is a request")
         lines.append(f"uploads         {staging['uploads_pending']} pending")
         lines += [f"  failing: {e}" for e in staging["uploads_failing"]]
     if s["recent_errors"]:

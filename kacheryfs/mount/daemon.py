@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -317,15 +317,9 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
 
     view.recheck_signal = RECHECK_SIGNAL.name
 
-    def recheck() -> None:
-        try:
-            log.info("held blobs rechecked: let go of %d replaced in the store", view.let_go_of_replaced_blobs())
-        except Exception:
-            log.exception("rechecking held blobs")
-
     def on_signal(signum: int) -> None:
-        if signum == RECHECK_SIGNAL:  # in a thread of its own: this one must hear a stop signal at once
-            threading.Thread(target=recheck, name="kacheryfs-recheck", daemon=True).start()
+        if signum == RECHECK_SIGNAL:
+            _recheck_in_background(view)
             return
         log.info("stopped by a signal (%s): unmounting %s", signal.Signals(signum).name, mountpoint)
         signalled.set()
@@ -350,6 +344,9 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
             key, eq, value = item.partition("=")
             fuse_options[key] = value if eq else True
     run = {"raw_fi": True, "foreground": True, "nothreads": False}
+    if not staging_apart(fuse_options):
+        _serve_shared(config, mountpoint, view, uploads, fuse_options | run, timeouts)
+        return
 
     def hash_views() -> None:
         try:
@@ -384,11 +381,84 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
             if not hash_views_done.is_set():
                 _detach(mountpoint, lazy=True)  # the staging mount is gone: nothing is left to wait for
                 hash_views_done.wait(STOP_TIMEOUT)
-        view.close_blob_fds()
-        if uploads is not None:
-            uploads.stop()
-        resolver.store.cache.flush_access()
+        _wind_down(view, uploads)
     log.info("unmounted %s", mountpoint)
+
+
+def staging_apart(fuse_options: Mapping[str, object]) -> bool:
+    """Whether `<mnt>/staging` can be a FUSE mount of its own on top of the hash views.
+
+    Without root, fusermount3 makes the mount, and it runs as root: a FUSE mount lets no
+    other user in, root included, unless it allows others (allow_other, allow_root).
+    """
+    return os.geteuid() == 0 or any(fuse_options.get(key) for key in ("allow_other", "allow_root"))
+
+
+def _serve_shared(
+    config: Config,
+    mountpoint: Path,
+    view: FileSystemView,
+    uploads: UploadQueue | None,
+    fuse_options: dict[str, object],
+    timeouts: dict[str, float],
+) -> None:
+    """`serve` with the hash views and the staging area on one FUSE connection (`SharedOperations`)."""
+    from kacheryfs.mount.fuse_ops import SharedFUSE, SharedOperations
+
+    before_dev = os.stat(mountpoint).st_dev
+    signalled = threading.Event()
+
+    def on_init() -> None:
+        view.ready.set()  # from now on the root answers its pid: `kacheryfs mount` returns
+        args = (mountpoint, before_dev, config.readahead_kb)  # from a thread: see serve
+        threading.Thread(target=raise_readahead, args=args, daemon=True).start()
+        if signalled.is_set():  # a signal came while it was mounting
+            threading.Thread(target=_detach, args=(mountpoint,), kwargs={"lazy": True}, daemon=True).start()
+
+    def on_signal(signum: int) -> None:
+        if signum == RECHECK_SIGNAL:
+            _recheck_in_background(view)
+            return
+        log.info("stopped by a signal (%s): unmounting %s", signal.Signals(signum).name, mountpoint)
+        signalled.set()
+        if view.ready.is_set():
+            _detach(mountpoint, lazy=True)
+
+    view.recheck_signal = RECHECK_SIGNAL.name
+    view.staging_shared = True
+    log.info("mounting %s (storage %s, channels %s; staging on the same connection: not root)",
+             mountpoint, config.storage_dir, list(config.fr) or "none")  # fmt: skip
+    with _on_signals(on_signal):
+        try:
+            ops = SharedOperations(view, on_init=on_init, use_passthrough=config.passthrough, **timeouts)
+            SharedFUSE(ops, str(mountpoint), **fuse_options)  # type: ignore[arg-type]
+        except RuntimeError as err:
+            if not (view.ready.is_set() or signalled.is_set()):
+                raise _mount_failed(mountpoint, config, [err]) from err
+        finally:
+            _wind_down(view, uploads)
+    log.info("unmounted %s", mountpoint)
+
+
+def _recheck_in_background(view: FileSystemView) -> None:
+    """Let go of held blobs whose file in the store was replaced (RECHECK_SIGNAL), from a thread
+    of its own: the signal thread must hear a stop signal at once."""
+
+    def recheck() -> None:
+        try:
+            log.info("held blobs rechecked: let go of %d replaced in the store", view.let_go_of_replaced_blobs())
+        except Exception:
+            log.exception("rechecking held blobs")
+
+    threading.Thread(target=recheck, name="kacheryfs-recheck", daemon=True).start()
+
+
+def _wind_down(view: FileSystemView, uploads: UploadQueue | None) -> None:
+    """After the unmount: descriptors closed, the upload thread stopped, access times written."""
+    view.close_blob_fds()
+    if uploads is not None:
+        uploads.stop()
+    view.resolver.store.cache.flush_access()
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

@@ -31,7 +31,7 @@ from kacheryfs.errors import InvalidURL, KacheryError, NotFound
 from kacheryfs.mount.passthrough import KEPT_BYTES, Passthrough, Unavailable, may_register_backing_files
 from kacheryfs.mount.session import KNOWN_VERSIONS, OPEN_SLOT, OPENDIR_SLOT, RELEASE_SLOT, Session, pin_thread_state
 from kacheryfs.staging import StagingArea
-from kacheryfs.vfs import XATTR_PREFIX, FileInfo, FileSystemView
+from kacheryfs.vfs import STAGING_VIEW, XATTR_PREFIX, FileInfo, FileSystemView
 
 log = logging.getLogger(__name__)
 
@@ -494,6 +494,160 @@ class StagingOperations(_Operations):
         return _statfs(self.staging.root)
 
 
+_STAGING_ROOT = "/" + STAGING_VIEW
+
+
+def _in_staging(path: str) -> str | None:
+    """A path of a shared connection as the staging area's own mount would see it ("/" for its
+    root); None for a path outside it."""
+    if path == _STAGING_ROOT:
+        return "/"
+    if path.startswith(_STAGING_ROOT + "/"):
+        return path[len(_STAGING_ROOT) :]
+    return None
+
+
+class SharedOperations(HashViewOperations):
+    """The hash views and the staging area on one connection (under `SharedFUSE`).
+
+    For a daemon that cannot mount `<mnt>/staging` apart: without root, that mount is made by
+    fusermount3, which runs as root, and a FUSE mount lets no other user in (root included)
+    unless mounted with allow_other. Each path goes to the operations of its part. The price:
+    going without opens is a whole connection's choice, and staging needs its opens, so here
+    every open of a blob is a request (answered at once for a blob in the store).
+    """
+
+    def __init__(self, view: FileSystemView, *, use_passthrough: bool = True, **kwargs: Any) -> None:
+        super().__init__(view, use_passthrough=use_passthrough, **kwargs)
+        if self.wants_passthrough:
+            self.no_passthrough("the staging area shares the mount's connection")
+        kwargs.pop("on_init", None)  # called once, by this connection's INIT
+        self.staged = StagingOperations(view, **kwargs)
+
+    @_translated
+    def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
+        inner = _in_staging(path)
+        return super().getattr(path, fh) if inner is None else self.staged.getattr(inner, fh)
+
+    def readdir(self, path: str, fh: int) -> list[Any]:
+        inner = _in_staging(path)
+        if inner is not None:
+            return self.staged.readdir(inner, fh)
+        entries = super().readdir(path, fh)
+        if path == "/":  # the staging folder as it is, not as the hash views would list a folder
+            entries = [STAGING_VIEW if e[0] == STAGING_VIEW else e for e in entries]
+        return entries
+
+    def opendir(self, path: str) -> int:
+        return 0  # defined so that directory opens reach SharedFUSE, which tells the two parts apart
+
+    def releasedir(self, path: str, fh: int) -> int:
+        return 0
+
+    def open(self, path: str, fi: Any) -> int:
+        inner = _in_staging(path)
+        return self._open_blob(path, fi) if inner is None else self.staged.open(inner, fi)
+
+    @_translated
+    def _open_blob(self, path: str, fi: Any) -> int:
+        if not _read_only(fi.flags):
+            raise mfusepy.FuseOSError(errno.EROFS)
+        self.view.blob_fd(path)  # fetched now, so that its errors show at open
+        fi.keep_cache = 1  # a blob never changes: the page cache stays across opens
+        return 0
+
+    def read_buf(self, path: str, bufpp: Any, size: int, offset: int, fi: Any) -> int:
+        inner = _in_staging(path)
+        if inner is None:
+            return super().read_buf(path, bufpp, size, offset, fi)
+        return self.staged.read_buf(inner, bufpp, size, offset, fi)
+
+    def release(self, path: str, fi: Any) -> int:
+        inner = _in_staging(path)
+        return 0 if inner is None else self.staged.release(inner, fi)
+
+    def flush(self, path: str, fi: Any) -> int:
+        inner = _in_staging(path)  # never ENOSYS here: the kernel would stop flushing staged files too
+        return 0 if inner is None else self.staged.flush(inner, fi)
+
+    def fsync(self, path: str, datasync: int, fi: Any) -> int:
+        inner = _in_staging(path)
+        return 0 if inner is None else self.staged.fsync(inner, datasync, fi)
+
+    def _inside(self, path: str, *, root: int = errno.EBUSY) -> str:
+        """The staging path of `path` for a change; EROFS outside staging, `root` for its root."""
+        inner = _in_staging(path)
+        if inner is None:
+            raise mfusepy.FuseOSError(errno.EROFS)
+        if inner == "/" and root:
+            raise mfusepy.FuseOSError(root)
+        return inner
+
+    def create(self, path: str, mode: int, fi: Any) -> int:
+        return self.staged.create(self._inside(path, root=errno.EEXIST), mode, fi)
+
+    def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
+        return self.staged.write(self._inside(path), data, offset, fi)
+
+    def truncate(self, path: str, length: int, fh: Any = None) -> int:
+        return self.staged.truncate(self._inside(path, root=errno.EISDIR), length, fh)
+
+    def unlink(self, path: str) -> int:
+        return self.staged.unlink(self._inside(path))
+
+    def mkdir(self, path: str, mode: int) -> int:
+        return self.staged.mkdir(self._inside(path, root=errno.EEXIST), mode)
+
+    def rmdir(self, path: str) -> int:
+        return self.staged.rmdir(self._inside(path))
+
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        return self.staged.mknod(self._inside(path, root=errno.EEXIST), mode, dev)
+
+    def chmod(self, path: str, mode: int) -> int:
+        return self.staged.chmod(self._inside(path, root=0), mode)
+
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        return self.staged.chown(self._inside(path, root=0), uid, gid)
+
+    def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
+        return self.staged.utimens(self._inside(path, root=0), times)
+
+    def symlink(self, target: str, source: str) -> int:
+        return self.staged.symlink(self._inside(target, root=errno.EEXIST), source)
+
+    def readlink(self, path: str) -> str:
+        inner = _in_staging(path)
+        if inner is None:
+            raise mfusepy.FuseOSError(errno.EINVAL)  # nothing in the hash views is a link
+        return self.staged.readlink(inner)
+
+    def rename(self, old: str, new: str, flags: int = 0) -> int:
+        return self.staged.rename(*self._both_inside(old, new), flags)
+
+    def link(self, target: str, source: str) -> int:
+        new, existing = self._both_inside(target, source)
+        return self.staged.link(new, existing)
+
+    def _both_inside(self, a: str, b: str) -> tuple[str, str]:
+        """Staging paths of both ends of a rename or link: EXDEV across the parts, as two mounts would say."""
+        if (_in_staging(a) is None) != (_in_staging(b) is None):
+            raise mfusepy.FuseOSError(errno.EXDEV)
+        return self._inside(a), self._inside(b)
+
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        inner = _in_staging(path)
+        return super().getxattr(path, name, position) if inner is None else self.staged.getxattr(inner, name, position)
+
+    def listxattr(self, path: str) -> list[str]:
+        inner = _in_staging(path)
+        return super().listxattr(path) if inner is None else self.staged.listxattr(inner)
+
+    def statfs(self, path: str) -> dict[str, int]:
+        inner = _in_staging(path)
+        return super().statfs(path) if inner is None else self.staged.statfs(inner)
+
+
 def _rel(path: str) -> str:
     """The path inside the staging area of a path on its mount ('' for the root)."""
     return path.strip("/")
@@ -805,7 +959,7 @@ class StagingFUSE(_FUSE):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._dir_handles = itertools.count(1)
-        self._listings: dict[int, list[_Entry] | None] = {}  # open directory handle → its listing, once built
+        self._staged_listings: dict[int, list[_Entry] | None] = {}  # open directory handle → its listing, once built
         super().__init__(*args, **kwargs)  # mounts and runs the loop: everything above must exist first
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
@@ -816,18 +970,51 @@ class StagingFUSE(_FUSE):
     def opendir(self, path: bytes, fip: Any) -> int:
         result = super().opendir(path, fip)
         fip.contents.fh = handle = next(self._dir_handles)
-        self._listings[handle] = None
+        self._staged_listings[handle] = None
         return result
 
     def releasedir(self, path: bytes | None, fip: Any) -> int:
-        self._listings.pop(fip.contents.fh, None)
+        self._staged_listings.pop(fip.contents.fh, None)
         return super().releasedir(path, fip)
 
     def _listing(self, path: bytes, fip: Any) -> list[_Entry]:
         fh = fip.contents.fh
-        items = self._listings.get(fh)
+        items = self._staged_listings.get(fh)
         if items is None:
             items = self._entries(path, fh)
-            if fh in self._listings:
-                self._listings[fh] = items
+            if fh in self._staged_listings:
+                self._staged_listings[fh] = items
         return items
+
+
+class SharedFUSE(HashViewFUSE, StagingFUSE):
+    """Both parts on one connection (`SharedOperations`): each directory goes the way of its path.
+
+    A hash-view directory's listing is kept by the kernel (as `HashViewFUSE` does, here set
+    in this opendir: libfuse's own would set it for staged directories too); a staged one
+    gets a handle and a listing per open (`StagingFUSE`).
+    """
+
+    def _keep_listings_in_kernel(self, session: Session) -> None:
+        pass  # per directory, in opendir below
+
+    def _staged(self, path: bytes) -> bool:
+        return _in_staging(path.decode(self.encoding, self.errors)) is not None
+
+    def opendir(self, path: bytes, fip: Any) -> int:
+        if self._staged(path):
+            return StagingFUSE.opendir(self, path, fip)
+        fip.contents.cache_readdir = 1
+        fip.contents.keep_cache = 1
+        fip.contents.fh = 0
+        return 0
+
+    def getattr_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        if path is None or self._staged(path):
+            return mfusepy.FUSE.getattr_fuse_3(self, path, buf, fip)
+        return HashViewFUSE.getattr_fuse_3(self, path, buf, fip)
+
+    def _listing(self, path: bytes, fip: Any) -> list[_Entry]:
+        if self._staged(path):
+            return StagingFUSE._listing(self, path, fip)
+        return HashViewFUSE._listing(self, path, fip)

@@ -1,0 +1,168 @@
+"""A mount made by a user who is not root, as most users make theirs.
+
+fusermount3 (setuid root) makes such a mount, and a FUSE mount lets no other user in, root
+included: so `<mnt>/staging` cannot be a second mount on top, and the daemon serves it on
+the same connection (`SharedOperations`). These tests run every command as `nobody`: mount,
+read, list, stage, ask for URLs, unmount. The user keeps one capability, reading any file
+(CAP_DAC_READ_SEARCH), so that it can run this Python wherever it is installed; it has no
+other (no CAP_SYS_ADMIN: no passthrough, no mount(2) of its own).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fixtures_mount import (
+    CLI_TIMEOUT,
+    force_unmount,
+    is_mounted,
+    require_fuse,
+    store_tree,
+    wait_until,
+    write_sample_tree,
+)
+
+from kacheryfs.mount.paths import mount_path
+from kacheryfs.store import LocalStore
+
+NOBODY = 65534
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def _need(what: str, ok: bool) -> None:
+    if not ok:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs as root with util-linux: {what}")
+        pytest.skip(what)
+
+
+@pytest.fixture
+def as_nobody() -> Iterator[tuple[Run, Path]]:
+    """(run, base): `run(*cmd)` runs a command as nobody in `base`, a folder nobody owns."""
+    require_fuse()
+    _need("running commands as another user needs root", os.geteuid() == 0)
+    setpriv = shutil.which("setpriv")
+    _need("setpriv (util-linux) is needed to run commands as nobody", setpriv is not None)
+    fuse_mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    if fuse_mode & 0o006 != 0o006:
+        os.chmod("/dev/fuse", fuse_mode | 0o666)  # as distributions ship it; put back below
+    base = Path(tempfile.mkdtemp(prefix="kacheryfs-nobody-"))
+    base.chmod(0o755)
+    home = base / "home"
+    home.mkdir()
+    os.chown(base, NOBODY, NOBODY)
+    os.chown(home, NOBODY, NOBODY)
+    env = {"HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
+    caps = ["--inh-caps", "+dac_read_search", "--ambient-caps", "+dac_read_search"]
+
+    def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        argv = [setpriv, "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups", *caps, *cmd]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=CLI_TIMEOUT, env=env, cwd=base)
+        if check and done.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr}")
+        return done
+
+    try:
+        yield run, base
+    finally:
+        mnt = base / "mnt"
+        if is_mounted(mnt):
+            run(sys.executable, "-m", "kacheryfs", "umount", "--lazy", str(mnt), check=False)
+        if is_mounted(mnt):
+            force_unmount(mnt)
+        os.chmod("/dev/fuse", fuse_mode)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _chown_tree(root: Path) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            os.lchown(name, NOBODY, NOBODY)
+
+
+def test_a_user_mounts_reads_stages_and_unmounts(as_nobody: tuple[Run, Path]) -> None:
+    run, base = as_nobody
+    tree = write_sample_tree(base / "ds001")
+    storage = base / "storage"
+    url = store_tree(LocalStore(storage), tree)
+    _chown_tree(base)
+    mnt = base / "mnt"
+    run("mkdir", str(mnt))
+
+    def kacheryfs(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run(sys.executable, "-m", "kacheryfs", *args, check=check)
+
+    kacheryfs("mount", str(mnt), "--storage-dir", str(storage))
+    try:
+        assert is_mounted(mnt)
+        snapshot = mount_path(url, mnt)
+        assert run("cat", str(snapshot / "a.txt")).stdout == "hello kachery\n"
+        big = run("sha1sum", str(snapshot / "sub" / "big.bin")).stdout.split()[0]
+        assert big == hashlib.sha1((tree / "sub" / "big.bin").read_bytes()).hexdigest()
+        listing = run("ls", "-lR", str(snapshot)).stdout
+        assert "ünï cödé.txt" in listing and "big.bin" in listing
+        assert run("find", str(mnt / "sha1")).stdout.split() == [str(mnt / "sha1")]  # lookup-only, as with root
+
+        # The staging folder: a copy of the tree gets the snapshot's own URL.
+        run("cp", "-r", str(tree), str(mnt / "staging" / "copy"))
+        staged_url = kacheryfs("url", str(mnt / "staging" / "copy")).stdout.strip()
+        assert staged_url.split(".")[0] == url.split(".")[0]
+        getfattr = run("getfattr", "-n", "user.kachery.url", "--only-values", str(mnt / "staging" / "copy" / "a.txt"))
+        assert getfattr.stdout.startswith("sha1://")
+        run("mv", str(mnt / "staging" / "copy"), str(mnt / "staging" / "moved"))
+        assert run("ls", str(mnt / "staging")).stdout.split() == ["moved"]
+        assert run("cat", str(mnt / "staging" / "moved" / "a.txt")).stdout == "hello kachery\n"
+
+        # The hash views stay read-only, and nothing crosses between the two parts.
+        assert run("touch", str(mnt / "sha1" / "x"), check=False).returncode != 0
+        link = run("ln", str(snapshot / "a.txt"), str(mnt / "staging" / "a.txt"), check=False)
+        assert link.returncode != 0 and "cross-device" in link.stderr
+        assert run("rmdir", str(mnt / "staging"), check=False).returncode != 0
+
+        status = kacheryfs("status", str(mnt)).stdout
+        assert "on the mount's own connection" in status
+        assert "passthrough off" in status
+    finally:
+        if is_mounted(mnt):
+            kacheryfs("umount", str(mnt), check=False)
+    assert not is_mounted(mnt)
+    # What was staged is in the store, under the user's own store.
+    staged = storage / "staging" / "moved" / "a.txt"
+    assert staged.read_text() == "hello kachery\n"
+
+
+def test_a_user_stops_a_mount_with_a_signal_and_clears_a_stale_one(as_nobody: tuple[Run, Path]) -> None:
+    run, base = as_nobody
+    storage, mnt = base / "storage", base / "mnt"
+    run("mkdir", str(mnt), str(storage))
+
+    def kacheryfs(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run(sys.executable, "-m", "kacheryfs", *args, check=check)
+
+    def pid() -> int:
+        return int(run("getfattr", "-n", "user.kachery.pid", "--only-values", str(mnt)).stdout)
+
+    kacheryfs("mount", str(mnt), "--storage-dir", str(storage))
+    os.kill(pid(), signal.SIGTERM)
+    wait_until(lambda: not is_mounted(mnt), what="the daemon to unmount on SIGTERM")
+
+    kacheryfs("mount", str(mnt), "--storage-dir", str(storage))
+    os.kill(pid(), signal.SIGKILL)
+    wait_until(lambda: run("ls", str(mnt), check=False).returncode != 0, what="the mount to go stale")
+    kacheryfs("umount", str(mnt))
+    assert not is_mounted(mnt)
+    kacheryfs("mount", str(mnt), "--storage-dir", str(storage))  # and a new mount works
+    run("sh", "-c", f"echo hi > {mnt}/staging/z")
+    assert kacheryfs("url", str(mnt / "staging" / "z")).stdout.startswith("sha1://")
+    kacheryfs("umount", str(mnt))
+    assert not is_mounted(mnt)
