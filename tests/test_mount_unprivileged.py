@@ -166,3 +166,14 @@ def test_a_user_stops_a_mount_with_a_signal_and_clears_a_stale_one(as_nobody: tu
     assert kacheryfs("url", str(mnt / "staging" / "z")).stdout.startswith("sha1://")
     kacheryfs("umount", str(mnt))
     assert not is_mounted(mnt)
+
+
+def test_a_user_without_access_to_dev_fuse_is_told_what_to_do(as_nobody: tuple[Run, Path]) -> None:
+    run, base = as_nobody
+    run("mkdir", str(base / "mnt"))
+    os.chmod("/dev/fuse", 0o600)  # as some machines have it; the fixture puts the mode back
+    done = run(sys.executable, "-m", "kacheryfs", "mount", str(base / "mnt"), check=False)
+    assert done.returncode != 0
+    assert "/dev/fuse (mode 0600) is not open to this user" in done.stderr
+    assert "chmod 0666 /dev/fuse" in done.stderr
+    assert not is_mounted(base / "mnt")

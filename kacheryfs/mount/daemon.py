@@ -20,6 +20,7 @@ import re
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -109,6 +110,12 @@ def check_fuse() -> None:
         raise MountError(f"FUSE is not available here (no /dev/fuse): {INSTALL_HINT}")
     if os.geteuid() != 0 and shutil.which("fusermount3") is None:
         raise MountError(f"fusermount3 is not installed: {INSTALL_HINT}")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+        raise MountError(
+            f"/dev/fuse (mode {mode:04o}) is not open to this user: mount as root, or ask an administrator "
+            "for `chmod 0666 /dev/fuse`, the mode distributions give it (FUSE keeps each user to their own mounts)"
+        )
     try:
         import mfusepy  # noqa: F401  (loads libfuse3 at import)
     except (OSError, ImportError) as err:
