@@ -38,8 +38,8 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Collection
-from contextlib import suppress
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -564,10 +564,15 @@ class StagingArea:
         if st.st_nlink < 2 and _read_record(source) is None:
             return  # nobody else's bytes: no other name, and no blob's (a blob's file has a record)
         tmp = (path if named else os.path.join(self.root, f".{st.st_ino}")) + _COW_SUFFIX
-        dst = _copy_file(source, st, tmp, empty=truncate)
-        try:
+        with _owner_may_write(os.path.dirname(tmp)):  # the copy's name, in a 0555 directory too
+            dst = _copy_file(source, st, tmp, empty=truncate)
             if named:
-                os.rename(tmp, path)
+                try:
+                    os.rename(tmp, path)
+                except BaseException:
+                    os.close(dst)
+                    raise
+        try:
             new_ino = os.fstat(dst).st_ino
             for handle in handles:
                 moved = os.open(_fd_path(dst), (handle.flags & ~_REOPEN_DROP) | os.O_CLOEXEC)
@@ -721,12 +726,40 @@ def _write_record(target: str | int, digests: Digests, mtime_ns: int | None = No
     if mtime_ns is None:
         mtime_ns = (os.stat(target) if isinstance(target, str) else os.fstat(target)).st_mtime_ns
     record = {"sha1": digests.sha1, "md5": digests.md5, "size": digests.size, "mtime_ns": mtime_ns}
-    os.setxattr(target, RECORD_XATTR, json.dumps(record).encode())
+    try:
+        os.setxattr(target, RECORD_XATTR, json.dumps(record).encode())
+    except PermissionError:
+        with _owner_may_write(target):  # a read-only file (cp of a 0444 file, git's objects)
+            os.setxattr(target, RECORD_XATTR, json.dumps(record).encode())
 
 
 def _forget_record(target: int | str) -> None:
     try:
-        os.removexattr(target, RECORD_XATTR)
+        try:
+            os.removexattr(target, RECORD_XATTR)
+        except PermissionError:
+            with _owner_may_write(target):
+                os.removexattr(target, RECORD_XATTR)
     except OSError as err:
         if err.errno != errno.ENODATA:
             raise
+
+
+@contextmanager
+def _owner_may_write(target: str | int) -> Iterator[None]:
+    """Let a daemon that is not root change a file or directory of its own whose mode keeps
+    its owner out (0444, 0555) for a moment, as root could anyway; the mode is put back.
+
+    Setting an attribute needs write permission, and so does a copy-on-write's new name in
+    a directory. Only the time of the mode's change moves (not the mtime a record keeps).
+    """
+    st = os.stat(target)
+    mode = stat.S_IMODE(st.st_mode)
+    lift = os.geteuid() != 0 and st.st_uid == os.geteuid() and not mode & stat.S_IWUSR
+    if lift:
+        os.chmod(target, mode | stat.S_IWUSR)
+    try:
+        yield
+    finally:
+        if lift:
+            os.chmod(target, mode)

@@ -177,3 +177,43 @@ def test_a_user_without_access_to_dev_fuse_is_told_what_to_do(as_nobody: tuple[R
     assert "/dev/fuse (mode 0600) is not open to this user" in done.stderr
     assert "chmod 0666 /dev/fuse" in done.stderr
     assert not is_mounted(base / "mnt")
+
+
+def test_a_users_read_only_files_are_staged_like_roots(as_nobody: tuple[Run, Path]) -> None:
+    """Read-only files and folders: root's daemon may change anything, a user's daemon lifts its
+    own mode for a moment to set a file's record or make a copy-on-write."""
+    run, base = as_nobody
+    storage, mnt = base / "storage", base / "mnt"
+    run("mkdir", str(mnt), str(storage))
+    run("sh", "-c", f"echo read-only > {base}/ro.txt && chmod 444 {base}/ro.txt")
+
+    def kacheryfs(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run(sys.executable, "-m", "kacheryfs", *args, check=check)
+
+    def url(path: Path) -> str:
+        return kacheryfs("url", str(path)).stdout.strip()
+
+    kacheryfs("mount", str(mnt), "--storage-dir", str(storage))
+    try:
+        staging = mnt / "staging"
+        run("cp", "-a", f"{base}/ro.txt", str(staging / "ro.txt"))  # cp, tar x and git write such files
+        first = url(staging / "ro.txt")
+        assert first.startswith("sha1://")
+        assert stat.S_IMODE(os.stat(storage / "staging" / "ro.txt").st_mode) == 0o444  # the mode is put back
+        run("touch", "-d", "2001-01-01", str(staging / "ro.txt"))  # a new time: the record follows it
+        assert url(staging / "ro.txt") == first
+
+        # A change to a stored file in a read-only folder gets its own copy; the blob keeps its bytes.
+        run("mkdir", str(staging / "rod"))
+        run("sh", "-c", f"echo a > {staging}/rod/f")
+        before = url(staging / "rod" / "f")
+        run("chmod", "555", str(staging / "rod"))
+        run("sh", "-c", f"echo more >> {staging}/rod/f")
+        assert run("cat", str(staging / "rod" / "f")).stdout == "a\nmore\n"
+        assert url(staging / "rod" / "f") != before
+        assert run("cat", str(mount_path(before, mnt))).stdout == "a\n"
+        assert stat.S_IMODE(os.stat(storage / "staging" / "rod").st_mode) == 0o555
+        assert url(staging).startswith("sha1dir://")  # the whole folder has its URL
+    finally:
+        if is_mounted(mnt):
+            kacheryfs("umount", str(mnt), check=False)
