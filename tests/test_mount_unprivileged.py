@@ -120,7 +120,7 @@ def test_a_user_mounts_reads_stages_and_unmounts(as_nobody: tuple[Run, Path]) ->
         getfattr = run("getfattr", "-n", "user.kachery.url", "--only-values", str(mnt / "staging" / "copy" / "a.txt"))
         assert getfattr.stdout.startswith("sha1://")
         run("mv", str(mnt / "staging" / "copy"), str(mnt / "staging" / "moved"))
-        assert run("ls", str(mnt / "staging")).stdout.split() == ["moved"]
+        assert run("ls", str(mnt / "staging")).stdout.split() == ["moved"]  # before open.txt below
         assert run("cat", str(mnt / "staging" / "moved" / "a.txt")).stdout == "hello kachery\n"
 
         # The hash views stay read-only, and nothing crosses between the two parts.
@@ -128,6 +128,15 @@ def test_a_user_mounts_reads_stages_and_unmounts(as_nobody: tuple[Run, Path]) ->
         link = run("ln", str(snapshot / "a.txt"), str(mnt / "staging" / "a.txt"), check=False)
         assert link.returncode != 0 and "cross-device" in link.stderr
         assert run("rmdir", str(mnt / "staging"), check=False).returncode != 0
+
+        # A file still open for writing has no URL yet, and is said so (not "a top-level folder").
+        holder = (
+            "import subprocess, sys\n"
+            f"f = open({str(mnt / 'staging' / 'open.txt')!r}, 'w'); f.write('x'); f.flush()\n"
+            f"url = [sys.executable, '-m', 'kacheryfs', 'url', f.name]\n"
+            "print(subprocess.run(url, capture_output=True, text=True).stderr)\n"
+        )
+        assert "not yet: a staged file has one once closed" in run(sys.executable, "-c", holder).stdout
 
         status = kacheryfs("status", str(mnt)).stdout
         assert "on the mount's own connection" in status

@@ -14,7 +14,7 @@ from pathlib import Path
 from kacheryfs.config import Config, load_config
 from kacheryfs.errors import InvalidURL, KacheryError, MountError, NotFound
 from kacheryfs.uri import KacheryURL, as_url
-from kacheryfs.vfs import SNAPSHOT_VIEW, XATTR_PREFIX
+from kacheryfs.vfs import SNAPSHOT_VIEW, STAGING_VIEW, XATTR_PREFIX
 
 URL_XATTR = XATTR_PREFIX + "url"
 
@@ -73,6 +73,6 @@ def _why_no_url(path: str | os.PathLike[str]) -> str:
     if not under:
         return "it is not a file or directory under a kacheryfs mount"
     inner = max(under, key=lambda m: len(m.parts))
-    if is_staging_mount(inner, mounts):
+    if is_staging_mount(inner, mounts) or where.is_relative_to(inner / STAGING_VIEW):  # staging apart, or shared
         return "not yet: a staged file has one once closed, a staged directory once no file in it is open for writing"
     return "the mount's top-level folders (sha1/, md5/, sha1dir/) have none"
