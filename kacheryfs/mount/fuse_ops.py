@@ -29,7 +29,15 @@ import mfusepy
 
 from kacheryfs.errors import InvalidURL, KacheryError, NotFound
 from kacheryfs.mount.passthrough import KEPT_BYTES, Passthrough, Unavailable, may_register_backing_files
-from kacheryfs.mount.session import KNOWN_VERSIONS, OPEN_SLOT, OPENDIR_SLOT, RELEASE_SLOT, Session, pin_thread_state
+from kacheryfs.mount.session import (
+    FLUSH_SLOT,
+    KNOWN_VERSIONS,
+    OPEN_SLOT,
+    OPENDIR_SLOT,
+    RELEASE_SLOT,
+    Session,
+    pin_thread_state,
+)
 from kacheryfs.staging import StagingArea
 from kacheryfs.vfs import STAGING_VIEW, XATTR_PREFIX, FileInfo, FileSystemView
 
@@ -741,6 +749,9 @@ _libfuse.fuse_reply_buf.restype, _libfuse.fuse_reply_buf.argtypes = (
 )
 _libfuse.fuse_reply_err.restype, _libfuse.fuse_reply_err.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_int]
 _INODES_KEPT = 100_000  # inodes whose blob is remembered for opens answered at the low level
+_BLOB_HANDLE = 1 << 62  # a blob's handle on a shared connection (a staged file's is its descriptor)
+_libfuse.fuse_reply_open.restype = ctypes.c_int
+_libfuse.fuse_reply_open.argtypes = [ctypes.c_void_p, ctypes.POINTER(mfusepy.fuse_file_info)]
 
 
 class _FUSE(mfusepy.FUSE):
@@ -837,7 +848,7 @@ class HashViewFUSE(_FUSE):
             log.info("this libfuse's session is not the one known: the kernel will ask for listings again")
             operations.no_passthrough("this libfuse's session is not the one known")
             return
-        self._keep_listings_in_kernel(session)
+        self._amend(session)
         if operations.wants_passthrough:
             # Idle backing files hold their blobs against eviction: never more than a quarter of the cache.
             max_size = operations.view.resolver.store.cache.limits.max_size
@@ -858,6 +869,10 @@ class HashViewFUSE(_FUSE):
         callback = _LowLevelFileOp(wrapper(original))
         self._low_level.append(callback)
         session.ops[slot] = ctypes.cast(callback, ctypes.c_void_p).value
+
+    def _amend(self, session: Session) -> None:
+        """What this connection changes in libfuse's low-level ops at INIT (before any other request)."""
+        self._keep_listings_in_kernel(session)
 
     def _keep_listings_in_kernel(self, session: Session) -> None:
         """Wrap libfuse's low-level opendir of this session."""
@@ -995,8 +1010,64 @@ class SharedFUSE(HashViewFUSE, StagingFUSE):
     gets a handle and a listing per open (`StagingFUSE`).
     """
 
-    def _keep_listings_in_kernel(self, session: Session) -> None:
-        pass  # per directory, in opendir below
+    def _amend(self, session: Session) -> None:
+        # Listings are kept per directory, in opendir below; blobs' opens are answered here.
+        self._answer_blob_opens(session)
+
+    def _answer_blob_opens(self, session: Session) -> None:
+        """Wrap libfuse's low-level open, flush and release: blobs need no trip into Python.
+
+        A blob's inode, once opened the high-level way (`open`), is answered at once by the
+        low-level open (read-only, page cache kept, handle _BLOB_HANDLE); a flush or release
+        of that handle is answered at once too. Everything else, and all of staging, goes on
+        to the high level. (The high level's count of a node's opens then stays up: that
+        matters only to a file unlinked while open, and no blob is ever unlinked.)
+        """
+        known, opening = self._blob_of_inode, self._opening
+
+        def open_wrapper(original: Any) -> Callable[..., None]:
+            def open_(req: int, ino: int, fi: Any) -> None:
+                answer = False
+                try:
+                    pin_thread_state()
+                    answer = ino in known and _read_only(fi.contents.flags)
+                except Exception:
+                    log.exception("open of inode %d", ino)
+                if answer:
+                    fi.contents.fh, fi.contents.keep_cache = _BLOB_HANDLE, 1
+                    _libfuse.fuse_reply_open(req, fi)  # interrupted or not, there is nothing to undo
+                    return
+                opening[threading.get_ident()] = ino  # for `open` below: the inode of this path
+                try:
+                    original(req, ino, fi)
+                finally:
+                    opening.pop(threading.get_ident(), None)
+
+            return open_
+
+        def blob_handles_answered(original: Any) -> Callable[..., None]:
+            def flush_or_release(req: int, ino: int, fi: Any) -> None:
+                if fi.contents.fh == _BLOB_HANDLE:
+                    _libfuse.fuse_reply_err(req, 0)  # a blob has nothing to flush, nor to let go of
+                else:
+                    original(req, ino, fi)
+
+            return flush_or_release
+
+        self._wrap(session, OPEN_SLOT, open_wrapper)
+        self._wrap(session, FLUSH_SLOT, blob_handles_answered)
+        self._wrap(session, RELEASE_SLOT, blob_handles_answered)
+
+    def open(self, path: bytes, fip: Any) -> int:
+        result = super().open(path, fip)
+        ino = self._opening.get(threading.get_ident())
+        if result == 0 and not self._staged(path):
+            fip.contents.fh = _BLOB_HANDLE
+            if ino is not None:
+                if len(self._blob_of_inode) >= _INODES_KEPT:
+                    self._blob_of_inode.clear()
+                self._blob_of_inode[ino] = True  # a blob's inode keeps its path, and its bytes
+        return result
 
     def _staged(self, path: bytes) -> bool:
         return _in_staging(path.decode(self.encoding, self.errors)) is not None

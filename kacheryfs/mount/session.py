@@ -17,7 +17,7 @@ from typing import Any
 import mfusepy
 
 # Slots in struct fuse_lowlevel_ops (init, destroy, lookup, …; only ever appended to).
-OPEN_SLOT, WRITE_SLOT, RELEASE_SLOT, OPENDIR_SLOT = 14, 16, 18, 20
+OPEN_SLOT, WRITE_SLOT, FLUSH_SLOT, RELEASE_SLOT, OPENDIR_SLOT = 14, 16, 17, 18, 20
 KNOWN_VERSIONS = range(312, 317)  # libfuse versions whose struct fuse_session starts as _SessionHead
 
 
