@@ -226,3 +226,29 @@ def test_a_users_read_only_files_are_staged_like_roots(as_nobody: tuple[Run, Pat
     finally:
         if is_mounted(mnt):
             kacheryfs("umount", str(mnt), check=False)
+
+
+def test_root_is_told_whose_mount_it_is_and_unmounts_it(as_nobody: tuple[Run, Path]) -> None:
+    run, base = as_nobody
+    storage, mnt = base / "storage", base / "mnt"
+    run("mkdir", str(mnt), str(storage))
+    run(sys.executable, "-m", "kacheryfs", "mount", str(mnt), "--storage-dir", str(storage))
+    daemon = int(run("getfattr", "-n", "user.kachery.pid", "--only-values", str(mnt)).stdout)
+
+    def as_root(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "kacheryfs", *args], capture_output=True, text=True,
+                              timeout=CLI_TIMEOUT)  # fmt: skip
+
+    status = as_root("status", str(mnt))  # root cannot look into a user's mount
+    assert status.returncode != 0 and "another user's kacheryfs mount" in status.stderr
+    done = as_root("umount", str(mnt))
+    assert done.returncode == 0, done.stderr
+    assert not is_mounted(mnt)
+
+    def exited() -> bool:
+        try:
+            return Path(f"/proc/{daemon}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    wait_until(exited, what="the user's daemon to exit")

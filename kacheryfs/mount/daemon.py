@@ -236,6 +236,11 @@ def _root_xattr(mountpoint: Path, name: str) -> bytes:
     except OSError as err:
         if err.errno == errno.ENOTCONN:
             raise MountError(f"{mountpoint} holds a stale mount: run `kacheryfs umount {mountpoint}`") from err
+        if err.errno == errno.EACCES and mount_type(mountpoint) == _MOUNT_TYPE:
+            raise MountError(
+                f"{mountpoint} is another user's kacheryfs mount: FUSE lets only its owner in (root too is kept "
+                "out, unless it was mounted with --allow-other)"
+            ) from err
         raise MountError(f"no kacheryfs mount answers at {mountpoint} ({err.strerror})") from err
 
 
@@ -631,17 +636,19 @@ def unmount(mountpoint: Path, *, lazy: bool = False, timeout: float = STOP_TIMEO
                 f"{mountpoint} is busy, in use by {', '.join(holders)}: close those, or `kacheryfs umount --lazy` "
                 "to detach it now (the daemon then serves them until they close)"
             )
+    # Whether something is mounted is read from the mount table: a path in another user's
+    # FUSE mount cannot even be looked at, by root neither (os.path.ismount says no).
     staging = mountpoint / STAGING_VIEW
-    if not (stale or lazy) and os.path.ismount(staging):
+    if not (stale or lazy) and mount_type(staging) == _MOUNT_TYPE:
         _unmount_one(staging, lazy=False, timeout=timeout)
         deadline = time.monotonic() + timeout
-        while pid is not None and os.path.ismount(mountpoint) and time.monotonic() < deadline:
+        while pid is not None and mount_type(mountpoint) is not None and time.monotonic() < deadline:
             time.sleep(0.02)  # the daemon unmounts the hash views after the staging mount
-    if is_stale(mountpoint) or os.path.ismount(mountpoint):
+    if mount_type(mountpoint) == _MOUNT_TYPE:
         try:
             _unmount_one(mountpoint, lazy=stale or lazy, timeout=timeout)
         except MountError:
-            if is_stale(mountpoint) or os.path.ismount(mountpoint):
+            if mount_type(mountpoint) == _MOUNT_TYPE:
                 raise  # else the daemon unmounted it meanwhile
     if isinstance(pid, int):
         _wait_exit(pid, timeout)
