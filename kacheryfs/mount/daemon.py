@@ -618,6 +618,8 @@ def unmount(mountpoint: Path, *, lazy: bool = False, timeout: float = STOP_TIMEO
     """
     mountpoint = Path(os.path.realpath(mountpoint))  # a symlink to it names the mount, as the table does
     kind = mount_type(mountpoint)
+    if kind is None and mountpoint.name == STAGING_VIEW and mount_type(mountpoint.parent) == _MOUNT_TYPE:
+        mountpoint, kind = mountpoint.parent, _MOUNT_TYPE  # staging on the mount's own connection: goes with it
     if kind is None:
         raise MountError(f"{mountpoint} is not mounted")
     if kind != _MOUNT_TYPE:  # never someone else's filesystem, stale or busy or not
