@@ -344,7 +344,7 @@ class StagingArea:
             if not (stat.S_ISREG(st.st_mode) and any(h.dirty for h in self._on_inode(st.st_ino))):
                 os.link(source, path, follow_symlinks=False)  # of a directory: EPERM, as the kernel says
                 return
-            tmp = path + _COW_SUFFIX
+            tmp = self._copy_name(st)
             os.close(_copy_file(source, st, tmp, empty=False))
             try:
                 _rename(tmp, path, RENAME_NOREPLACE)  # EEXIST, as link(2), when `rel` exists
@@ -543,6 +543,11 @@ class StagingArea:
         handle.hasher = Hasher(md5=False)  # in order from byte 0; a write anywhere else drops it
         handle.hashing = self._watch(handle.ino)
 
+    def _copy_name(self, st: os.stat_result) -> str:
+        """Where a copy of the file `st` is made before it takes a name (under the lock): in the
+        staging root, and short, as a name of 255 bytes leaves no room for a suffix."""
+        return os.path.join(self.root, f".{st.st_ino}{_COW_SUFFIX}")
+
     def _break_sharing(self, path: str, st: os.stat_result, *, truncate: bool) -> None:
         """Give the name `path` of the file `st` an inode of its own before a change through it,
         if its bytes are also a blob's or another name's (a hard link).
@@ -563,15 +568,15 @@ class StagingArea:
         source = path if named else _fd_path(handles[0].fd)
         if st.st_nlink < 2 and _read_record(source) is None:
             return  # nobody else's bytes: no other name, and no blob's (a blob's file has a record)
-        tmp = (path if named else os.path.join(self.root, f".{st.st_ino}")) + _COW_SUFFIX
-        with _owner_may_write(os.path.dirname(tmp)):  # the copy's name, in a 0555 directory too
-            dst = _copy_file(source, st, tmp, empty=truncate)
-            if named:
-                try:
+        tmp = self._copy_name(st)
+        dst = _copy_file(source, st, tmp, empty=truncate)
+        if named:
+            try:
+                with _owner_may_write(os.path.dirname(path)):  # into a 0555 folder too
                     os.rename(tmp, path)
-                except BaseException:
-                    os.close(dst)
-                    raise
+            except BaseException:
+                os.close(dst)
+                raise
         try:
             new_ino = os.fstat(dst).st_ino
             for handle in handles:

@@ -169,6 +169,21 @@ def test_append_gives_a_new_url_and_the_first_blob_keeps_its_bytes(mnt: Mount, w
     assert blob(mnt, first) == b"a\n" and blob(mnt, second) == b"a\nb\n"
 
 
+def test_names_of_255_bytes_take_writes_appends_and_links(mnt: Mount, work: Path) -> None:
+    """A change to a stored file makes its copy under a short name (a 255-byte name has no room
+    for a suffix): a shell's `>` stores the empty file at its first close, then writes."""
+    long, other = "n" * 255, "m" * 255
+    run("sh", "-c", f"echo a > {long}", cwd=work)
+    first = url_of(work / long, mnt)
+    run("sh", "-c", f"echo b >> {long}", cwd=work)
+    assert (work / long).read_bytes() == b"a\nb\n"
+    assert blob(mnt, url_of(work / long, mnt)) == b"a\nb\n" and blob(mnt, first) == b"a\n"
+    os.link(work / long, work / other)
+    run("sh", "-c", f"echo c >> {other}", cwd=work)
+    assert (work / long).read_bytes() == b"a\nb\n" and (work / other).read_bytes() == b"a\nb\nc\n"
+    assert sorted(os.listdir(work)) == [other, long]  # no copy left behind under another name
+
+
 def test_editor_style_save_renames_a_temp_file_over_the_original(mnt: Mount, work: Path, tmp_path: Path) -> None:
     (work / "notes.txt").write_text("draft one\n")
     first = url_of(work / "notes.txt", mnt)
