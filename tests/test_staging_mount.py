@@ -182,6 +182,10 @@ def test_names_of_255_bytes_take_writes_appends_and_links(mnt: Mount, work: Path
     run("sh", "-c", f"echo c >> {other}", cwd=work)
     assert (work / long).read_bytes() == b"a\nb\n" and (work / other).read_bytes() == b"a\nb\nc\n"
     assert sorted(os.listdir(work)) == [other, long]  # no copy left behind under another name
+    with pytest.raises(OSError) as too_long:
+        os.stat(work / ("n" * 256))
+    assert too_long.value.errno == errno.ENAMETOOLONG
+    assert not [e for e in mnt.status()["recent_errors"] if "n" * 256 in e]  # the caller's mistake, not the mount's
 
 
 def test_editor_style_save_renames_a_temp_file_over_the_original(mnt: Mount, work: Path, tmp_path: Path) -> None:

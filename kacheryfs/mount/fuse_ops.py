@@ -365,7 +365,7 @@ class StagingOperations(_Operations):
             raise ValueError("StagingOperations needs a view with a staging area")
         self.staging: StagingArea = view.staging
 
-    @_translated
+    @_staged  # a name too long (ENAMETOOLONG) is the caller's business, as ENOENT is
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
         try:
             st = self.staging.stat(_rel(path))
