@@ -35,6 +35,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import statistics
 import subprocess
 import sys
@@ -170,13 +171,13 @@ def tool(name: str) -> str:
 
 def run(
     cmd: list[str | Path], *, env: dict[str, str] | None = None, stdout: Any = subprocess.DEVNULL,
-    stdin: Any = subprocess.DEVNULL, timeout: float = 3600,
+    stdin: Any = subprocess.DEVNULL, timeout: float = 3600, cwd: Path | None = None,
 ) -> str:  # fmt: skip
     """Run a command; CommandFailed with the end of its stderr when it fails. Returns stdout if piped."""
     argv = [str(c) for c in cmd]
     # stderr to a file, not a pipe: a daemon that inherits a pipe would keep us waiting for EOF
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.run(argv, env=env, stdout=stdout, stdin=stdin, stderr=err, timeout=timeout)
+        proc = subprocess.run(argv, env=env, stdout=stdout, stdin=stdin, stderr=err, timeout=timeout, cwd=cwd)
         if proc.returncode != 0:
             err.seek(0)
             tail = err.read().decode(errors="replace").strip().splitlines()[-3:]
@@ -990,6 +991,79 @@ def mount_tree_idle_polling(b: Bench) -> Iterable[Measurement]:
     yield Measurement(f"{label} {b.files:,} × 4 KiB (warm)", "s", med["rd2"], med["rd2_n"])
 
 
+_NOBODY = 65534
+_READ_TWICE = """
+import sys, time
+paths = open(sys.argv[1]).read().split("\\n")
+for _ in range(2):
+    started = time.perf_counter()
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            f.read()
+    print(time.perf_counter() - started, flush=True)
+"""
+
+
+@contextlib.contextmanager
+def _dev_fuse_open_to_users() -> Iterator[None]:
+    """/dev/fuse readable and writable by all for the duration (the mode distributions give it)."""
+    mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    os.chmod("/dev/fuse", mode | 0o666)
+    try:
+        yield
+    finally:
+        os.chmod("/dev/fuse", mode)
+
+
+def mount_tree_as_user(b: Bench) -> Iterable[Measurement]:
+    """The small files through a mount made by a user, not root (nobody): staging shares the
+    hash views' connection, so every open of a blob is a request (a report, not a target)."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None or not os.path.exists("/dev/fuse"):
+        raise Unavailable("needs root, setpriv and /dev/fuse to mount as nobody")
+    tree = b.small_tree
+    # A folder of its own the user can reach: fusermount3 checks the mountpoint as the user.
+    base = Path(tempfile.mkdtemp(prefix="kacheryfs-bench-user-", dir=b.workdir.parent))
+    b.section_stack.callback(shutil.rmtree, base, ignore_errors=True)
+    base.chmod(0o755)
+    storage, mnt, home = base / "store", base / "mnt", base / "home"
+    for d in (mnt, home):
+        d.mkdir()
+    dir_url = b.store(tree, storage)
+    for d, dirs, files in os.walk(base):
+        for name in [d, *(os.path.join(d, n) for n in dirs + files)]:
+            os.lchown(name, _NOBODY, _NOBODY)
+    snap = _snapshot_dir(mnt, dir_url)
+    listing = base / "paths.txt"
+    listing.write_text("\n".join(str(snap / p.relative_to(tree)) for p in files_under(tree)))
+    # It may read any file (to run this Python wherever it is installed); nothing else of root's.
+    as_user = [setpriv, "--reuid", str(_NOBODY), "--regid", str(_NOBODY), "--clear-groups",
+               "--inh-caps", "+dac_read_search", "--ambient-caps", "+dac_read_search"]  # fmt: skip
+    env = {**b.env(storage), "HOME": str(home)}
+    kacheryfs = [*as_user, sys.executable, "-m", "kacheryfs"]
+    ours: dict[str, list[float]] = {"cold": [], "warm": []}
+    native: dict[str, list[float]] = {"cold": [], "warm": []}
+    local = files_under(tree)
+    with _dev_fuse_open_to_users():
+        for _ in range(b.repeats):
+            run([*kacheryfs, "mount", str(mnt), "--storage-dir", str(storage)], env=env, cwd=base, timeout=120)
+            try:
+                drop_all_caches()
+                out = run([*as_user, sys.executable, "-c", _READ_TWICE, str(listing)], env=env, cwd=base,
+                          stdout=subprocess.PIPE, timeout=600)  # fmt: skip
+            finally:
+                subprocess.run([*kacheryfs, "umount", str(mnt)], env=env, cwd=base, capture_output=True, timeout=60)
+            cold, warm = (float(x) for x in out.split())
+            ours["cold"].append(cold)
+            ours["warm"].append(warm)
+            drop_all_caches()
+            native["cold"].append(stopwatch(lambda: read_files(local)))
+            native["warm"].append(stopwatch(lambda: read_files(local)))
+    label = f"  a user's mount (not root; staging on its connection): {b.files:,} × 4 KiB"
+    for kind in ("cold", "warm"):
+        yield Measurement(f"{label} ({kind})", "s", statistics.median(ours[kind]), statistics.median(native[kind]))
+
+
 # -- staging (issue 5) ---------------------------------------------------------------------
 @contextlib.contextmanager
 def staging_mount(b: Bench) -> Iterator[Path]:
@@ -1148,8 +1222,8 @@ SECTIONS = {
         Section("server", 3, "storage server and client",
                 (server_load_big, server_vs_nginx_big, server_concurrent_small, server_upload_big)),
         Section("mount", 4, "the FUSE mount",
-                (mount_big_reads, mount_big_reads_by_daemon, mount_tree, mount_tree_by_daemon, mount_wakeup_floor,
-                 mount_tree_idle_polling)),
+                (mount_big_reads, mount_big_reads_by_daemon, mount_tree, mount_tree_by_daemon, mount_tree_as_user,
+                 mount_wakeup_floor, mount_tree_idle_polling)),
         Section("staging", 5, "the staging directory", (staging_cp_big, staging_cp_tree)),
         Section("ops", 6, "prefetch, fsck, recency tracking", (ops_prefetch, ops_fsck, ops_recency_overhead)),
     )
