@@ -306,7 +306,8 @@ class StagingArea:
                 handle.rel = rel
 
     def chmod(self, rel: str, mode: int) -> None:
-        os.chmod(self.real(rel), mode & 0o7777)
+        with self._lock:  # never between the reading and the putting back of a mode (_owner_may_write)
+            os.chmod(self.real(rel), mode & 0o7777)
 
     def chown(self, rel: str, uid: int, gid: int) -> None:
         os.chown(self.real(rel), uid, gid, follow_symlinks=False)
@@ -345,12 +346,13 @@ class StagingArea:
                 os.link(source, path, follow_symlinks=False)  # of a directory: EPERM, as the kernel says
                 return
             tmp = self._copy_name(st)
-            os.close(_copy_file(source, st, tmp, empty=False))
-            try:
-                _rename(tmp, path, RENAME_NOREPLACE)  # EEXIST, as link(2), when `rel` exists
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            with _owner_may_write(self.root):
+                os.close(_copy_file(source, st, tmp, empty=False))
+                try:
+                    _rename(tmp, path, RENAME_NOREPLACE)  # EEXIST, as link(2), when `rel` exists
+                except BaseException:
+                    os.unlink(tmp)
+                    raise
         with suppress(NotFound):  # a new file nobody writes: its URL now, as for any closed file
             self._ingest_now(rel)
 
@@ -569,14 +571,17 @@ class StagingArea:
         if st.st_nlink < 2 and _read_record(source) is None:
             return  # nobody else's bytes: no other name, and no blob's (a blob's file has a record)
         tmp = self._copy_name(st)
-        dst = _copy_file(source, st, tmp, empty=truncate)
-        if named:
-            try:
-                with _owner_may_write(os.path.dirname(path)):  # into a 0555 folder too
-                    os.rename(tmp, path)
-            except BaseException:
-                os.close(dst)
-                raise
+        with _owner_may_write(self.root):  # the copy is made there, also when it is 0555
+            dst = _copy_file(source, st, tmp, empty=truncate)
+            if named:
+                try:
+                    with _owner_may_write(os.path.dirname(path)):  # into a 0555 folder too
+                        os.rename(tmp, path)
+                except BaseException:
+                    os.close(dst)
+                    with suppress(OSError):
+                        os.unlink(tmp)
+                    raise
         try:
             new_ino = os.fstat(dst).st_ino
             for handle in handles:
@@ -587,7 +592,8 @@ class StagingArea:
                 self._unwatch(handle.hashing)
                 handle.hashing = self._watch(new_ino) if handle.hashing is not None else None
             if not named:
-                os.unlink(tmp)
+                with _owner_may_write(self.root):
+                    os.unlink(tmp)
         finally:
             os.close(dst)
         log.debug("copy-on-write of %s (%d bytes) before it changes", path, 0 if truncate else st.st_size)
