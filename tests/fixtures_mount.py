@@ -112,8 +112,11 @@ def is_mounted(mountpoint: Path) -> bool:
 
 
 @contextmanager
-def mounted_at(base: Path, storage: Path, config_text: str = "", *extra: str) -> Iterator[Mount]:
-    """`kacheryfs mount` on `base/mnt` with `storage` and a config file holding `config_text`."""
+def mounted_at(
+    base: Path, storage: Path, config_text: str = "", *extra: str, daemon_env: dict[str, str] | None = None
+) -> Iterator[Mount]:
+    """`kacheryfs mount` on `base/mnt` with `storage` and a config file holding `config_text`;
+    `daemon_env`: more environment for the mount command (and so its daemon)."""
     require_fuse()
     mountpoint, config, log = base / "mnt", base / "mount-config.toml", base / "mount.log"
     mountpoint.mkdir(parents=True, exist_ok=True)
@@ -121,7 +124,7 @@ def mounted_at(base: Path, storage: Path, config_text: str = "", *extra: str) ->
     env = dict(os.environ, KACHERY_CONFIG=str(config), KACHERY_STORAGE_DIR=str(storage))
     mount = Mount(mountpoint, storage, config, log, env)
     args = ["mount", str(mountpoint), "--config", str(config), "--storage-dir", str(storage), "--log-file", str(log)]
-    mount.cli(*args, *extra)
+    kacheryfs(*args, *extra, env={**env, **(daemon_env or {})})
     try:
         yield mount
     finally:

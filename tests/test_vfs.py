@@ -518,3 +518,18 @@ def test_a_path_giving_its_blob_the_wrong_size_is_refused_even_once_the_blob_is_
         view.blob_of(f"/sha1dir/{snap}/short")
     assert view.blob_fd(f"/sha1dir/{snap}/right") == fd
     view.close_blob_fds()
+
+
+def test_a_shared_connection_passes_every_staging_operation_on() -> None:
+    """SharedOperations forwards by hand: every op staging has must be one of its own (or the
+    very same), or the kernel would get ENOSYS for it on a user's mount."""
+    import mfusepy
+
+    from kacheryfs.mount.fuse_ops import SharedOperations, StagingOperations
+
+    ops = {name for name in dir(mfusepy.Operations) if not name.startswith("_")}
+    staged = {name for name in ops if not getattr(getattr(StagingOperations, name), "libfuse_ignore", False)}
+    assert {"create", "write", "rename", "link", "flush", "release", "opendir"} <= staged
+    own = SharedOperations.__dict__
+    missing = {n for n in staged if n not in own and getattr(SharedOperations, n) is not getattr(StagingOperations, n)}
+    assert not missing

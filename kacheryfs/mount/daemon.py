@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -289,8 +289,9 @@ def raise_readahead(mountpoint: Path, before_dev: int, readahead_kb: int, wait: 
 def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None:
     """Mount and run the filesystem in this process until unmounted or signalled.
 
-    Two FUSE connections: the read-only hash views at `mountpoint` (in a thread) and the
-    staging area on `mountpoint/staging` (in this thread). When the staging mount ends, for
+    As root, two FUSE connections: the read-only hash views at `mountpoint` (in a thread)
+    and the staging area on `mountpoint/staging` (in this thread); otherwise one
+    (`_serve_shared`). When the staging mount ends, for
     whatever reason, the hash views are unmounted after it; when the hash views end first
     (a lazy unmount), the staging mount is let go too. SIGINT, SIGTERM and SIGHUP unmount
     the staging mount, and so both; RECHECK_SIGNAL lets go of held blobs whose file in the
@@ -356,7 +357,7 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
             key, eq, value = item.partition("=")
             fuse_options[key] = value if eq else True
     run = {"raw_fi": True, "foreground": True, "nothreads": False}
-    if not staging_apart(fuse_options):
+    if not staging_apart():
         _serve_shared(config, mountpoint, view, uploads, fuse_options | run, timeouts)
         return
 
@@ -397,13 +398,18 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
     log.info("unmounted %s", mountpoint)
 
 
-def staging_apart(fuse_options: Mapping[str, object]) -> bool:
+def staging_apart() -> bool:
     """Whether `<mnt>/staging` can be a FUSE mount of its own on top of the hash views.
 
-    Without root, fusermount3 makes the mount, and it runs as root: a FUSE mount lets no
-    other user in, root included, unless it allows others (allow_other, allow_root).
+    Only for root: without it, fusermount3 makes the mount, as root, and a FUSE mount lets
+    no other user in, root included (allow_other would, but fusermount3 then finds the
+    hash views' `staging` folder read-only to the user). SHARED_ENV=1 asks for one
+    connection as root too (the tests run staging both ways).
     """
-    return os.geteuid() == 0 or any(fuse_options.get(key) for key in ("allow_other", "allow_root"))
+    return os.geteuid() == 0 and os.environ.get(SHARED_ENV) != "1"
+
+
+SHARED_ENV = "KACHERYFS_STAGING_SHARED"
 
 
 def _serve_shared(

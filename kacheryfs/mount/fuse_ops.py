@@ -1,13 +1,15 @@
 """The FUSE operations: translate kernel requests into `FileSystemView` and `StagingArea` calls, and back.
 
-A mount is two FUSE connections: the read-only hash views at `<mnt>` (`HashViewOperations`,
-told that nothing there needs an open, so the kernel answers opens and closes itself) and
-the writable staging area mounted on `<mnt>/staging` (`StagingOperations`, which needs
-every open and close). Thin on purpose: what exists and what it holds is decided in
-`kacheryfs.vfs` and `kacheryfs.staging`. This module only speaks FUSE — stat dicts, file
-handles, errno — and sets the kernel cache up for immutable content. Every kacheryfs error
-becomes its `errno`; any other exception is logged with its traceback and becomes EIO
-(never mfusepy's default EINVAL, which hides bugs as "Invalid argument").
+A daemon running as root mounts two FUSE connections: the read-only hash views at `<mnt>`
+(`HashViewOperations`, told that nothing there needs an open, so the kernel answers opens
+and closes itself) and the writable staging area mounted on `<mnt>/staging`
+(`StagingOperations`, which needs every open and close). A user's daemon cannot mount the
+second inside the first, and serves both on one (`SharedOperations`). Thin on purpose:
+what exists and what it holds is decided in `kacheryfs.vfs` and `kacheryfs.staging`. This
+module only speaks FUSE — stat dicts, file handles, errno — and sets the kernel cache up
+for immutable content. Every kacheryfs error becomes its `errno`; any other exception is
+logged with its traceback and becomes EIO (never mfusepy's default EINVAL, which hides bugs
+as "Invalid argument").
 """
 
 from __future__ import annotations
@@ -519,8 +521,8 @@ class SharedOperations(HashViewOperations):
     """The hash views and the staging area on one connection (under `SharedFUSE`).
 
     For a daemon that cannot mount `<mnt>/staging` apart: without root, that mount is made by
-    fusermount3, which runs as root, and a FUSE mount lets no other user in (root included)
-    unless mounted with allow_other. Each path goes to the operations of its part. The price:
+    fusermount3, which runs as root, and a FUSE mount lets no other user in (root included;
+    see `daemon.staging_apart`). Each path goes to the operations of its part. The price:
     going without opens is a whole connection's choice, and staging needs its opens, so here
     every open of a blob is a request (answered at once for a blob in the store).
     """
@@ -736,11 +738,15 @@ def _point_at_fd(bufpp: Any, fd: int, size: int, offset: int) -> None:
     ctypes.cast(bufpp, ctypes.POINTER(ctypes.c_void_p))[0] = addr
 
 
-# libfuse's low-level open, release and opendir (the slots HashViewFUSE wraps): request, inode, file info.
+# libfuse's low-level open, flush, release and opendir (the slots wrapped): request, inode, file info.
+# Called through this type, libfuse runs with the GIL let go.
 _LowLevelFileOp = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.POINTER(mfusepy.fuse_file_info))
-# The wrappers call libfuse with the GIL held (PYFUNCTYPE, PyDLL): a reply never waits, the high
-# level's open comes straight back into Python on this thread, and each GIL let go for a call
-# was a wait to take it back behind the daemon's other threads.
+# On the read-only hash views the wrappers call libfuse with the GIL held (PYFUNCTYPE, PyDLL):
+# a reply never waits, nor does the high level there (nothing takes a path's lock for a change),
+# its open comes straight back into Python on this thread, and each GIL let go for a call was a
+# wait to take it back behind the daemon's other threads. Where staging shares the connection
+# the high level may wait for a path a rename holds, and the rename's Python for the GIL: there
+# the originals are called with the GIL let go (`_LowLevelFileOp`).
 _LowLevelFileOpCall = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.POINTER(mfusepy.fuse_file_info))
 _libfuse = ctypes.PyDLL(mfusepy._libfuse._name)
 _libfuse.fuse_reply_buf.restype, _libfuse.fuse_reply_buf.argtypes = (
@@ -774,7 +780,8 @@ class _FUSE(mfusepy.FUSE):
             return -(errno.ENODATA if name.startswith(b"user.") else errno.EOPNOTSUPP)
         return super().getxattr(path, name, value, size, *args)
 
-    def _listing(self, path: bytes, fip: Any) -> list[_Entry]:
+    def _listing(self, path: bytes, fip: Any, offset: int) -> list[_Entry]:
+        """The entries of `path` for a READDIR from `offset` on."""
         raise NotImplementedError
 
     def _entries(self, path: bytes, fh: int) -> list[_Entry]:
@@ -793,7 +800,7 @@ class _FUSE(mfusepy.FUSE):
     def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
         if path is None:
             return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
-        entries = self._listing(path, fip)
+        entries = self._listing(path, fip, offset)
         plus = flags & _FUSE_READDIR_PLUS  # else a plain READDIR: the kernel wants names and modes only
         for index in range(offset, len(entries)):
             # Each entry carries the offset of the next one. libfuse then replies at once, with
@@ -863,9 +870,12 @@ class HashViewFUSE(_FUSE):
             if self._init_hook is None:
                 log.info("libfuse's I/O hook is taken: the kernel looks names up one at a time per directory")
 
-    def _wrap(self, session: Session, slot: int, wrapper: Callable[[Any], Callable[..., None]]) -> None:
-        """Replace a low-level op of the session by `wrapper(original)`."""
-        original = _LowLevelFileOpCall(session.ops[slot])
+    def _wrap(
+        self, session: Session, slot: int, wrapper: Callable[[Any], Callable[..., None]], *, gil_free: bool = False
+    ) -> None:
+        """Replace a low-level op of the session by `wrapper(original)`; `gil_free`: the original
+        is called with the GIL let go (see _LowLevelFileOpCall)."""
+        original = (_LowLevelFileOp if gil_free else _LowLevelFileOpCall)(session.ops[slot])
         callback = _LowLevelFileOp(wrapper(original))
         self._low_level.append(callback)
         session.ops[slot] = ctypes.cast(callback, ctypes.c_void_p).value
@@ -955,7 +965,7 @@ class HashViewFUSE(_FUSE):
                 self._blob_of_inode[ino] = blob  # a path's blob never changes, nor an inode's path
         return result
 
-    def _listing(self, path: bytes, fip: Any) -> list[_Entry]:
+    def _listing(self, path: bytes, fip: Any, offset: int) -> list[_Entry]:
         with self._listings_lock:
             items = self._listings.get(path)
             if items is not None:
@@ -992,10 +1002,10 @@ class StagingFUSE(_FUSE):
         self._staged_listings.pop(fip.contents.fh, None)
         return super().releasedir(path, fip)
 
-    def _listing(self, path: bytes, fip: Any) -> list[_Entry]:
+    def _listing(self, path: bytes, fip: Any, offset: int) -> list[_Entry]:
         fh = fip.contents.fh
         items = self._staged_listings.get(fh)
-        if items is None:
+        if items is None or offset == 0:  # read from the start again (rewinddir): as it is now
             items = self._entries(path, fh)
             if fh in self._staged_listings:
                 self._staged_listings[fh] = items
@@ -1005,14 +1015,43 @@ class StagingFUSE(_FUSE):
 class SharedFUSE(HashViewFUSE, StagingFUSE):
     """Both parts on one connection (`SharedOperations`): each directory goes the way of its path.
 
-    A hash-view directory's listing is kept by the kernel (as `HashViewFUSE` does, here set
-    in this opendir: libfuse's own would set it for staged directories too); a staged one
-    gets a handle and a listing per open (`StagingFUSE`).
+    A hash-view directory's listing is kept by the kernel (as `HashViewFUSE` does, but for
+    its directories only: `_keep_hash_listings_in_kernel`); a staged one gets a handle and a
+    listing per open (`StagingFUSE`). Every original low-level op wrapped here is called
+    with the GIL let go (see _LowLevelFileOpCall).
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._opening_dirs: dict[int, Any] = {}  # thread → the low-level file info of the opendir it runs
+        super().__init__(*args, **kwargs)  # mounts and runs the loop: everything above must exist first
+
     def _amend(self, session: Session) -> None:
-        # Listings are kept per directory, in opendir below; blobs' opens are answered here.
+        self._keep_hash_listings_in_kernel(session)
         self._answer_blob_opens(session)
+
+    def _keep_hash_listings_in_kernel(self, session: Session) -> None:
+        """Wrap libfuse's low-level opendir: `opendir` below marks the reply of a hash view's.
+
+        The high level passes its opendir a file info of its own and replies with the
+        low-level one, copying only the handle over: the marks go on the low-level one, which
+        `opendir` finds by thread.
+        """
+        opening_dirs = self._opening_dirs
+
+        def wrapper(original: Any) -> Callable[..., None]:
+            def opendir(req: int, ino: int, fi: Any) -> None:
+                try:
+                    pin_thread_state()
+                    opening_dirs[threading.get_ident()] = fi
+                finally:
+                    try:
+                        original(req, ino, fi)  # replies: every OPENDIR gets its answer
+                    finally:
+                        opening_dirs.pop(threading.get_ident(), None)
+
+            return opendir
+
+        self._wrap(session, OPENDIR_SLOT, wrapper, gil_free=True)
 
     def _answer_blob_opens(self, session: Session) -> None:
         """Wrap libfuse's low-level open, flush and release: blobs need no trip into Python.
@@ -1054,9 +1093,9 @@ class SharedFUSE(HashViewFUSE, StagingFUSE):
 
             return flush_or_release
 
-        self._wrap(session, OPEN_SLOT, open_wrapper)
-        self._wrap(session, FLUSH_SLOT, blob_handles_answered)
-        self._wrap(session, RELEASE_SLOT, blob_handles_answered)
+        self._wrap(session, OPEN_SLOT, open_wrapper, gil_free=True)
+        self._wrap(session, FLUSH_SLOT, blob_handles_answered, gil_free=True)
+        self._wrap(session, RELEASE_SLOT, blob_handles_answered, gil_free=True)
 
     def open(self, path: bytes, fip: Any) -> int:
         result = super().open(path, fip)
@@ -1075,8 +1114,10 @@ class SharedFUSE(HashViewFUSE, StagingFUSE):
     def opendir(self, path: bytes, fip: Any) -> int:
         if self._staged(path):
             return StagingFUSE.opendir(self, path, fip)
-        fip.contents.cache_readdir = 1
-        fip.contents.keep_cache = 1
+        reply = self._opening_dirs.get(threading.get_ident())
+        if reply is not None:
+            reply.contents.cache_readdir = 1  # the kernel keeps the listing it reads…
+            reply.contents.keep_cache = 1  # …across opens too: a snapshot's never changes
         fip.contents.fh = 0
         return 0
 
@@ -1085,7 +1126,7 @@ class SharedFUSE(HashViewFUSE, StagingFUSE):
             return mfusepy.FUSE.getattr_fuse_3(self, path, buf, fip)
         return HashViewFUSE.getattr_fuse_3(self, path, buf, fip)
 
-    def _listing(self, path: bytes, fip: Any) -> list[_Entry]:
+    def _listing(self, path: bytes, fip: Any, offset: int) -> list[_Entry]:
         if self._staged(path):
-            return StagingFUSE._listing(self, path, fip)
-        return HashViewFUSE._listing(self, path, fip)
+            return StagingFUSE._listing(self, path, fip, offset)
+        return HashViewFUSE._listing(self, path, fip, offset)
