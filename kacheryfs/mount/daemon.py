@@ -323,21 +323,11 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
         raise_readahead_of(mountpoint, before_dev)()
 
     def on_staging_init() -> None:
-        view.ready.set()  # from now on the root answers its pid: `kacheryfs mount` returns
         raise_readahead_of(staging_mnt, before_dev)()
-        if signalled.is_set():  # a signal came while it was mounting
-            threading.Thread(target=_detach, args=(staging_mnt,), kwargs={"lazy": True}, daemon=True).start()
+        _up(view, signalled, staging_mnt)
 
     view.recheck_signal = RECHECK_SIGNAL.name
-
-    def on_signal(signum: int) -> None:
-        if signum == RECHECK_SIGNAL:
-            _recheck_in_background(view)
-            return
-        log.info("stopped by a signal (%s): unmounting %s", signal.Signals(signum).name, mountpoint)
-        signalled.set()
-        if view.ready.is_set():
-            _detach(staging_mnt, lazy=True)  # as libfuse does on a signal: unmounted even if busy
+    on_signal = _on_signal(view, signalled, mountpoint, staging_mnt)
 
     timeouts = {"entry_timeout": config.entry_timeout, "attr_timeout": config.attr_timeout,
                 "negative_timeout": config.negative_timeout}  # fmt: skip
@@ -427,21 +417,11 @@ def _serve_shared(
     signalled = threading.Event()
 
     def on_init() -> None:
-        view.ready.set()  # from now on the root answers its pid: `kacheryfs mount` returns
         args = (mountpoint, before_dev, config.readahead_kb)  # from a thread: see serve
         threading.Thread(target=raise_readahead, args=args, daemon=True).start()
-        if signalled.is_set():  # a signal came while it was mounting
-            threading.Thread(target=_detach, args=(mountpoint,), kwargs={"lazy": True}, daemon=True).start()
+        _up(view, signalled, mountpoint)
 
-    def on_signal(signum: int) -> None:
-        if signum == RECHECK_SIGNAL:
-            _recheck_in_background(view)
-            return
-        log.info("stopped by a signal (%s): unmounting %s", signal.Signals(signum).name, mountpoint)
-        signalled.set()
-        if view.ready.is_set():
-            _detach(mountpoint, lazy=True)
-
+    on_signal = _on_signal(view, signalled, mountpoint, mountpoint)
     view.recheck_signal = RECHECK_SIGNAL.name
     view.staging_shared = True
     log.info("mounting %s (storage %s, channels %s; staging on the same connection: not root)",
@@ -456,6 +436,30 @@ def _serve_shared(
         finally:
             _wind_down(view, uploads)
     log.info("unmounted %s", mountpoint)
+
+
+def _up(view: FileSystemView, signalled: threading.Event, last: Path) -> None:
+    """The whole mount answers (its last connection, at `last`, is up): `kacheryfs mount` may
+    return; a stop signal that came while it was mounting takes it down now."""
+    view.ready.set()  # from now on the root answers its pid
+    if signalled.is_set():
+        threading.Thread(target=_detach, args=(last,), kwargs={"lazy": True}, daemon=True).start()
+
+
+def _on_signal(view: FileSystemView, signalled: threading.Event, mountpoint: Path, last: Path) -> Callable[[int], None]:
+    """What the daemon does on a signal: RECHECK_SIGNAL rechecks held blobs; a stop signal
+    detaches the connection at `last`, and so the whole mount, once it is up (`_up`)."""
+
+    def on_signal(signum: int) -> None:
+        if signum == RECHECK_SIGNAL:
+            _recheck_in_background(view)
+            return
+        log.info("stopped by a signal (%s): unmounting %s", signal.Signals(signum).name, mountpoint)
+        signalled.set()
+        if view.ready.is_set():
+            _detach(last, lazy=True)  # as libfuse does on a signal: unmounted even if busy
+
+    return on_signal
 
 
 def _recheck_in_background(view: FileSystemView) -> None:

@@ -760,6 +760,16 @@ _libfuse.fuse_reply_open.restype = ctypes.c_int
 _libfuse.fuse_reply_open.argtypes = [ctypes.c_void_p, ctypes.POINTER(mfusepy.fuse_file_info)]
 
 
+def _open_the_high_level_way(original: Any, opening: dict[int, int], req: int, ino: int, fi: Any) -> None:
+    """libfuse's own low-level open, with the inode noted for this thread: the high level's
+    `open` that it calls gets only the path, and remembers the inode's blob."""
+    opening[threading.get_ident()] = ino
+    try:
+        original(req, ino, fi)
+    finally:
+        opening.pop(threading.get_ident(), None)
+
+
 class _FUSE(mfusepy.FUSE):
     """mfusepy's FUSE, also answering READDIRPLUS: entries go out with their full attributes.
 
@@ -920,11 +930,7 @@ class HashViewFUSE(_FUSE):
                     if _libfuse.fuse_reply_buf(req, out, len(out)) != 0:
                         kernel.release(handle)  # the open was interrupted: no release will come for it
                     return
-                opening[threading.get_ident()] = ino  # for `open` below: the inode of this path
-                try:
-                    original(req, ino, fi)
-                finally:
-                    opening.pop(threading.get_ident(), None)
+                _open_the_high_level_way(original, opening, req, ino, fi)
 
             return open_
 
@@ -1076,11 +1082,7 @@ class SharedFUSE(HashViewFUSE, StagingFUSE):
                     fi.contents.fh, fi.contents.keep_cache = _BLOB_HANDLE, 1
                     _libfuse.fuse_reply_open(req, fi)  # interrupted or not, there is nothing to undo
                     return
-                opening[threading.get_ident()] = ino  # for `open` below: the inode of this path
-                try:
-                    original(req, ino, fi)
-                finally:
-                    opening.pop(threading.get_ident(), None)
+                _open_the_high_level_way(original, opening, req, ino, fi)
 
             return open_
 
