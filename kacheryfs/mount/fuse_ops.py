@@ -584,7 +584,7 @@ class SharedOperations(HashViewOperations):
         inner = _in_staging(path)
         return 0 if inner is None else self.staged.fsync(inner, datasync, fi)
 
-    def _inside(self, path: str, *, root: int = errno.EBUSY) -> str:
+    def _to_change(self, path: str, *, root: int = errno.EBUSY) -> str:
         """The staging path of `path` for a change; EROFS outside staging, `root` for its root."""
         inner = _in_staging(path)
         if inner is None:
@@ -594,37 +594,37 @@ class SharedOperations(HashViewOperations):
         return inner
 
     def create(self, path: str, mode: int, fi: Any) -> int:
-        return self.staged.create(self._inside(path, root=errno.EEXIST), mode, fi)
+        return self.staged.create(self._to_change(path, root=errno.EEXIST), mode, fi)
 
     def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
-        return self.staged.write(self._inside(path), data, offset, fi)
+        return self.staged.write(self._to_change(path), data, offset, fi)
 
     def truncate(self, path: str, length: int, fh: Any = None) -> int:
-        return self.staged.truncate(self._inside(path, root=errno.EISDIR), length, fh)
+        return self.staged.truncate(self._to_change(path, root=errno.EISDIR), length, fh)
 
     def unlink(self, path: str) -> int:
-        return self.staged.unlink(self._inside(path))
+        return self.staged.unlink(self._to_change(path))
 
     def mkdir(self, path: str, mode: int) -> int:
-        return self.staged.mkdir(self._inside(path, root=errno.EEXIST), mode)
+        return self.staged.mkdir(self._to_change(path, root=errno.EEXIST), mode)
 
     def rmdir(self, path: str) -> int:
-        return self.staged.rmdir(self._inside(path))
+        return self.staged.rmdir(self._to_change(path))
 
     def mknod(self, path: str, mode: int, dev: int) -> int:
-        return self.staged.mknod(self._inside(path, root=errno.EEXIST), mode, dev)
+        return self.staged.mknod(self._to_change(path, root=errno.EEXIST), mode, dev)
 
     def chmod(self, path: str, mode: int) -> int:
-        return self.staged.chmod(self._inside(path, root=0), mode)
+        return self.staged.chmod(self._to_change(path, root=0), mode)
 
     def chown(self, path: str, uid: int, gid: int) -> int:
-        return self.staged.chown(self._inside(path, root=0), uid, gid)
+        return self.staged.chown(self._to_change(path, root=0), uid, gid)
 
     def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
-        return self.staged.utimens(self._inside(path, root=0), times)
+        return self.staged.utimens(self._to_change(path, root=0), times)
 
     def symlink(self, target: str, source: str) -> int:
-        return self.staged.symlink(self._inside(target, root=errno.EEXIST), source)
+        return self.staged.symlink(self._to_change(target, root=errno.EEXIST), source)
 
     def readlink(self, path: str) -> str:
         inner = _in_staging(path)
@@ -643,7 +643,7 @@ class SharedOperations(HashViewOperations):
         """Staging paths of both ends of a rename or link: EXDEV across the parts, as two mounts would say."""
         if (_in_staging(a) is None) != (_in_staging(b) is None):
             raise mfusepy.FuseOSError(errno.EXDEV)
-        return self._inside(a), self._inside(b)
+        return self._to_change(a), self._to_change(b)
 
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
         inner = _in_staging(path)
