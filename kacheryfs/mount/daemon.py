@@ -291,9 +291,9 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
 
     As root, two FUSE connections: the read-only hash views at `mountpoint` (in a thread)
     and the staging area on `mountpoint/staging` (in this thread); otherwise one
-    (`_serve_shared`). When the staging mount ends, for
-    whatever reason, the hash views are unmounted after it; when the hash views end first
-    (a lazy unmount), the staging mount is let go too. SIGINT, SIGTERM and SIGHUP unmount
+    (`_serve_shared`). When the staging mount ends, for whatever reason, the hash views are
+    unmounted after it; when the hash views end first (a lazy unmount), the staging mount
+    is let go too. SIGINT, SIGTERM and SIGHUP unmount
     the staging mount, and so both; RECHECK_SIGNAL lets go of held blobs whose file in the
     store was replaced (`_on_signals`).
     """

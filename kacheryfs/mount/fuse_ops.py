@@ -566,23 +566,22 @@ class SharedOperations(HashViewOperations):
         fi.keep_cache = 1  # a blob never changes: the page cache stays across opens
         return 0
 
-    def read_buf(self, path: str, bufpp: Any, size: int, offset: int, fi: Any) -> int:
-        inner = _in_staging(path)
-        if inner is None:
+    # Told apart by handle, not path: libfuse passes no path for a file it no longer finds by
+    # name, and a staged file's handle must still be read, let go of (and its bytes ingested).
+    def read_buf(self, path: str | None, bufpp: Any, size: int, offset: int, fi: Any) -> int:
+        if fi.fh == _BLOB_HANDLE:
             return super().read_buf(path, bufpp, size, offset, fi)
-        return self.staged.read_buf(inner, bufpp, size, offset, fi)
+        return self.staged.read_buf(path, bufpp, size, offset, fi)
 
-    def release(self, path: str, fi: Any) -> int:
-        inner = _in_staging(path)
-        return 0 if inner is None else self.staged.release(inner, fi)
+    def release(self, path: str | None, fi: Any) -> int:
+        return 0 if fi.fh == _BLOB_HANDLE else self.staged.release(path, fi)
 
-    def flush(self, path: str, fi: Any) -> int:
-        inner = _in_staging(path)  # never ENOSYS here: the kernel would stop flushing staged files too
-        return 0 if inner is None else self.staged.flush(inner, fi)
+    def flush(self, path: str | None, fi: Any) -> int:
+        # Never ENOSYS here: the kernel would stop flushing staged files too.
+        return 0 if fi.fh == _BLOB_HANDLE else self.staged.flush(path, fi)
 
-    def fsync(self, path: str, datasync: int, fi: Any) -> int:
-        inner = _in_staging(path)
-        return 0 if inner is None else self.staged.fsync(inner, datasync, fi)
+    def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
+        return 0 if fi.fh == _BLOB_HANDLE else self.staged.fsync(path, datasync, fi)
 
     def _to_change(self, path: str, *, root: int = errno.EBUSY) -> str:
         """The staging path of `path` for a change; EROFS outside staging, `root` for its root."""
