@@ -97,6 +97,12 @@ class ServerProcess:
             self.proc.terminate()
             self.proc.wait(timeout=10)
 
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait(timeout=10)

@@ -157,13 +157,10 @@ def test_log_has_one_line_per_request_without_the_signature(server: ServerProces
 
 def test_kacheryfs_serve_logs_one_line_per_request_by_default(server_dir: Path) -> None:
     # The CLI starts every command at WARNING; serve must still log its requests (journalctl shows them).
-    server = ServerProcess(server_dir, command=("-m", "kacheryfs", "serve"))
-    try:
+    with ServerProcess(server_dir, command=("-m", "kacheryfs", "serve")) as server:
         upload(server, DATA)
         download(server, headers={"Range": "bytes=0-9"})
         time.sleep(0.2)  # the log is read by a thread
-    finally:
-        server.stop()
     lines = [line for line in server.log if f"/sha1/{SHA1}" in line]
     assert len(lines) == 2
     assert re.search(rf"GET /get/sha1/{SHA1} 206 10 \d+ms", lines[1])
@@ -322,29 +319,23 @@ def quota_server(directory: Path, **limits: int) -> ServerProcess:
 
 
 def test_files_per_day_quota_is_429(server_dir: Path) -> None:
-    server = quota_server(server_dir, files=2)
-    try:
+    with quota_server(server_dir, files=2) as server:
         upload(server, DATA)
         assert download(server).status_code == 200
         assert download(server).status_code == 200
         answer = download(server)
         assert answer.status_code == 429
         assert "files per day" in answer.json()["error"]
-    finally:
-        server.stop()
 
 
 def test_bytes_per_day_quota_counts_range_bytes_and_not_head(server_dir: Path) -> None:
-    server = quota_server(server_dir, nbytes=len(DATA) + 100)
-    try:
+    with quota_server(server_dir, nbytes=len(DATA) + 100) as server:
         upload(server, DATA)
         head = requests.head(f"{server.url}/get/sha1/{SHA1}", params=signed("lab", "download", SHA1))
         assert head.status_code == 200
         assert download(server, headers={"Range": "bytes=0-99"}).status_code == 206
         assert download(server).status_code == 200  # exactly fills the day's bytes
         assert download(server, headers={"Range": "bytes=0-0"}).status_code == 429
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize(
@@ -352,30 +343,23 @@ def test_bytes_per_day_quota_counts_range_bytes_and_not_head(server_dir: Path) -
     [({"Range": f"bytes={len(DATA)}-"}, 416), ({"If-None-Match": "*"}, 304), ({"If-Match": '"another"'}, 412)],
 )
 def test_download_answered_without_a_body_is_not_charged(server_dir: Path, headers: dict, status: int) -> None:
-    server = quota_server(server_dir, files=1)
-    try:
+    with quota_server(server_dir, files=1) as server:
         upload(server, DATA)
         assert download(server, headers=headers).status_code == status
         assert download(server).status_code == 200  # the day's only file is still there
-    finally:
-        server.stop()
 
 
 def test_file_larger_than_the_daily_bytes_is_refused_as_such(server_dir: Path) -> None:
-    server = quota_server(server_dir, nbytes=1000)
-    try:
+    with quota_server(server_dir, nbytes=1000) as server:
         upload(server, DATA)
         answer = download(server)
         assert answer.status_code == 429
         assert f"{len(DATA)} bytes is more than the 1000 bytes it allows per day" in answer.json()["error"]
-    finally:
-        server.stop()
 
 
 def test_simultaneous_limit_is_429_at_once(server_dir: Path) -> None:
     write_config(server_dir, [{"name": "lab", "password": PASSWORD, "uploadQuotas": [quota(simultaneous=1)]}])
-    server = ServerProcess(server_dir)
-    try:
+    with ServerProcess(server_dir) as server:
         query = "&".join(f"{k}={v}" for k, v in signed("lab", "upload", SHA1).items())
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as slow:
             # An upload that sends half its body and waits holds the only slot.
@@ -388,22 +372,17 @@ def test_simultaneous_limit_is_429_at_once(server_dir: Path) -> None:
             assert time.monotonic() - started < 2
         time.sleep(0.3)  # the slot is freed when the first upload's connection is gone
         assert upload(server, DATA).status_code == 200
-    finally:
-        server.stop()
 
 
 def test_stalled_upload_is_dropped_and_frees_its_slot(server_dir: Path) -> None:
     write_config(server_dir, [{"name": "lab", "password": PASSWORD, "uploadQuotas": [quota(simultaneous=1)]}])
-    server = ServerProcess(server_dir, options=("--stall-timeout", "1"))
-    try:
+    with ServerProcess(server_dir, options=("--stall-timeout", "1")) as server:
         query = "&".join(f"{k}={v}" for k, v in signed("lab", "upload", SHA1).items())
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as stalled:
             head = f"POST /set/sha1/{SHA1}?{query} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(DATA)}\r\n\r\n"
             stalled.sendall(head.encode() + DATA[:100])
             assert stalled.makefile("rb").readline().split()[1] == b"408"
             assert upload(server, DATA).status_code == 200  # the connection is still open, its slot is not
-    finally:
-        server.stop()
 
 
 BIG = os.urandom(32 << 20)  # more than loopback's socket buffers hold, so a client that never reads stalls it
@@ -413,8 +392,7 @@ BIG_SHA1 = hashlib.sha1(BIG).hexdigest()
 def test_download_whose_client_stops_reading_is_dropped_and_refunded(server_dir: Path) -> None:
     write_config(server_dir, [{"name": "lab", "password": PASSWORD, "uploadQuotas": [quota()],
                                "downloadQuotas": [quota(simultaneous=1, files=1)]}])  # fmt: skip
-    server = ServerProcess(server_dir, options=("--stall-timeout", "1"))
-    try:
+    with ServerProcess(server_dir, options=("--stall-timeout", "1")) as server:
         upload(server, BIG)
         query = "&".join(f"{k}={v}" for k, v in signed("lab", "download", BIG_SHA1).items())
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as stuck:
@@ -427,23 +405,17 @@ def test_download_whose_client_stops_reading_is_dropped_and_refunded(server_dir:
             # Slot freed and the day's only file refunded, while the stuck socket is still open.
             assert answer.status_code == 200, answer.text
             assert hashlib.sha1(answer.content).hexdigest() == BIG_SHA1
-    finally:
-        server.stop()
     assert not any("Traceback" in line for line in server.log)
 
 
 def test_a_stall_timeout_longer_than_the_socket_option_holds_still_serves(server_dir: Path) -> None:
-    server = ServerProcess(server_dir, options=("--stall-timeout", "3e6"))  # 35 days: past 2^31 ms
-    try:
+    with ServerProcess(server_dir, options=("--stall-timeout", "3e6")) as server:  # 35 days: past 2^31 ms
         upload(server, DATA)
         assert download(server).content == DATA
-    finally:
-        server.stop()
 
 
 def test_download_read_slowly_is_not_dropped(server_dir: Path) -> None:
-    server = ServerProcess(server_dir, options=("--stall-timeout", "2"))
-    try:
+    with ServerProcess(server_dir, options=("--stall-timeout", "2")) as server:
         upload(server, BIG)
         answer = download(server, BIG_SHA1, stream=True)
         received = hashlib.sha1()
@@ -454,8 +426,6 @@ def test_download_read_slowly_is_not_dropped(server_dir: Path) -> None:
         for chunk in chunks:
             received.update(chunk)
         assert received.hexdigest() == BIG_SHA1
-    finally:
-        server.stop()
 
 
 def test_quota_counters_survive_a_restart(server_dir: Path) -> None:
@@ -602,8 +572,7 @@ def test_protocol_doc_worked_example_is_right() -> None:
 
 
 def test_disk_full_is_507_and_leaves_no_partial_blob(full_disk_dir: Path) -> None:
-    server = ServerProcess(full_disk_dir)
-    try:
+    with ServerProcess(full_disk_dir) as server:
         big = os.urandom(2 << 20)
         answer = upload(server, big)
         assert answer.status_code == 507
@@ -611,8 +580,6 @@ def test_disk_full_is_507_and_leaves_no_partial_blob(full_disk_dir: Path) -> Non
         assert stored(full_disk_dir) == []
         assert os.listdir(full_disk_dir / "tmp") == []
         assert upload(server, DATA).status_code == 200  # the space was given back
-    finally:
-        server.stop()
 
 
 def test_concurrent_uploads_of_one_blob_both_succeed(server: ServerProcess, server_dir: Path) -> None:
