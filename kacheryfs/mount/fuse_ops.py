@@ -505,6 +505,7 @@ class StagingOperations(_Operations):
 
 
 _STAGING_ROOT = "/" + STAGING_VIEW
+_STAGING_ROOT_BYTES = _STAGING_ROOT.encode()
 
 
 def _in_staging(path: str) -> str | None:
@@ -534,9 +535,8 @@ class SharedOperations(HashViewOperations):
         kwargs.pop("on_init", None)  # called once, by this connection's INIT
         self.staged = StagingOperations(view, **kwargs)
 
-    @_translated
     def getattr(self, path: str, fh: Any = None) -> dict[str, int]:
-        inner = _in_staging(path)
+        inner = _in_staging(path)  # each part translates its own errors
         return super().getattr(path, fh) if inner is None else self.staged.getattr(inner, fh)
 
     def readdir(self, path: str, fh: int) -> list[Any]:
@@ -1110,7 +1110,8 @@ class SharedFUSE(HashViewFUSE, StagingFUSE):
         return result
 
     def _staged(self, path: bytes) -> bool:
-        return _in_staging(path.decode(self.encoding, self.errors)) is not None
+        # As _in_staging, on the bytes libfuse gives: every getattr asks, before any decoding.
+        return path == _STAGING_ROOT_BYTES or path.startswith(_STAGING_ROOT_BYTES + b"/")
 
     def opendir(self, path: bytes, fip: Any) -> int:
         if self._staged(path):
