@@ -57,6 +57,7 @@ class Config:
     negative_timeout: float = 5.0
     readahead_kb: int = 1008
     passthrough: bool = True
+    idle_poll: bool | None = None  # None: "auto" (where a wake-up across CPUs is slow)
     staging_dir: Path | None = None
     staging_to: str | None = None
     cache_max_size: int | None = None
@@ -142,6 +143,14 @@ def _log_level(value: Any) -> str:
     return level
 
 
+def _auto_or_bool(value: Any) -> bool | None:
+    if value == "auto":
+        return None
+    if not isinstance(value, bool):
+        raise ValueError('"auto", true or false')
+    return value
+
+
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or int(value) != value or value <= 0:
         raise ValueError("must be a whole number more than 0")
@@ -154,6 +163,7 @@ _SECTIONS: dict[str, dict[str, Any]] = {
         "mountpoint": Path, "allow_other": bool, "log_file": Path, "log_level": _log_level,
         "entry_timeout": _not_negative, "attr_timeout": _not_negative, "negative_timeout": _not_negative,
         "fetch_timeout": _positive, "readahead_kb": _positive_int, "passthrough": bool,
+        "idle_poll": _auto_or_bool,
     },
     "staging": {"dir": ("staging_dir", Path), "to": ("staging_to", str)},
     "cache": {

@@ -258,6 +258,7 @@ class FileSystemView:
         # let_go_of_replaced_blobs), shown in the status for `kacheryfs fsck`; None: no such signal.
         self.recheck_signal: str | None = None
         self.staging_shared = False  # set by a mount serving staging on the hash views' connection
+        self.idle_poll_status: Callable[[], dict[str, object]] | None = None  # set by the daemon (idle_poll)
 
     # -- what is at a path -----------------------------------------------------------
     def stat(self, path: str) -> FileInfo:
@@ -600,6 +601,7 @@ class FileSystemView:
             "recent_errors": list(self.recent_errors),
             "staging": self.staging.status() if self.staging is not None else None,
             "staging_shared": self.staging_shared,
+            "idle_poll": self.idle_poll_status() if self.idle_poll_status is not None else None,
         }
 
     def _store_usage(self) -> Usage | None:

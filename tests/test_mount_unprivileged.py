@@ -145,6 +145,7 @@ def test_a_user_mounts_reads_stages_and_unmounts(as_nobody: tuple[Run, Path]) ->
         status = kacheryfs("status", str(mnt)).stdout
         assert "on the mount's own connection" in status
         assert "passthrough off" in status
+        assert "idle polling    off: the CPU latency request (/dev/cpu_dma_latency) needs root" in status
         kacheryfs("umount", str(mnt / "staging"))  # as with root's two mounts: the whole mount goes
     finally:
         if is_mounted(mnt):

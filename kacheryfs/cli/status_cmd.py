@@ -35,6 +35,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _idle_poll_lines(poll: dict[str, Any] | None) -> list[str]:
+    if poll is None:
+        return []
+    if not poll["on"]:
+        return [f"idle polling    off: {poll['why']}"]
+    took = f" (a wake-up across CPUs took {poll['wakeup_us']:.0f} µs)" if poll.get("wakeup_us") else ""
+    return [f"idle polling    on: idle CPUs poll until {poll['hold_ms']:g} ms after a request{took}"]
+
+
 def _format(mountpoint: Path, s: dict[str, Any]) -> str:
     why_daemon = f" (passthrough off: {s['reads_why']})" if s.get("reads_why") else ""
     lines = [
@@ -47,6 +56,7 @@ def _format(mountpoint: Path, s: dict[str, Any]) -> str:
         *_channel_lines(s.get("channel_states", [])),
         f"reads           by the {s['reads']}{why_daemon}",
         f"blobs held      {s['blobs_held']} (being read or read last; kept from eviction)",
+        *_idle_poll_lines(s.get("idle_poll")),
         f"hits / misses   {s['hits']} / {s['misses']}",
         f"fetching now    {s['fetches_in_progress']}"
         + (f" ({s['lookups_in_progress']} names being looked up)" if s.get("lookups_in_progress") else ""),

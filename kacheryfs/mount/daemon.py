@@ -32,6 +32,7 @@ from pathlib import Path
 
 from kacheryfs.config import Config
 from kacheryfs.errors import MountError
+from kacheryfs.mount.idle_poll import POLLING
 from kacheryfs.resolver import Resolver
 from kacheryfs.staging import StagingArea
 from kacheryfs.store import LocalStore
@@ -299,6 +300,7 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
     """
     check_fuse()
     check_mountpoint(mountpoint)
+    POLLING.start(config.idle_poll)  # first: its measure needs idle CPUs
     tune_malloc()
     raise_fd_limit()
     from kacheryfs.mount.fuse_ops import MAX_READ, HashViewFUSE, HashViewOperations, StagingFUSE, StagingOperations
@@ -307,6 +309,7 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
     staging, uploads = open_staging(config, resolver.store)
     resolver.md5_index = staging.md5_index  # fetched blobs get their md5 name in the background too
     view = FileSystemView(resolver, fetch_timeout=config.fetch_timeout, staging=staging)
+    view.idle_poll_status = POLLING.status
     staging_mnt = mountpoint / STAGING_VIEW
     before_dev = os.stat(mountpoint).st_dev
     hash_views_up, hash_views_done, stopping = threading.Event(), threading.Event(), threading.Event()
@@ -476,7 +479,9 @@ def _recheck_in_background(view: FileSystemView) -> None:
 
 
 def _wind_down(view: FileSystemView, uploads: UploadQueue | None) -> None:
-    """After the unmount: descriptors closed, the upload thread stopped, access times written."""
+    """After the unmount: idle pollers stopped, descriptors closed, the upload thread stopped,
+    access times written."""
+    POLLING.stop()
     view.close_blob_fds()
     if uploads is not None:
         uploads.stop()

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import mfusepy
 
 from kacheryfs.errors import InvalidURL, KacheryError, NotFound
+from kacheryfs.mount.idle_poll import POLLING
 from kacheryfs.mount.passthrough import KEPT_BYTES, Passthrough, Unavailable, may_register_backing_files
 from kacheryfs.mount.session import (
     FLUSH_SLOT,
@@ -769,6 +770,12 @@ def _open_the_high_level_way(original: Any, opening: dict[int, int], req: int, i
         opening.pop(threading.get_ident(), None)
 
 
+def _request_begins() -> None:
+    """Each request's first step, on a libfuse thread: its Python thread state kept, the idle pollers told."""
+    pin_thread_state()
+    POLLING.request()
+
+
 class _FUSE(mfusepy.FUSE):
     """mfusepy's FUSE, also answering READDIRPLUS: entries go out with their full attributes.
 
@@ -778,7 +785,7 @@ class _FUSE(mfusepy.FUSE):
     """
 
     def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
-        pin_thread_state()
+        _request_begins()
         return super()._wrapper(func, *args, **kwargs)
 
     def getxattr(self, path: bytes, name: bytes, value: Any, size: int, *args: Any) -> int:
@@ -898,7 +905,7 @@ class HashViewFUSE(_FUSE):
 
         def wrapper(original: Any) -> Callable[..., None]:
             def opendir(req: int, ino: int, fi: Any) -> None:
-                pin_thread_state()  # as in _wrapper
+                _request_begins()  # as in _wrapper
                 try:
                     fi.contents.cache_readdir = 1  # the kernel keeps the listing it reads…
                     fi.contents.keep_cache = 1  # …across opens too
@@ -918,7 +925,7 @@ class HashViewFUSE(_FUSE):
                 # Exactly one reply, whatever happens: ours, or the high level's.
                 reply = None
                 try:
-                    pin_thread_state()
+                    _request_begins()
                     blob = blob_of_inode.get(ino)
                     if blob is not None and _read_only(fi.contents.flags) and self.operations.passthrough is kernel:
                         reply = kernel.reopen(blob)
@@ -940,7 +947,7 @@ class HashViewFUSE(_FUSE):
             # only to a file unlinked while open, and nothing here is ever unlinked.
             def release(req: int, ino: int, fi: Any) -> None:
                 try:
-                    pin_thread_state()
+                    _request_begins()
                     kernel.release(fi.contents.fh)
                 except Exception:
                     log.exception("release of inode %d", ino)
@@ -1046,7 +1053,7 @@ class SharedFUSE(HashViewFUSE, StagingFUSE):
         def wrapper(original: Any) -> Callable[..., None]:
             def opendir(req: int, ino: int, fi: Any) -> None:
                 try:
-                    pin_thread_state()
+                    _request_begins()
                     opening_dirs[threading.get_ident()] = fi
                 finally:
                     try:
@@ -1073,7 +1080,7 @@ class SharedFUSE(HashViewFUSE, StagingFUSE):
             def open_(req: int, ino: int, fi: Any) -> None:
                 answer = False
                 try:
-                    pin_thread_state()
+                    _request_begins()
                     answer = ino in known and _read_only(fi.contents.flags)
                 except Exception:
                     log.exception("open of inode %d", ino)
