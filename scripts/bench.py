@@ -37,6 +37,7 @@ import signal
 import socket
 import stat
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -896,38 +897,12 @@ def mount_tree_by_daemon(b: Bench) -> Iterable[Measurement]:
     yield Measurement(f"  the same, daemon reads: {b.files:,} × 4 KiB (warm)", "s", med["rd2"], med["rd2_n"])
 
 
-def _round_trip_us(parent_cpu: int, child_cpu: int, trips: int = 20_000) -> float:
-    """Microseconds per round trip of one byte over pipes between two processes on these CPUs."""
-    ping_r, ping_w = os.pipe()
-    pong_r, pong_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child answers every byte, then leaves without running any cleanup of the parent's
-        try:
-            os.close(ping_w)
-            os.close(pong_r)  # each side holds only its own ends: one that dies ends the other's read
-            os.sched_setaffinity(0, {child_cpu})
-            for _ in range(trips):
-                if not os.read(ping_r, 1):
-                    break
-                os.write(pong_w, b"x")
-        finally:
-            os._exit(0)
-    os.close(ping_r)
-    os.close(pong_w)
-    cpus = os.sched_getaffinity(0)
-    try:
-        os.sched_setaffinity(0, {parent_cpu})
-        started = time.perf_counter()
-        for _ in range(trips):
-            os.write(ping_w, b"x")
-            if not os.read(pong_r, 1):
-                raise RuntimeError("the round-trip child ended early")
-        return (time.perf_counter() - started) / trips * 1e6
-    finally:
-        os.sched_setaffinity(0, cpus)
-        os.close(ping_w)  # a child still reading sees the end and leaves
-        os.close(pong_r)
-        os.waitpid(pid, 0)
+def _round_trip_us(cpu_a: int, cpu_b: int) -> float:
+    """Microseconds per wake-up round trip between two processes on these CPUs (the mount's own measure)."""
+    need_module("kacheryfs.mount.wakeup", "round_trip_us")
+    from kacheryfs.mount.wakeup import round_trip_us
+
+    return round_trip_us(cpu_a, cpu_b, trips=2000)
 
 
 def mount_wakeup_floor(b: Bench) -> Iterable[Measurement]:
@@ -940,8 +915,7 @@ def mount_wakeup_floor(b: Bench) -> Iterable[Measurement]:
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise Unavailable("one CPU: no round trip between two")
-    two = statistics.median(_round_trip_us(cpus[0], cpus[1]) for _ in range(b.repeats))
-    one = statistics.median(_round_trip_us(cpus[0], cpus[0]) for _ in range(b.repeats))
+    two, one = _round_trip_us(cpus[0], cpus[1]), _round_trip_us(cpus[0], cpus[0])
     yield Measurement("  a wake-up round trip between two processes: two CPUs vs one", "µs", two, one)
 
 
@@ -953,7 +927,7 @@ def _cpu_latency_request(microseconds: int) -> Iterator[None]:
     except OSError as err:
         raise Unavailable(f"no CPU latency request ({err.strerror}): run as root") from err
     try:
-        os.write(fd, microseconds.to_bytes(4, sys.byteorder, signed=True))
+        os.write(fd, struct.pack("i", microseconds))
         yield
     finally:
         os.close(fd)
@@ -970,7 +944,7 @@ def mount_tree_without_idle_polling(b: Bench) -> Iterable[Measurement]:
     if len(cpus) < 2:
         raise Unavailable("one CPU: no round trip between two")
     with _cpu_latency_request(0):
-        polling = statistics.median(_round_trip_us(cpus[0], cpus[1]) for _ in range(b.repeats))
+        polling = _round_trip_us(cpus[0], cpus[1])
     yield Measurement("  idle CPUs polling: a wake-up round trip, two CPUs", "µs", polling, None)
     med = _tree_times(b, b.make_mount_config("no-idle-poll", "idle_poll = false\n"), ("rd",))
     yield Measurement(f"  the same, idle polling off: {b.files:,} × 4 KiB (cold)", "s", med["rd1"], med["rd1_n"])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,10 @@ import pytest
 from kacheryfs.config import load_config
 from kacheryfs.errors import ConfigError
 from kacheryfs.mount import idle_poll
-from kacheryfs.mount.idle_poll import IdlePolling, measure_wakeup_us
+from kacheryfs.mount.idle_poll import IdlePolling
+from kacheryfs.mount.wakeup import round_trip_us
 from kacheryfs.store import LocalStore
-from tests.fixtures_mount import mounted_at, store_tree, wait_until, write_sample_tree
+from tests.fixtures_mount import Mount, mounted_at, store_tree, wait_until, write_sample_tree
 
 POLL, DEFAULT = struct.pack("i", 0), struct.pack("i", 2_000_000_000)
 
@@ -48,27 +51,45 @@ def test_idle_poll_refuses_anything_else(tmp_path: Path, text: str) -> None:
         load_config(tmp_path / "c.toml", env={})
 
 
-def test_the_request_is_held_from_a_request_until_shortly_after_the_last(device: Path) -> None:
-    _need_two_cpus()
+def _requests(polling: IdlePolling, seconds: float, every: float) -> None:
+    ends = time.monotonic() + seconds
+    while time.monotonic() < ends:
+        polling.on_request()
+        time.sleep(every)
+
+
+def test_the_request_is_held_from_a_request_until_shortly_after_the_last(
+    device: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(idle_poll, "HOLD_S", 0.05)
     polling = IdlePolling()
     polling.start(True)
     try:
-        wait_until(lambda: polling.status()["on"], what="idle polling on")
-        time.sleep(0.05)
+        time.sleep(0.1)
         assert device.read_bytes() == b""  # nothing asked before a request
-        polling.request()
-        wait_until(lambda: device.read_bytes() == POLL + DEFAULT, what="the request held, then let go")
-        ends = time.monotonic() + 0.05
-        while time.monotonic() < ends:  # requests closer together than HOLD_S: held once, throughout
-            polling.request()
-            time.sleep(idle_poll.HOLD_S / 4)
-        wait_until(lambda: len(device.read_bytes()) == 16, what="a second hold, let go")
-        assert device.read_bytes() == (POLL + DEFAULT) * 2
+        _requests(polling, 0.3, 0.005)  # closer together than HOLD_S: held throughout
+        assert device.read_bytes() == POLL  # held, not let go of yet
+        wait_until(lambda: device.read_bytes() == POLL + DEFAULT, what="the request let go of after the last")
+        _requests(polling, 0.1, 0.005)
+        wait_until(lambda: device.read_bytes() == (POLL + DEFAULT) * 2, what="a second hold, let go of")
     finally:
         polling.stop()
-    polling.request()
-    time.sleep(0.05)
+    polling.on_request()
+    time.sleep(0.1)
     assert device.read_bytes() == (POLL + DEFAULT) * 2  # stopped: nothing more asked
+    assert polling.status()["on"] is False
+
+
+def test_stop_while_held_closes_the_device(device: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(idle_poll, "HOLD_S", 10.0)
+    polling = IdlePolling()
+    polling.start(True)
+    polling.on_request()
+    wait_until(lambda: device.read_bytes() == POLL, what="the request held")
+    fd = polling._fd
+    polling.stop()  # the kernel drops a request when its descriptor closes
+    with pytest.raises(OSError):
+        os.fstat(fd)  # type: ignore[arg-type]
     assert polling.status()["on"] is False
 
 
@@ -76,20 +97,41 @@ def test_false_never_opens_the_device(device: Path) -> None:
     device.unlink()  # an open would fail: it must not be tried
     polling = IdlePolling()
     polling.start(False)
-    polling.request()
+    polling.on_request()
     assert polling.status() == {"on": False, "why": "idle_poll = false"}
 
 
-def test_a_device_that_cannot_be_opened_leaves_idle_polling_off_and_says_why(device: Path) -> None:
-    _need_two_cpus()
+def test_a_missing_device_leaves_idle_polling_off_and_says_why(device: Path) -> None:
     device.unlink()
     polling = IdlePolling()
     polling.start(True)
-    status = polling.status()
-    assert status["on"] is False and "needs root" in str(status["why"])
+    assert polling.status() == {
+        "on": False,
+        "why": f"no CPU latency request here ({device}: No such file or directory)",
+    }
 
 
-@pytest.mark.parametrize(("slow_us", "on"), [(1e9, False), (0.0, True)])
+def test_a_device_only_root_may_open_leaves_idle_polling_off_and_says_so(device: Path) -> None:
+    _need_root()
+    device.chmod(0o600)
+    device.parent.chmod(0o755)
+    pid = os.fork()
+    if pid == 0:  # as nobody, as a user's daemon
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            polling = IdlePolling()
+            polling.start(True)
+            code = (
+                0 if polling.status() == {"on": False, "why": f"the CPU latency request ({device}) needs root"} else 3
+            )
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+
+
+@pytest.mark.parametrize(("slow_us", "on"), [(1e9, False), (-1e9, True)])
 def test_auto_polls_only_where_a_wake_up_across_cpus_is_slow(
     device: Path, monkeypatch: pytest.MonkeyPatch, slow_us: float, on: bool
 ) -> None:
@@ -99,17 +141,26 @@ def test_auto_polls_only_where_a_wake_up_across_cpus_is_slow(
     polling.start(None)
     try:
         status = polling.status()
-        assert status["on"] is on and float(status["wakeup_us"]) > 0  # type: ignore[arg-type]
+        assert status["on"] is on and isinstance(status["wakeup_us"], float)
         if not on:
-            assert "a wake-up across CPUs takes" in str(status["why"])
+            assert "a wake-up across CPUs costs" in str(status["why"])
     finally:
         polling.stop()
 
 
-def test_a_wake_up_round_trip_across_two_cpus_is_measured() -> None:
+def test_a_wake_up_round_trip_is_measured_across_two_cpus_and_on_one() -> None:
     _need_two_cpus()
     cpus = sorted(os.sched_getaffinity(0))
-    assert 0.5 < measure_wakeup_us(cpus[0], cpus[1]) < 100_000
+    assert 0.5 < round_trip_us(cpus[0], cpus[-1]) < 100_000
+    assert 0.5 < round_trip_us(cpus[0], cpus[0]) < 100_000
+    assert os.sched_getaffinity(0) == set(cpus)  # put back
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root")
+        pytest.skip("needs root")
 
 
 def _latency_asked() -> int:
@@ -120,13 +171,11 @@ def _latency_asked() -> int:
         os.close(fd)
 
 
-def test_a_mount_asks_idle_cpus_to_poll_while_files_are_read_and_lets_go_after(tmp_path: Path) -> None:
-    """The real device, as root: the kernel's effective CPU latency request is 0 during reads."""
+@pytest.fixture
+def polling_mount(tmp_path: Path) -> Iterator[tuple[Mount, list[Path]]]:
+    """A real mount with idle_poll = true, as root, and the files of a sample tree through it."""
     _need_two_cpus()
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("CI runs as root")
-        pytest.skip("the CPU latency request needs root")
+    _need_root()
     if _latency_asked() != 2_000_000_000:
         reason = "another process holds a CPU latency request: the mount's cannot be told apart"
         if os.environ.get("CI"):
@@ -134,17 +183,47 @@ def test_a_mount_asks_idle_cpus_to_poll_while_files_are_read_and_lets_go_after(t
         pytest.skip(reason)
     url = store_tree(LocalStore(tmp_path / "storage"), write_sample_tree(tmp_path / "ds001"))
     with mounted_at(tmp_path, tmp_path / "storage", "[mount]\nidle_poll = true\n") as mount:
-        wait_until(lambda: mount.status()["idle_poll"]["on"], what="idle polling on")  # type: ignore[index]
-        time.sleep(0.05)
-        assert _latency_asked() == 2_000_000_000  # the status request was let go of already
-        seen: list[int] = []
-        files = [p for p in mount.path(url).rglob("*") if p.is_file()]
-        ends = time.monotonic() + 0.3
-        while time.monotonic() < ends:
-            for path in files:
-                path.read_bytes()
-            seen.append(_latency_asked())
-        assert 0 in seen
-        wait_until(lambda: _latency_asked() == 2_000_000_000, timeout=2, what="the request let go of")
-        text = mount.cli("status", str(mount.mountpoint)).stdout
-        assert "idle polling    on: idle CPUs poll until 2 ms after a request" in text
+        yield mount, [p for p in mount.path(url).rglob("*") if p.is_file()]
+
+
+def test_a_mount_asks_idle_cpus_to_poll_while_files_are_read_and_lets_go_after(
+    polling_mount: tuple[Mount, list[Path]],
+) -> None:
+    """The real device: the kernel's effective CPU latency request is 0 during reads."""
+    mount, files = polling_mount
+    wait_until(lambda: mount.status()["idle_poll"]["on"], what="idle polling on")  # type: ignore[index]
+    time.sleep(0.05)
+    assert _latency_asked() == 2_000_000_000  # the status request was let go of already
+    seen: list[int] = []
+    ends = time.monotonic() + 0.3
+    while time.monotonic() < ends:
+        for path in files:
+            path.read_bytes()
+            os.getxattr(path, "user.kachery.sha1")  # a request whatever the kernel keeps
+        seen.append(_latency_asked())
+    assert 0 in seen
+    wait_until(lambda: _latency_asked() == 2_000_000_000, timeout=2, what="the request let go of")
+    text = mount.cli("status", str(mount.mountpoint)).stdout
+    assert "idle polling    on: idle CPUs poll until 2 ms after a request" in text
+
+
+def test_a_daemon_killed_while_it_holds_the_request_lets_go_of_it(polling_mount: tuple[Mount, list[Path]]) -> None:
+    mount, files = polling_mount
+    pid = int(mount.status()["pid"])  # type: ignore[call-overload]
+    for _ in range(50):  # stopped at a moment it holds the request (it lets go 2 ms after the last)
+        for path in files:
+            path.read_bytes()
+            os.getxattr(path, "user.kachery.sha1")  # a request whatever the kernel keeps
+        os.kill(pid, signal.SIGSTOP)
+        if _latency_asked() == 0:
+            break
+        os.kill(pid, signal.SIGCONT)
+    else:
+        pytest.fail("the request was never seen held")
+    time.sleep(0.05)
+    assert _latency_asked() == 0  # held by the stopped daemon
+    os.kill(pid, signal.SIGKILL)
+    wait_until(
+        lambda: _latency_asked() == 2_000_000_000, timeout=5, what="the kernel to drop the dead daemon's request"
+    )
+    mount.unmount()  # the stale mount cleared

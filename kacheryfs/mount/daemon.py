@@ -300,7 +300,7 @@ def serve(config: Config, mountpoint: Path, options: Sequence[str] = ()) -> None
     """
     check_fuse()
     check_mountpoint(mountpoint)
-    POLLING.start(config.idle_poll)  # first: its measure needs idle CPUs
+    POLLING.start(config.idle_poll)  # first: its measure forks, and needs idle CPUs
     tune_malloc()
     raise_fd_limit()
     from kacheryfs.mount.fuse_ops import MAX_READ, HashViewFUSE, HashViewOperations, StagingFUSE, StagingOperations
@@ -479,7 +479,7 @@ def _recheck_in_background(view: FileSystemView) -> None:
 
 
 def _wind_down(view: FileSystemView, uploads: UploadQueue | None) -> None:
-    """After the unmount: idle pollers stopped, descriptors closed, the upload thread stopped,
+    """After the unmount: idle polling stopped, descriptors closed, the upload thread stopped,
     access times written."""
     POLLING.stop()
     view.close_blob_fds()

@@ -771,9 +771,9 @@ def _open_the_high_level_way(original: Any, opening: dict[int, int], req: int, i
 
 
 def _request_begins() -> None:
-    """Each request's first step, on a libfuse thread: its Python thread state kept, the idle pollers told."""
+    """Each request's first step, on a libfuse thread: its Python thread state kept, idle polling told."""
     pin_thread_state()
-    POLLING.request()
+    POLLING.on_request()
 
 
 class _FUSE(mfusepy.FUSE):
