@@ -6,8 +6,10 @@ own storage dir, config file and log, and is unmounted by its fixture, also on f
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -133,6 +135,42 @@ def mounted_at(
                 mount.unmount()
         if is_mounted(mountpoint):
             force_unmount(mountpoint)
+
+
+_TRACING = Path("/sys/kernel/tracing")
+_REQUEST_LINE = re.compile(r"connection (\d+) req \d+ opcode \d+ \((\w+)\)")
+
+
+@contextmanager
+def fuse_requests(mountpoint: Path) -> Iterator[collections.Counter[str]]:
+    """The requests the kernel sends to the FUSE connection at `mountpoint` meanwhile, counted by
+    name ("FUSE_OPEN", ...) once the block ends: the fuse_request_send tracepoint (Linux >= 6.13,
+    root), in a tracing instance of its own so that nothing else's tracing is touched."""
+    event = _TRACING / "events" / "fuse" / "fuse_request_send"
+    if not event.is_dir() or not os.access(_TRACING / "instances", os.W_OK):
+        reason = f"no FUSE tracepoints to count requests with ({event}; root and Linux >= 6.13)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs as root on Linux 6.18: {reason}")
+        pytest.skip(reason)
+    # From the mount table: root may not stat a user's FUSE mount.
+    devices = [fields[2] for fields in map(str.split, Path("/proc/self/mountinfo").read_text().splitlines())
+               if fields[4] == str(mountpoint)]  # fmt: skip
+    major, minor = map(int, devices[-1].split(":"))
+    connection = str(major << 20 | minor)  # the kernel's own dev_t encoding
+    instance = _TRACING / "instances" / f"kacheryfs-test-{os.getpid()}"
+    instance.mkdir()
+    counts: collections.Counter[str] = collections.Counter()
+    try:
+        enable = instance / "events" / "fuse" / "fuse_request_send" / "enable"
+        enable.write_text("1")
+        yield counts
+        enable.write_text("0")
+        for line in (instance / "trace").read_text().splitlines():
+            match = _REQUEST_LINE.search(line)
+            if match and match.group(1) == connection:
+                counts[match.group(2)] += 1
+    finally:
+        instance.rmdir()
 
 
 def wait_until(condition: object, timeout: float = 10.0, what: str = "condition") -> None:

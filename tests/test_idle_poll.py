@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fixtures_mount import Mount, mounted_at, store_tree, wait_until, write_sample_tree
 
 from kacheryfs.config import load_config
 from kacheryfs.errors import ConfigError
@@ -17,7 +18,6 @@ from kacheryfs.mount import idle_poll
 from kacheryfs.mount.idle_poll import IdlePolling
 from kacheryfs.mount.wakeup import round_trip_us
 from kacheryfs.store import LocalStore
-from tests.fixtures_mount import Mount, mounted_at, store_tree, wait_until, write_sample_tree
 
 POLL, DEFAULT = struct.pack("i", 0), struct.pack("i", 2_000_000_000)
 

@@ -23,6 +23,7 @@ import pytest
 from fixtures_mount import (
     DAEMON_READS,
     Mount,
+    fuse_requests,
     is_mounted,
     kacheryfs,
     mounted_at,
@@ -342,6 +343,29 @@ def test_writes_are_refused(snap: Path) -> None:
     with pytest.raises(OSError) as err:
         open(snap / "a.txt", "r+b")
     assert err.value.errno in (errno.EROFS, errno.EACCES)
+
+
+def test_a_cached_blob_costs_no_request_at_its_close_and_without_passthrough_none_at_all(sample) -> None:
+    """With passthrough each open is a request (the kernel needs the backing file) and a close
+    sends no FLUSH; without it, opens, closes and reads of a cached blob stay in the kernel."""
+    mount, _, url = sample
+    path = mount.path(url) / "a.txt"
+
+    def read() -> bytes:  # os.open: Python's buffered open would ask for an ioctl (isatty) too
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return os.read(fd, 100)
+        finally:
+            os.close(fd)
+
+    read()
+    with fuse_requests(mount.mountpoint) as requests:
+        for _ in range(3):
+            assert read() == b"hello kachery\n"
+    if mount.status()["reads"] == "kernel (passthrough)":
+        assert requests["FUSE_OPEN"] == 3 and set(requests) <= {"FUSE_OPEN", "FUSE_RELEASE"}, requests
+    else:
+        assert requests == {}, requests
 
 
 def test_status_reports_cache_and_counters(sample) -> None:

@@ -25,6 +25,7 @@ import pytest
 from fixtures_mount import (
     CLI_TIMEOUT,
     force_unmount,
+    fuse_requests,
     is_mounted,
     require_fuse,
     store_tree,
@@ -154,6 +155,29 @@ def test_a_user_mounts_reads_stages_and_unmounts(as_nobody: tuple[Run, Path]) ->
     # What was staged is in the store, under the user's own store.
     staged = storage / "staging" / "moved" / "a.txt"
     assert staged.read_text() == "hello kachery\nmore\n"
+
+
+def test_a_blob_on_a_users_mount_costs_a_request_at_each_open_and_none_at_its_close(
+    as_nobody: tuple[Run, Path],
+) -> None:
+    """On the shared connection every open is a request, but a blob's close sends no FLUSH (a
+    round trip the reader would wait for); a staged file's still does, its bytes depend on it."""
+    run, base = as_nobody
+    storage, mnt = base / "storage", base / "mnt"
+    url = store_tree(LocalStore(storage), write_sample_tree(base / "ds001"))
+    _chown_tree(base)
+    run("mkdir", str(mnt))
+    run(sys.executable, "-m", "kacheryfs", "mount", str(mnt), "--storage-dir", str(storage))
+    blob = mount_path(url, mnt) / "a.txt"
+    run("cat", str(blob))
+    with fuse_requests(mnt) as blob_requests:
+        for _ in range(3):
+            assert run("cat", str(blob)).stdout == "hello kachery\n"
+    assert blob_requests["FUSE_OPEN"] == 3 and blob_requests["FUSE_FLUSH"] == 0, blob_requests
+    with fuse_requests(mnt) as staged_requests:
+        run("sh", "-c", f"echo x > {mnt}/staging/new.txt")
+    assert staged_requests["FUSE_FLUSH"] >= 1, staged_requests
+    run(sys.executable, "-m", "kacheryfs", "umount", str(mnt))
 
 
 def test_a_user_stops_a_mount_with_a_signal_and_clears_a_stale_one(as_nobody: tuple[Run, Path]) -> None:

@@ -1024,6 +1024,12 @@ class StagingFUSE(_FUSE):
         return items
 
 
+def _blob_open_reply(fi: Any) -> None:
+    """An open of a blob on the shared connection: its handle, its pages kept, and no FLUSH at
+    its close (a blob has nothing to flush: the close then costs the reader no round trip)."""
+    fi.fh, fi.keep_cache, fi.noflush = _BLOB_HANDLE, 1, 1
+
+
 class SharedFUSE(HashViewFUSE, StagingFUSE):
     """Both parts on one connection (`SharedOperations`): each directory goes the way of its path.
 
@@ -1085,7 +1091,7 @@ class SharedFUSE(HashViewFUSE, StagingFUSE):
                 except Exception:
                     log.exception("open of inode %d", ino)
                 if answer:
-                    fi.contents.fh, fi.contents.keep_cache = _BLOB_HANDLE, 1
+                    _blob_open_reply(fi.contents)
                     _libfuse.fuse_reply_open(req, fi)  # interrupted or not, there is nothing to undo
                     return
                 _open_the_high_level_way(original, opening, req, ino, fi)
@@ -1109,7 +1115,7 @@ class SharedFUSE(HashViewFUSE, StagingFUSE):
         result = super().open(path, fip)
         ino = self._opening.get(threading.get_ident())
         if result == 0 and not self._staged(path):
-            fip.contents.fh = _BLOB_HANDLE
+            _blob_open_reply(fip.contents)
             if ino is not None:
                 if len(self._blob_of_inode) >= _INODES_KEPT:
                     self._blob_of_inode.clear()
