@@ -148,6 +148,37 @@ def test_auto_polls_only_where_a_wake_up_across_cpus_is_slow(
         polling.stop()
 
 
+def test_auto_polls_unmeasured_where_another_process_asks_for_low_latency(device: Path) -> None:
+    """The CPUs poll already (another mount, a tuned profile): a measure would read fast."""
+    device.write_bytes(struct.pack("i", 0))  # what the device reads: the request in effect
+    polling = IdlePolling()
+    polling.start(None)
+    try:
+        status = polling.status()
+        assert status["on"] is True and status["wakeup_us"] is None
+        assert status["why"] == "another process asks for wake-ups within 0 µs: not measured"
+        assert polling.describe() == "idle polling on: another process asks for wake-ups within 0 µs: not measured"
+    finally:
+        polling.stop()
+
+
+def test_auto_measures_across_the_machines_cpus_when_the_daemon_is_pinned_to_one(
+    device: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _need_two_cpus()
+    monkeypatch.setattr(idle_poll, "SLOW_WAKEUP_US", -1e9)
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    polling = IdlePolling()
+    try:
+        polling.start(None)
+        assert isinstance(polling.status()["wakeup_us"], float)  # measured, not "one CPU"
+        assert os.sched_getaffinity(0) == {min(cpus)}  # the measure put the pin back
+    finally:
+        polling.stop()
+        os.sched_setaffinity(0, cpus)
+
+
 def test_a_wake_up_round_trip_is_measured_across_two_cpus_and_on_one() -> None:
     _need_two_cpus()
     cpus = sorted(os.sched_getaffinity(0))
@@ -204,7 +235,8 @@ def test_a_mount_asks_idle_cpus_to_poll_while_files_are_read_and_lets_go_after(
     assert 0 in seen
     wait_until(lambda: _latency_asked() == 2_000_000_000, timeout=2, what="the request let go of")
     text = mount.cli("status", str(mount.mountpoint)).stdout
-    assert "idle polling    on: idle CPUs poll until 2 ms after a request" in text
+    assert "idle polling    on: idle CPUs poll until 2 ms after a request (idle_poll = true)" in text
+    assert "INFO kacheryfs.mount.daemon: idle polling on: idle_poll = true" in mount.log_text()
 
 
 def test_a_daemon_killed_while_it_holds_the_request_lets_go_of_it(polling_mount: tuple[Mount, list[Path]]) -> None:

@@ -167,7 +167,11 @@ def test_a_blob_on_a_users_mount_costs_a_request_at_each_open_and_none_at_its_cl
     url = store_tree(LocalStore(storage), write_sample_tree(base / "ds001"))
     _chown_tree(base)
     run("mkdir", str(mnt))
-    run(sys.executable, "-m", "kacheryfs", "mount", str(mnt), "--storage-dir", str(storage))
+    (base / "config.toml").write_text("[mount]\nidle_poll = true\n")
+    mounting = run(sys.executable, "-m", "kacheryfs", "mount", str(mnt), "--storage-dir", str(storage),
+                   "--config", str(base / "config.toml"))  # fmt: skip
+    needs_root = "idle_poll = true, but idle polling is off: the CPU latency request (/dev/cpu_dma_latency) needs root"
+    assert needs_root in mounting.stderr  # asked for outright, and not to be had: said at once
     blob = mount_path(url, mnt) / "a.txt"
     run("cat", str(blob))
     with fuse_requests(mnt) as blob_requests:

@@ -88,4 +88,8 @@ def _start(args: argparse.Namespace, config: Config, mountpoint: Path) -> int:
         argv += ["-o", option]
     pid = daemon.start(argv, mountpoint, log_file, config.readahead_kb)
     print(f"kacheryfs: mounted at {mountpoint} (daemon pid {pid}, log {log_file})", file=sys.stderr)
+    if config.idle_poll:  # asked for outright: say so if it cannot be had
+        poll = daemon.daemon_status(mountpoint).get("idle_poll") or {}
+        if not poll.get("on", True):
+            print(f"kacheryfs: idle_poll = true, but idle polling is off: {poll['why']}", file=sys.stderr)
     return 0

@@ -40,7 +40,10 @@ def _idle_poll_lines(poll: dict[str, Any] | None) -> list[str]:
         return []
     if not poll["on"]:
         return [f"idle polling    off: {poll['why']}"]
-    took = f" (a wake-up across CPUs costs {poll['wakeup_us']:.0f} µs)" if poll.get("wakeup_us") else ""
+    if poll.get("wakeup_us") is not None:
+        took = f" (a wake-up across CPUs costs {poll['wakeup_us']:.0f} µs)"
+    else:
+        took = f" ({poll['why']})"
     return [f"idle polling    on: idle CPUs poll until {poll['hold_ms']:g} ms after a request{took}"]
 
 

@@ -445,6 +445,7 @@ def _up(view: FileSystemView, signalled: threading.Event, last: Path) -> None:
     """The whole mount answers (its last connection, at `last`, is up): `kacheryfs mount` may
     return; a stop signal that came while it was mounting takes it down now."""
     view.ready.set()  # from now on the root answers its pid
+    (log.warning if POLLING.refused else log.info)("%s", POLLING.describe())
     if signalled.is_set():
         threading.Thread(target=_detach, args=(last,), kwargs={"lazy": True}, daemon=True).start()
 

@@ -29,7 +29,8 @@ HOLD_S = 0.002  # idle CPUs poll this long after the last request
 # a single CPU: the difference is the wake-ups (Python's own cost is on both sides).
 SLOW_WAKEUP_US = 15.0
 _POLL = struct.pack("i", 0)  # µs of wake-up latency allowed: none, so idle CPUs poll
-_DEFAULT = struct.pack("i", 2_000_000_000)  # the kernel's default: no request
+_NO_REQUEST = 2_000_000_000  # the kernel's default: no one asks
+_DEFAULT = struct.pack("i", _NO_REQUEST)
 
 
 class IdlePolling:
@@ -41,6 +42,7 @@ class IdlePolling:
         self._held = False
         self._wanted = threading.Event()
         self._stopped = False
+        self._explicit = False  # idle_poll = true
         self._fd: int | None = None
         self._fd_lock = threading.Lock()  # a write never meets a closed (and perhaps reused) descriptor
         self._state: dict[str, object] = {"on": False, "why": "not started"}
@@ -55,17 +57,14 @@ class IdlePolling:
     def start(self, setting: bool | None) -> None:
         """Poll while requests come: True always, False never; None ("auto") where a wake-up
         across CPUs measures slow. Called before the mount starts any thread: the measure
-        forks, takes ~30 ms, and needs the CPUs idle (busy ones do not halt)."""
+        forks, takes ~20–40 ms, and needs the CPUs idle (busy ones do not halt)."""
         self._stopped = False
+        self._explicit = setting is True
         if setting is False:
             self._state = {"on": False, "why": "idle_poll = false"}
             return
-        cpus = sorted(os.sched_getaffinity(0))
-        if setting is None and len(cpus) < 2:
-            self._state = {"on": False, "why": "one CPU: the reader and the daemon take turns on it"}
-            return
         try:
-            self._fd = os.open(CPU_LATENCY, os.O_WRONLY | os.O_CLOEXEC)
+            self._fd = os.open(CPU_LATENCY, os.O_RDWR | os.O_CLOEXEC)
         except OSError as err:
             if err.errno in (errno.EPERM, errno.EACCES):
                 why = f"the CPU latency request ({CPU_LATENCY}) needs root"
@@ -73,22 +72,65 @@ class IdlePolling:
                 why = f"no CPU latency request here ({CPU_LATENCY}: {err.strerror})"
             self._state = {"on": False, "why": why}
             return
-        wakeup_us = None
+        wakeup_us, why = None, "idle_poll = true"
         if setting is None:
-            across, alone = round_trip_us(cpus[0], cpus[-1]), round_trip_us(cpus[0], cpus[0])
-            wakeup_us = across - alone
-            if wakeup_us <= SLOW_WAKEUP_US:
-                log.info("idle polling off: a wake-up across CPUs costs %.1f µs (round trip %.1f µs, on one CPU %.1f)",
-                         wakeup_us, across, alone)  # fmt: skip
-                self._state = {"on": False, "why": f"a wake-up across CPUs costs {wakeup_us:.0f} µs",
-                               "wakeup_us": wakeup_us}  # fmt: skip
-                self.stop()
-                return
-        self._state = {"on": True, "hold_ms": HOLD_S * 1000, "wakeup_us": wakeup_us}
-        how = "" if wakeup_us is None else f" (a wake-up across CPUs costs {wakeup_us:.1f} µs)"
-        log.info("idle polling on: idle CPUs poll while requests come%s", how)
+            why = self._why_not_measured()
+            if why is None:
+                wakeup_us = self._measure()
+                if wakeup_us is None:
+                    return
+        self._state = {"on": True, "hold_ms": HOLD_S * 1000, "wakeup_us": wakeup_us, "why": why}
         self._on = True
         threading.Thread(target=self._hold, name="kacheryfs-idle-poll", daemon=True).start()
+
+    def _why_not_measured(self) -> str | None:
+        """Why "auto" polls without a measure, if it does: another process's request is in
+        effect (the CPUs poll already: a measure would read fast, and whoever asked found
+        wake-ups slow, or wants them fast)."""
+        assert self._fd is not None
+        value = os.read(self._fd, 4)
+        in_effect = struct.unpack("i", value)[0] if len(value) == 4 else _NO_REQUEST
+        if in_effect < _NO_REQUEST:
+            return f"another process asks for wake-ups within {in_effect} µs: not measured"
+        return None
+
+    def _measure(self) -> float | None:
+        """The wake-up cost across two CPUs; None, with idle polling off, when it is low or
+        cannot be measured."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:  # a daemon pinned to one CPU still wakes readers on the others
+            cpus = list(range(os.cpu_count() or 1))
+        if len(cpus) < 2:
+            self._off("one CPU: the reader and the daemon take turns on it")
+            return None
+        try:
+            across, alone = round_trip_us(cpus[0], cpus[-1]), round_trip_us(cpus[0], cpus[0])
+        except OSError as err:
+            self._off(f"a wake-up across CPUs could not be measured ({err.strerror or err})")
+            return None
+        wakeup_us = across - alone
+        if wakeup_us <= SLOW_WAKEUP_US:
+            self._off(f"a wake-up across CPUs costs {wakeup_us:.0f} µs", wakeup_us)
+            return None
+        return wakeup_us
+
+    def _off(self, why: str, wakeup_us: float | None = None) -> None:
+        self._state = {"on": False, "why": why, **({} if wakeup_us is None else {"wakeup_us": wakeup_us})}
+        self.stop()
+
+    def describe(self) -> str:
+        """One line for the daemon's log, once the mount is up: what was decided, and why."""
+        state = self._state
+        if not state["on"]:
+            return f"idle polling off: {state['why']}"
+        if state.get("wakeup_us") is not None:
+            return f"idle polling on: a wake-up across CPUs costs {state['wakeup_us']:.0f} µs"
+        return f"idle polling on: {state['why']}"
+
+    @property
+    def refused(self) -> bool:
+        """Asked for (idle_poll = true) and off all the same."""
+        return self._explicit and not self._state["on"]
 
     def _hold(self) -> None:
         """The holder thread: the request held from a request until HOLD_S after the last."""
@@ -132,7 +174,7 @@ class IdlePolling:
             self._state = {**self._state, "on": False, "why": "stopped"}
 
     def status(self) -> dict[str, object]:
-        """For `kacheryfs status`: on (hold_ms, wakeup_us) or off (why)."""
+        """For `kacheryfs status`: on (hold_ms; wakeup_us, or why not measured) or off (why)."""
         return dict(self._state)
 
 

@@ -11,7 +11,7 @@ import statistics
 import time
 
 
-def round_trip_us(cpu_a: int, cpu_b: int, trips: int = 50, runs: int = 3) -> float:
+def round_trip_us(cpu_a: int, cpu_b: int, trips: int = 20, runs: int = 3) -> float:
     """Microseconds per round trip of one byte over pipes between this process, on `cpu_a`,
     and a child on `cpu_b`: the median of `runs` runs of `trips` (after one to warm up), the
     CPUs left idle a moment between runs so that they may halt, as between requests."""
@@ -40,7 +40,7 @@ def round_trip_us(cpu_a: int, cpu_b: int, trips: int = 50, runs: int = 3) -> flo
                 if not os.read(pong_r, 1):
                     raise OSError("the round-trip child ended early")
             times.append((time.perf_counter() - started) / trips * 1e6)
-            time.sleep(0.002)
+            time.sleep(0.001)
     finally:
         os.sched_setaffinity(0, cpus)
         os.close(ping_w)  # a child still reading sees the end and leaves
