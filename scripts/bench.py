@@ -922,8 +922,11 @@ def mount_wakeup_floor(b: Bench) -> Iterable[Measurement]:
 @contextlib.contextmanager
 def _cpu_latency_request(microseconds: int) -> Iterator[None]:
     """The kernel's CPU latency request held at `microseconds` for the duration (0: idle CPUs poll)."""
+    need_module("kacheryfs.mount.idle_poll", "CPU_LATENCY")
+    from kacheryfs.mount.idle_poll import CPU_LATENCY
+
     try:
-        fd = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
+        fd = os.open(CPU_LATENCY, os.O_WRONLY)
     except OSError as err:
         raise Unavailable(f"no CPU latency request ({err.strerror}): run as root") from err
     try:

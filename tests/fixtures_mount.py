@@ -23,7 +23,7 @@ import pytest
 
 from kacheryfs import manifest
 from kacheryfs.manifest import FileEntry
-from kacheryfs.mount.daemon import mount_type
+from kacheryfs.mount.daemon import _unescaped, mount_type
 from kacheryfs.mount.paths import mount_path
 from kacheryfs.store import LocalStore
 from kacheryfs.vfs import STATUS_XATTR
@@ -152,9 +152,12 @@ def fuse_requests(mountpoint: Path) -> Iterator[collections.Counter[str]]:
         if os.environ.get("CI"):
             pytest.fail(f"CI runs as root on Linux 6.18: {reason}")
         pytest.skip(reason)
-    # From the mount table: root may not stat a user's FUSE mount.
+    # From the mount table (the last mount there): root may not stat a user's FUSE mount.
+    where = os.path.realpath(mountpoint)
     devices = [fields[2] for fields in map(str.split, Path("/proc/self/mountinfo").read_text().splitlines())
-               if fields[4] == str(mountpoint)]  # fmt: skip
+               if _unescaped(fields[4].encode()) == where]  # fmt: skip
+    if not devices:
+        pytest.fail(f"{where} is not in the mount table")
     major, minor = map(int, devices[-1].split(":"))
     connection = str(major << 20 | minor)  # the kernel's own dev_t encoding
     instance = _TRACING / "instances" / f"kacheryfs-test-{os.getpid()}"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import struct
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,24 +114,42 @@ def test_a_missing_device_leaves_idle_polling_off_and_says_why(device: Path) -> 
     }
 
 
-def test_a_device_only_root_may_open_leaves_idle_polling_off_and_says_so(device: Path) -> None:
-    _need_root()
-    device.chmod(0o600)
-    device.parent.chmod(0o755)
+def _started_as_nobody(device: str) -> dict[str, object]:
+    """IdlePolling().start(True)'s status in a child running as nobody, as a user's daemon."""
+    read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # as nobody, as a user's daemon
-        code = 1
+    if pid == 0:
         try:
+            os.close(read)
             os.setgid(65534)
             os.setuid(65534)
+            idle_poll.CPU_LATENCY = device
             polling = IdlePolling()
             polling.start(True)
-            code = (
-                0 if polling.status() == {"on": False, "why": f"the CPU latency request ({device}) needs root"} else 3
-            )
+            os.write(write, json.dumps(polling.status()).encode())
+            polling.stop()
         finally:
-            os._exit(code)
-    assert os.waitpid(pid, 0)[1] == 0
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer:
+        out = answer.read()
+    os.waitpid(pid, 0)
+    return json.loads(out)
+
+
+def test_a_device_only_root_may_open_leaves_idle_polling_off_and_says_so() -> None:
+    _need_root()
+    folder = Path(tempfile.mkdtemp(prefix="kacheryfs-latency-"))  # one nobody may reach
+    try:
+        folder.chmod(0o755)
+        device = folder / "cpu_dma_latency"
+        device.write_bytes(b"")
+        device.chmod(0o666)
+        assert _started_as_nobody(str(device))["on"] is True  # the control: open to all, it is used
+        device.chmod(0o600)
+        assert _started_as_nobody(str(device)) == {"on": False, "why": f"the CPU latency request ({device}) needs root"}
+    finally:
+        shutil.rmtree(folder)
 
 
 @pytest.mark.parametrize(("slow_us", "on"), [(1e9, False), (-1e9, True)])
@@ -252,9 +273,11 @@ def test_a_daemon_killed_while_it_holds_the_request_lets_go_of_it(polling_mount:
         os.kill(pid, signal.SIGCONT)
     else:
         pytest.fail("the request was never seen held")
-    time.sleep(0.05)
-    assert _latency_asked() == 0  # held by the stopped daemon
-    os.kill(pid, signal.SIGKILL)
+    try:
+        time.sleep(0.05)
+        assert _latency_asked() == 0  # held by the stopped daemon
+    finally:
+        os.kill(pid, signal.SIGKILL)  # never left stopped, whatever the assert says
     wait_until(
         lambda: _latency_asked() == 2_000_000_000, timeout=5, what="the kernel to drop the dead daemon's request"
     )

@@ -167,11 +167,7 @@ def test_a_blob_on_a_users_mount_costs_a_request_at_each_open_and_none_at_its_cl
     url = store_tree(LocalStore(storage), write_sample_tree(base / "ds001"))
     _chown_tree(base)
     run("mkdir", str(mnt))
-    (base / "config.toml").write_text("[mount]\nidle_poll = true\n")
-    mounting = run(sys.executable, "-m", "kacheryfs", "mount", str(mnt), "--storage-dir", str(storage),
-                   "--config", str(base / "config.toml"))  # fmt: skip
-    needs_root = "idle_poll = true, but idle polling is off: the CPU latency request (/dev/cpu_dma_latency) needs root"
-    assert needs_root in mounting.stderr  # asked for outright, and not to be had: said at once
+    run(sys.executable, "-m", "kacheryfs", "mount", str(mnt), "--storage-dir", str(storage))
     blob = mount_path(url, mnt) / "a.txt"
     run("cat", str(blob))
     with fuse_requests(mnt) as blob_requests:
@@ -181,6 +177,20 @@ def test_a_blob_on_a_users_mount_costs_a_request_at_each_open_and_none_at_its_cl
     with fuse_requests(mnt) as staged_requests:
         run("sh", "-c", f"echo x > {mnt}/staging/new.txt")
     assert staged_requests["FUSE_FLUSH"] >= 1, staged_requests
+    run(sys.executable, "-m", "kacheryfs", "umount", str(mnt))
+
+
+def test_a_user_who_asks_for_idle_polling_is_told_at_mount_time_that_it_needs_root(
+    as_nobody: tuple[Run, Path],
+) -> None:
+    run, base = as_nobody
+    storage, mnt, config = base / "storage", base / "mnt", base / "config.toml"
+    run("mkdir", str(mnt), str(storage))
+    config.write_text("[mount]\nidle_poll = true\n")
+    mounting = run(sys.executable, "-m", "kacheryfs", "mount", str(mnt), "--storage-dir", str(storage),
+                   "--config", str(config))  # fmt: skip
+    needs_root = "idle_poll = true, but idle polling is off: the CPU latency request (/dev/cpu_dma_latency) needs root"
+    assert needs_root in mounting.stderr  # asked for outright, and not to be had: said at once
     run(sys.executable, "-m", "kacheryfs", "umount", str(mnt))
 
 

@@ -14,6 +14,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -89,7 +90,9 @@ def _start(args: argparse.Namespace, config: Config, mountpoint: Path) -> int:
     pid = daemon.start(argv, mountpoint, log_file, config.readahead_kb)
     print(f"kacheryfs: mounted at {mountpoint} (daemon pid {pid}, log {log_file})", file=sys.stderr)
     if config.idle_poll:  # asked for outright: say so if it cannot be had
-        poll = daemon.daemon_status(mountpoint).get("idle_poll") or {}
+        poll: dict[str, object] = {}
+        with contextlib.suppress(MountError, ValueError):  # stopped already: nothing to say
+            poll = daemon.daemon_status(mountpoint).get("idle_poll") or {}  # type: ignore[assignment]
         if not poll.get("on", True):
             print(f"kacheryfs: idle_poll = true, but idle polling is off: {poll['why']}", file=sys.stderr)
     return 0

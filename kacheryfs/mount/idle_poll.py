@@ -3,7 +3,7 @@
 A request to the daemon costs two wake-ups: the daemon's thread, then the reader waiting
 for the answer. Where an idle CPU halts at once — a KVM guest with `guest_halt_poll_ns` 0,
 or deep C-states — waking it takes tens of µs (a trip through the host on a VM), and an
-open of a cached file pays it twice: 70–90 µs here, against 16–35 µs on CPUs that poll.
+open of a cached file pays it twice: 55–95 µs here, against 16–45 µs on CPUs that poll.
 The kernel's CPU latency request (/dev/cpu_dma_latency, PM QoS) of 0 µs makes idle CPUs
 poll; the daemon holds it from a request until `HOLD_S` after the last one and lets go
 when requests stop, so an idle mount costs nothing. Needs root (the device is 0600).
@@ -18,6 +18,7 @@ import os
 import struct
 import threading
 import time
+from pathlib import Path
 
 from kacheryfs.mount.wakeup import round_trip_us
 
@@ -58,6 +59,8 @@ class IdlePolling:
         """Poll while requests come: True always, False never; None ("auto") where a wake-up
         across CPUs measures slow. Called before the mount starts any thread: the measure
         forks, takes ~20–40 ms, and needs the CPUs idle (busy ones do not halt)."""
+        if self._fd is not None or self._on:
+            raise RuntimeError("idle polling was started already")
         self._stopped = False
         self._explicit = setting is True
         if setting is False:
@@ -84,13 +87,13 @@ class IdlePolling:
         threading.Thread(target=self._hold, name="kacheryfs-idle-poll", daemon=True).start()
 
     def _why_not_measured(self) -> str | None:
-        """Why "auto" polls without a measure, if it does: another process's request is in
-        effect (the CPUs poll already: a measure would read fast, and whoever asked found
-        wake-ups slow, or wants them fast)."""
+        """Why "auto" polls without a measure, if it does: another process asks for wake-ups
+        as fast as polling gives (the CPUs poll already: a measure would read fast, and
+        whoever asked found wake-ups slow, or wants them fast)."""
         assert self._fd is not None
         value = os.read(self._fd, 4)
         in_effect = struct.unpack("i", value)[0] if len(value) == 4 else _NO_REQUEST
-        if in_effect < _NO_REQUEST:
+        if in_effect <= SLOW_WAKEUP_US:
             return f"another process asks for wake-ups within {in_effect} µs: not measured"
         return None
 
@@ -99,7 +102,7 @@ class IdlePolling:
         cannot be measured."""
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) < 2:  # a daemon pinned to one CPU still wakes readers on the others
-            cpus = list(range(os.cpu_count() or 1))
+            cpus = _online_cpus()
         if len(cpus) < 2:
             self._off("one CPU: the reader and the daemon take turns on it")
             return None
@@ -176,6 +179,19 @@ class IdlePolling:
     def status(self) -> dict[str, object]:
         """For `kacheryfs status`: on (hold_ms; wakeup_us, or why not measured) or off (why)."""
         return dict(self._state)
+
+
+def _online_cpus() -> list[int]:
+    """The machine's online CPUs ("0-3,6" in sysfs), whatever this process may run on."""
+    try:
+        ranges = Path("/sys/devices/system/cpu/online").read_text().strip().split(",")
+    except OSError:
+        return list(range(os.cpu_count() or 1))
+    cpus: list[int] = []
+    for item in filter(None, ranges):
+        first, _, last = item.partition("-")
+        cpus += range(int(first), int(last or first) + 1)
+    return cpus
 
 
 POLLING = IdlePolling()  # the daemon's one: every connection's requests tell it
